@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random Hugging Face GPT-2 models (the oracle) and matching inputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network: the hub client must answer from local files only.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Odd sizes on purpose: 3 heads of 12, a vocabulary and context that are not powers of two.
+TINY_HF = dict(vocab_size=101, n_positions=37, n_embd=36, n_layer=3, n_head=3)
+
+
+def make_hf_gpt2(seed: int = 0, **overrides):
+    """A random `transformers.GPT2LMHeadModel` in eval mode. Every parameter, biases and LayerNorms included, is
+    perturbed away from its initial value, so a tensor that fails to load cannot go unnoticed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(**{**TINY_HF, **overrides})
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@pytest.fixture
+def hf_model():
+    return make_hf_gpt2()
+
+
+@pytest.fixture
+def tokens():
+    """A batch of 2 random token sequences of 29 tokens for TINY_HF's vocabulary."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, TINY_HF["vocab_size"], (2, 29), generator=generator)
