@@ -1,0 +1,119 @@
+"""Generation: the KV cache against recomputation, sampling filters against transformers, limits and stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_hf_gpt2
+from gptlab import GPT, GPTConfig, GptlabError
+from gptlab.generate import generate, logits_to_probs
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=101, n_layer=3, n_head=3, n_embd=36)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def test_cached_logits_equal_recomputed_logits(model):
+    """Prefill a first chunk, feed a second chunk of 5 (the explicitly masked path), then single tokens."""
+    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_kv_cache(batch_size=2, max_seq_len=40)
+        pieces = [model(idx[:, :20], start_pos=0), model(idx[:, 20:25], start_pos=20)]
+        pieces += [model(idx[:, t : t + 1], start_pos=t) for t in range(25, 40)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9)])
+def test_cached_generation_equals_uncached(model, options):
+    prompt = torch.randint(0, 101, (3, 7), generator=torch.Generator().manual_seed(1))
+    runs = [
+        generate(model, prompt, 30, use_cache=use_cache, generator=torch.Generator().manual_seed(5), **options)
+        for use_cache in (True, False)
+    ]
+    assert runs[0].shape == (3, 37)
+    assert torch.equal(runs[0][:, :7], prompt)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_greedy_equals_transformers_generate(tmp_path, tokens):
+    hf = make_hf_gpt2(seed=3)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    prompt = tokens[:, :5]
+    expected = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(ours.generate(prompt, 30, temperature=0.0), expected)
+    assert torch.equal(ours.generate(prompt, 30, top_k=1), expected)  # top_k=1 is greedy
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, 0.9), (0.7, 10, None), (1.3, 30, 0.5), (1.0, None, 0.01)])
+def test_sampling_filters_equal_transformers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(4, 101, generator=torch.Generator().manual_seed(2)) * 3
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    expected = warpers(None, logits.clone()).softmax(dim=-1)
+    torch.testing.assert_close(logits_to_probs(logits, temperature, top_k, top_p), expected, rtol=0, atol=1e-6)
+
+
+def test_stop_tokens_end_generation(model):
+    prompt = torch.randint(0, 101, (2, 4), generator=torch.Generator().manual_seed(3))
+    reference = generate(model, prompt, 20, temperature=0.0)
+    stop = int(reference[0, 6])  # the third generated token of row 0
+    out = generate(model, prompt, 20, temperature=0.0, stop_tokens=[stop])
+    rows_stop_at = [(row[4:] == stop).nonzero()[0].item() if (row[4:] == stop).any() else None for row in out]
+    assert rows_stop_at[0] is not None and rows_stop_at[0] <= 2
+    if rows_stop_at[1] is None:
+        assert out.shape[1] == 24  # row 1 never stopped: generation ran to the end
+    else:
+        assert out.shape[1] == 4 + max(rows_stop_at) + 1  # ended when the last row stopped
+    # Up to its stop, each row is the unconstrained greedy continuation; after it, the stop token repeats.
+    for row, at in zip(range(2), rows_stop_at):
+        end = 4 + (at if at is not None else 20) + 1
+        assert torch.equal(out[row, :end], reference[row, :end])
+        assert (out[row, end:] == stop).all()
+
+
+def test_learned_positions_stop_at_block_size(model):
+    prompt = torch.zeros(1, 40, dtype=torch.long)
+    assert generate(model, prompt, 8, temperature=0.0).shape == (1, 48)  # exactly block_size fits
+    with pytest.raises(GptlabError, match="40 tokens \\+ max_new_tokens=9 = 49 exceeds the model's block_size=48"):
+        generate(model, prompt, 9)
+
+
+@pytest.mark.parametrize(
+    "options, culprit",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_bad_sampling_options_raise(model, options, culprit):
+    with pytest.raises(GptlabError, match=culprit):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 5, **options)
+
+
+def test_kv_cache_is_released_after_generation(model):
+    generate(model, torch.zeros(1, 3, dtype=torch.long), 5)
+    assert all(block.attn.kv_cache is None for block in model.transformer.h)
