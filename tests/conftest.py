@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Odd sizes on purpose: 3 heads of 12, a vocabulary and context that are not powers of two.
-TINY_HF = dict(vocab_size=101, n_positions=37, n_embd=36, n_layer=3, n_head=3)
+TINY_HF = dict(vocab_size=101, n_positions=37, n_embd=36, n_layer=3, n_head=3, bos_token_id=None, eos_token_id=None)
 
 
 def make_hf_gpt2(seed: int = 0, **overrides):

@@ -70,6 +70,14 @@ def test_logits_equal_transformers_for_every_layout(tmp_path, hf_model, tokens, 
     torch.testing.assert_close(our_logits(model, tokens), hf_logits(hf_model, tokens), rtol=0, atol=1e-5)
 
 
+def test_logits_equal_transformers_at_gpt2_width(tmp_path):
+    """GPT-2's real head layout (12 heads of 64, C=768), fewer layers and a small vocabulary to stay fast."""
+    hf = make_hf_gpt2(seed=4, n_embd=768, n_head=12, n_layer=2, vocab_size=1000, n_positions=128)
+    tokens = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
+    model = GPT.from_pretrained(write_layout(hf, tmp_path / "m", "save_pretrained"))
+    torch.testing.assert_close(our_logits(model, tokens), hf_logits(hf, tokens), rtol=0, atol=1e-5)
+
+
 def test_attention_biases_are_loaded(tmp_path, hf_model):
     model = GPT.from_pretrained(write_layout(hf_model, tmp_path / "m", "hub"))
     for ours, theirs in zip(model.transformer.h, hf_model.transformer.h):
