@@ -28,6 +28,14 @@ with torch.no_grad():
 print(f"logits: max |diff| {diff:.2e} (largest |logit| {theirs_logits.abs().max().item():.2f})")
 prompt = tokens[:1, :8]
 expected = hf.generate(
-    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False, pad_token_id=0, eos_token_id=None
+    prompt,
+    attention_mask=torch.ones_like(prompt),
+    max_new_tokens=32,
+    do_sample=False,
+    pad_token_id=0,
+    eos_token_id=None,
 )
-print("greedy, 32 tokens, equal to transformers generate:", torch.equal(ours.generate(prompt, 32, temperature=0.0), expected))
+print(
+    "greedy, 32 tokens, equal to transformers generate:",
+    torch.equal(ours.generate(prompt, 32, temperature=0.0), expected),
+)

@@ -35,8 +35,18 @@ def bpe_model_dir(tmp_path_factory):
 
 def test_sample_streams_the_greedy_continuation(bpe_model_dir):
     prompt = "The quick brown fox"
-    out = gptlab("sample", "--model", str(bpe_model_dir), "--prompt", prompt, "--max_new_tokens", "12",
-                 "--temperature", "0", check=True).stdout
+    out = gptlab(
+        "sample",
+        "--model",
+        str(bpe_model_dir),
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        "12",
+        "--temperature",
+        "0",
+        check=True,
+    ).stdout
     tokenizer = load_tokenizer("gpt2")
     model = GPT.from_pretrained(bpe_model_dir)
     ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), 12, temperature=0.0)[0].tolist()

@@ -56,7 +56,9 @@ def test_greedy_equals_transformers_generate(tmp_path, tokens):
     assert torch.equal(ours.generate(prompt, 30, top_k=1), expected)  # top_k=1 is greedy
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, 0.9), (0.7, 10, None), (1.3, 30, 0.5), (1.0, None, 0.01)])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(1.0, None, 0.9), (0.7, 10, None), (1.3, 30, 0.5), (1.0, None, 0.01)]
+)
 def test_sampling_filters_equal_transformers(temperature, top_k, top_p):
     from transformers.generation.logits_process import (
         LogitsProcessorList,
@@ -87,7 +89,7 @@ def test_stop_tokens_end_generation(model):
     else:
         assert out.shape[1] == 4 + max(rows_stop_at) + 1  # ended when the last row stopped
     # Up to its stop, each row is the unconstrained greedy continuation; after it, the stop token repeats.
-    for row, at in zip(range(2), rows_stop_at):
+    for row, at in zip(range(2), rows_stop_at, strict=True):
         end = 4 + (at if at is not None else 20) + 1
         assert torch.equal(out[row, :end], reference[row, :end])
         assert (out[row, end:] == stop).all()

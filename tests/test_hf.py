@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY_HF, make_hf_gpt2
+from conftest import make_hf_gpt2
 from gptlab import GPT, CheckpointError, GPTConfig
 from gptlab.hf import load_config
 
@@ -37,7 +37,9 @@ def write_layout(hf_model, directory: Path, layout: str) -> Path:
     hf_model.config.to_json_file(directory / "config.json")
     n_positions = hf_model.config.n_positions
     body = {k: v.clone() for k, v in hf_model.transformer.state_dict().items()}
-    causal_mask = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool)).view(1, 1, n_positions, n_positions)
+    causal_mask = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool)).view(
+        1, 1, n_positions, n_positions
+    )
     if layout == "hub":
         # The hub's `gpt2` files: no prefix, a causal-mask buffer `h.N.attn.bias` per layer, no lm_head.
         state = dict(body)
@@ -80,7 +82,7 @@ def test_logits_equal_transformers_at_gpt2_width(tmp_path):
 
 def test_attention_biases_are_loaded(tmp_path, hf_model):
     model = GPT.from_pretrained(write_layout(hf_model, tmp_path / "m", "hub"))
-    for ours, theirs in zip(model.transformer.h, hf_model.transformer.h):
+    for ours, theirs in zip(model.transformer.h, hf_model.transformer.h, strict=True):
         torch.testing.assert_close(ours.attn.c_attn.bias, theirs.attn.c_attn.bias, rtol=0, atol=0)
         torch.testing.assert_close(ours.attn.c_proj.bias, theirs.attn.c_proj.bias, rtol=0, atol=0)
         # Conv1D stores (in, out); nn.Linear (out, in).
@@ -130,7 +132,10 @@ def _edit_checkpoint(directory: Path, edit) -> None:
     [
         (lambda s: s.pop("transformer.h.1.attn.c_attn.bias"), "missing tensor(s) transformer.h.1.attn.c_attn.bias"),
         (lambda s: s.pop("transformer.h.0.attn.c_proj.bias"), "missing tensor(s) transformer.h.0.attn.c_proj.bias"),
-        (lambda s: s.update({"transformer.h.0.mlp.extra": torch.zeros(3)}), "unexpected tensor(s) transformer.h.0.mlp.extra"),
+        (
+            lambda s: s.update({"transformer.h.0.mlp.extra": torch.zeros(3)}),
+            "unexpected tensor(s) transformer.h.0.mlp.extra",
+        ),
         (lambda s: s.update({"transformer.ln_f.bias": torch.zeros(35)}), "transformer.ln_f.bias has shape (35,)"),
         (lambda s: s.update({"lm_head.weight": torch.randn(101, 36)}), "lm_head.weight differs from wte.weight"),
     ],
@@ -221,7 +226,9 @@ def test_hub_id_loads_from_the_huggingface_cache_offline(tmp_path, hf_model, tok
     """The real hub path (`snapshot_download`), answered from a cache as a user who downloaded once has it."""
     directory = write_layout(hf_model, tmp_path / "m", "hub")
     cache = tmp_path / "hub-cache"
-    _fake_hub_cache(cache, "openai-community/tiny-gpt2", {n: directory / n for n in ("config.json", "model.safetensors")})
+    _fake_hub_cache(
+        cache, "openai-community/tiny-gpt2", {n: directory / n for n in ("config.json", "model.safetensors")}
+    )
     model = GPT.from_pretrained("openai-community/tiny-gpt2", cache_dir=str(cache))
     torch.testing.assert_close(our_logits(model, tokens), hf_logits(hf_model, tokens), rtol=0, atol=1e-5)
     assert load_config("openai-community/tiny-gpt2", cache_dir=str(cache)) == model.config

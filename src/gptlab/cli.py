@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -66,8 +65,14 @@ def run_sample(args: argparse.Namespace) -> None:
         print(args.prompt, end="", flush=True)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
         for token in stream_tokens(
-            model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, use_cache=not args.no_cache, generator=generator,
+            model,
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            use_cache=not args.no_cache,
+            generator=generator,
         ):
             print(utf8.decode(tokenizer.decode_bytes(token[0].tolist())), end="", flush=True)
         print(utf8.decode(b"", final=True))
@@ -125,8 +130,10 @@ def run_inspect(args: argparse.Namespace) -> None:
     print(f"  {'total':<32} {total:>15,}")
     print(f"  {'non-embedding':<32} {model.num_params(non_embedding=True):>15,}")
     kv_bytes = 2 * config.n_layer * config.n_embd * 4  # keys and values, every layer, float32
-    print(f"KV cache per token (float32): {kv_bytes:,} bytes; at block_size {config.block_size}: "
-          f"{kv_bytes * config.block_size / 2**20:,.1f} MiB per sequence")
+    print(
+        f"KV cache per token (float32): {kv_bytes:,} bytes; at block_size {config.block_size}: "
+        f"{kv_bytes * config.block_size / 2**20:,.1f} MiB per sequence"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -79,7 +79,7 @@ def config_to_hf(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The `config.json` transformers needs to build `GPT2LMHeadModel` for this config."""
     if not config.bias:
         raise CheckpointError("GPTConfig.bias=False cannot be exported as GPT-2: GPT2LMHeadModel always has biases")
-    eos = 50256 if config.vocab_size > 50256 else config.vocab_size - 1  # <|endoftext|> in the GPT-2 vocabulary
+    eos = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -128,8 +128,8 @@ def resolve_checkpoint_dir(
 def _download_from_hub(repo_id: str, revision: str | None, cache_dir: str | None, pattern_sets) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        HFValidationError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -151,7 +151,9 @@ def _download_from_hub(repo_id: str, revision: str | None, cache_dir: str | None
     except RevisionNotFoundError as e:
         raise CheckpointError(f"revision {revision!r} of hub repo {repo_id!r} does not exist") from e
     except RepositoryNotFoundError as e:
-        raise CheckpointError(f"{repo_id!r} is neither a local directory nor a hub repo (or it is gated/private)") from e
+        raise CheckpointError(
+            f"{repo_id!r} is neither a local directory nor a hub repo (or it is gated/private)"
+        ) from e
     except HFValidationError as e:
         raise CheckpointError(f"{repo_id!r} is neither a local directory nor a valid hub repo id") from e
     except HfHubHTTPError as e:
@@ -171,9 +173,8 @@ def _weight_files(directory: Path, required: bool = True) -> list[Path]:
                 raise CheckpointError(f"{directory / index}: not a valid index (needs a 'weight_map')") from e
             return [directory / name for name in sorted(set(weight_map.values()))]
     if required:
-        raise CheckpointError(
-            f"{directory}: no weights found (looked for {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {BIN_FILE}, {BIN_INDEX})"
-        )
+        looked_for = ", ".join((SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX))
+        raise CheckpointError(f"{directory}: no weights found (looked for {looked_for})")
     return []
 
 
@@ -230,7 +231,9 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
-        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise CheckpointError(
+            f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )
     if unexpected:
         raise CheckpointError(
             f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")
@@ -311,7 +314,9 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     dtype = model.lm_head.weight.dtype
     config_text = json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n"
-    _write_atomically(directory / SAFETENSORS_FILE, lambda path: save_file(gptlab_to_hf(model), path, metadata={"format": "pt"}))
+    _write_atomically(
+        directory / SAFETENSORS_FILE, lambda path: save_file(gptlab_to_hf(model), path, metadata={"format": "pt"})
+    )
     _write_atomically(directory / "config.json", lambda path: Path(path).write_text(config_text))
 
 

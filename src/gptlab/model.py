@@ -12,7 +12,7 @@ Shapes: B batch, T sequence length, C = n_embd, n_head heads of head_dim = C // 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,7 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ConfigError(
-                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
-            )
+            raise ConfigError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ConfigError(f"GPTConfig.dropout must be a number, got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -239,8 +237,12 @@ class GPT(nn.Module):
         weight = self.lm_head.weight
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(
-                batch_size, max_seq_len, self.config.n_head, self.config.head_dim,
-                dtype=dtype or weight.dtype, device=device or weight.device,
+                batch_size,
+                max_seq_len,
+                self.config.n_head,
+                self.config.head_dim,
+                dtype=dtype or weight.dtype,
+                device=device or weight.device,
             )
 
     def clear_kv_cache(self) -> None:

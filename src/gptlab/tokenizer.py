@@ -130,7 +130,7 @@ class CharTokenizer:
         return {"name": self.name, "chars": self.chars}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpt2() -> BPETokenizer:
     return BPETokenizer()
 
