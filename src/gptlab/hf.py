@@ -1,6 +1,14 @@
-"""Hugging Face GPT-2 checkpoints in and out.
+"""Hugging Face checkpoints in and out: GPT-2, Starcoder2 for the rotary variants, and gptlab's own format.
 
-Key map, Hugging Face `GPT2LMHeadModel` -> `gptlab.GPT`:
+Which format a model is saved in follows from its config (`export_format`):
+- learned positions, multi-head, full attention: GPT-2 (`GPT2LMHeadModel`);
+- rotary positions with any n_kv_head and one window (or none): Starcoder2 (`Starcoder2ForCausalLM`), which is
+  GPT-2 + rotate-half RoPE + grouped-query attention + sliding window, with the same LayerNorms, tanh GELU,
+  biases and tied embeddings;
+- anything transformers has no class for (learned positions with GQA or a window, per-layer windows, no
+  biases): `model_type: "gptlab"`, our config and tensor names, which only gptlab loads.
+
+GPT-2 key map, Hugging Face -> gptlab:
 - names are the same, with the `transformer.` prefix (the hub's own `gpt2` files omit it; we accept both);
 - the four projections HF implements as `Conv1D` store their weight as (in_features, out_features), the
   transpose of `nn.Linear`; they are listed in `CONV1D_WEIGHTS` and transposed on the way in and out;
@@ -8,6 +16,9 @@ Key map, Hugging Face `GPT2LMHeadModel` -> `gptlab.GPT`:
   are buffers some checkpoints carry, not weights: matched by exact name in `_MASK_BUFFER` and dropped. The real
   attention biases, `h.N.attn.c_attn.bias` and `h.N.attn.c_proj.bias`, are loaded like every other tensor;
 - `lm_head.weight`, when present, must equal `wte.weight` (GPT-2 ties them).
+
+Starcoder2 key map: `_starcoder2_names`, plus `q_proj`, `k_proj`, `v_proj` concatenated (in that order) into
+our fused `c_attn`.
 
 Every tensor the model needs is checked for presence and shape, and every tensor in the file must be used:
 anything else raises `CheckpointError` naming the tensor.
@@ -26,7 +37,8 @@ from typing import Any
 
 import torch
 
-from gptlab.errors import CheckpointError
+from gptlab.convert import convert_state_dict
+from gptlab.errors import CheckpointError, ConfigError
 from gptlab.model import GPT, GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -46,61 +58,147 @@ _HUB_PATTERNS = (
 # ---------------------------------------------------------------------------------------------- config
 
 
-def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> GPTConfig:
-    """Translate a Hugging Face GPT-2 `config.json` dict, refusing options gptlab's GPT does not implement."""
+def _require(hf: dict[str, Any], source: str, accepted: dict[str, tuple[Any, tuple]]) -> None:
+    """Refuse config options gptlab does not implement: {key: (default when absent, accepted values)}."""
+    for key, (default, values) in accepted.items():
+        value = hf.get(key, default)
+        if value not in values:
+            raise CheckpointError(f"{source}: {key}={value!r} is not supported (gptlab needs {values[0]!r})")
+
+
+def _field(hf: dict[str, Any], key: str, source: str) -> Any:
+    if key not in hf:
+        raise CheckpointError(f"{source}: missing {key!r}")
+    return hf[key]
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> tuple[GPTConfig, str]:
+    """Translate a `config.json` dict into a `GPTConfig` and the checkpoint's format (gpt2, starcoder2, gptlab)."""
     model_type = hf.get("model_type")
-    if model_type != "gpt2":
-        raise CheckpointError(f"{source}: model_type is {model_type!r}; gptlab loads GPT-2 checkpoints ('gpt2')")
-    n_embd = hf.get("n_embd", 768)
-    unsupported = {
-        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
-        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
-        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
-        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-        "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
-        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
-    }
-    for key, (value, accepted) in unsupported.items():
-        if value not in accepted:
-            raise CheckpointError(f"{source}: {key}={value!r} is not supported (gptlab's GPT-2 needs {accepted[0]!r})")
-    return GPTConfig(
-        block_size=hf.get("n_positions", 1024),
-        vocab_size=hf.get("vocab_size", 50257),
-        n_layer=hf.get("n_layer", 12),
-        n_head=hf.get("n_head", 12),
-        n_embd=n_embd,
-        dropout=float(hf.get("resid_pdrop", 0.1)),
-        bias=True,
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-    )
+    if model_type == "gpt2":
+        n_embd = hf.get("n_embd", 768)
+        _require(
+            hf,
+            source,
+            {
+                "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
+                "n_inner": (None, (None, 4 * n_embd)),
+                "scale_attn_weights": (True, (True,)),
+                "scale_attn_by_inverse_layer_idx": (False, (False,)),
+                "add_cross_attention": (False, (False,)),
+                "tie_word_embeddings": (True, (True,)),
+            },
+        )
+        config = dict(
+            block_size=hf.get("n_positions", 1024),
+            vocab_size=hf.get("vocab_size", 50257),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            n_embd=n_embd,
+            dropout=float(hf.get("resid_pdrop", 0.1)),
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+    elif model_type == "starcoder2":
+        n_embd, n_head = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
+        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
+        _require(
+            {**hf, "rope_type": rope.get("rope_type", "default")},
+            source,
+            {
+                "hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh", "gelu_new")),
+                "intermediate_size": (None, (4 * n_embd,)),
+                "use_bias": (True, (True,)),
+                "tie_word_embeddings": (True, (True,)),
+                "head_dim": (None, (None, n_embd // n_head)),
+                "rope_type": ("default", ("default",)),
+            },
+        )
+        n_kv_head = hf.get("num_key_value_heads") or n_head
+        config = dict(
+            block_size=_field(hf, "max_position_embeddings", source),
+            vocab_size=_field(hf, "vocab_size", source),
+            n_layer=_field(hf, "num_hidden_layers", source),
+            n_head=n_head,
+            n_embd=n_embd,
+            dropout=float(hf.get("residual_dropout", 0.0)),
+            norm_eps=float(hf.get("norm_epsilon", 1e-5)),
+            pos_emb="rope",
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            n_kv_head=None if n_kv_head == n_head else n_kv_head,
+            window=hf.get("sliding_window"),
+        )
+    elif model_type == "gptlab":
+        config = hf.get("gptlab")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{source}: model_type 'gptlab' needs a 'gptlab' object with the GPTConfig")
+    else:
+        raise CheckpointError(
+            f"{source}: model_type is {model_type!r}; gptlab loads 'gpt2', 'starcoder2' and its own 'gptlab'"
+        )
+    try:
+        return GPTConfig.from_dict(config), model_type
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+def export_format(config: GPTConfig) -> str:
+    """The format `save_pretrained` writes for this config (see the module docstring)."""
+    if not config.bias or isinstance(config.window, tuple):
+        return "gptlab"
+    if config.pos_emb == "rope":
+        return "starcoder2"
+    return "gpt2" if config.kv_heads == config.n_head and config.window is None else "gptlab"
 
 
 def config_to_hf(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """The `config.json` transformers needs to build `GPT2LMHeadModel` for this config."""
-    if not config.bias:
-        raise CheckpointError("GPTConfig.bias=False cannot be exported as GPT-2: GPT2LMHeadModel always has biases")
+    """The `config.json` for this config in its export format."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    fmt = export_format(config)
+    if fmt == "gptlab":
+        return {"architectures": ["GPT"], "model_type": "gptlab", "gptlab": config.to_dict(), "torch_dtype": dtype_name}
     eos = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
+    common = {"bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": True, "torch_dtype": dtype_name}
+    if fmt == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": config.vocab_size,
+            "n_positions": config.block_size,
+            "n_ctx": config.block_size,
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout,
+            "layer_norm_epsilon": config.norm_eps,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            **common,
+        }
     return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
+        "architectures": ["Starcoder2ForCausalLM"],
+        "model_type": "starcoder2",
         "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": config.norm_eps,
+        "max_position_embeddings": config.block_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "hidden_act": "gelu_pytorch_tanh",
+        "norm_epsilon": config.norm_eps,
+        "rope_theta": config.rope_theta,  # transformers 4.x reads this, 5.x reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "sliding_window": config.window,
+        "use_bias": True,
+        "residual_dropout": config.dropout,
+        "embedding_dropout": config.dropout,
+        "attention_dropout": config.dropout,
         "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": True,
-        "bos_token_id": eos,
-        "eos_token_id": eos,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        **common,
     }
 
 
@@ -205,23 +303,65 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def hf_to_gptlab(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Rename and transpose Hugging Face GPT-2 tensors into gptlab names (see the module docstring)."""
-    state = {}
-    lm_head = None
-    for key, tensor in hf_state.items():
-        if _MASK_BUFFER.fullmatch(key):
-            continue
-        if key == "lm_head.weight":
-            lm_head = tensor
-            continue
-        name = key if key.startswith("transformer.") else f"transformer.{key}"
-        if name.endswith(CONV1D_WEIGHTS) and tensor.ndim == 2:
-            tensor = tensor.t()
-        state[name] = tensor
+def _starcoder2_names(n_layer: int) -> dict[str, str]:
+    """gptlab name -> Starcoder2 name, for every tensor but the fused q/k/v projection."""
+    names = {
+        "transformer.wte.weight": "model.embed_tokens.weight",
+        "transformer.ln_f.weight": "model.norm.weight",
+        "transformer.ln_f.bias": "model.norm.bias",
+    }
+    parts = (
+        ("ln_1", "input_layernorm"),
+        ("ln_2", "post_attention_layernorm"),
+        ("attn.c_proj", "self_attn.o_proj"),
+        ("mlp.c_fc", "mlp.c_fc"),
+        ("mlp.c_proj", "mlp.c_proj"),
+    )
+    for layer in range(n_layer):
+        for ours, theirs in parts:
+            for kind in ("weight", "bias"):
+                names[f"transformer.h.{layer}.{ours}.{kind}"] = f"model.layers.{layer}.{theirs}.{kind}"
+    return names
+
+
+def _check_tied(lm_head: torch.Tensor | None, state: dict[str, torch.Tensor], source: str) -> None:
     wte = state.get("transformer.wte.weight")
     if lm_head is not None and wte is not None and not torch.equal(lm_head.to(wte.dtype), wte):
-        raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; gptlab's GPT-2 ties them")
+        raise CheckpointError(f"{source}: lm_head.weight differs from the token embedding; gptlab ties them")
+
+
+def to_gptlab_names(
+    hf_state: dict[str, torch.Tensor], fmt: str, config: GPTConfig, source: str
+) -> dict[str, torch.Tensor]:
+    """Rename (and for GPT-2, transpose) a checkpoint's tensors into gptlab names (see the module docstring).
+
+    Tensors that do not map keep their name, so the loader reports them as unexpected.
+    """
+    hf_state = dict(hf_state)
+    lm_head = hf_state.pop("lm_head.weight", None)
+    state = {}
+    if fmt == "gptlab":
+        state = hf_state
+    elif fmt == "gpt2":
+        for key, tensor in hf_state.items():
+            if _MASK_BUFFER.fullmatch(key):
+                continue
+            name = key if key.startswith("transformer.") else f"transformer.{key}"
+            if name.endswith(CONV1D_WEIGHTS) and tensor.ndim == 2:
+                tensor = tensor.t()
+            state[name] = tensor
+    else:  # starcoder2
+        for layer in range(config.n_layer):
+            for kind in ("weight", "bias"):
+                qkv = [f"model.layers.{layer}.self_attn.{p}_proj.{kind}" for p in "qkv"]
+                present = [key for key in qkv if key in hf_state]
+                if present and len(present) < 3:
+                    raise CheckpointError(f"{source}: missing tensor(s) {', '.join(sorted(set(qkv) - set(present)))}")
+                if present:
+                    state[f"transformer.h.{layer}.attn.c_attn.{kind}"] = torch.cat([hf_state.pop(k) for k in qkv])
+        ours = {theirs: ours for ours, theirs in _starcoder2_names(config.n_layer).items()}
+        state.update({ours.get(key, key): tensor for key, tensor in hf_state.items()})
+    _check_tied(lm_head, state, source)
     return state
 
 
@@ -250,8 +390,8 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the shared Parameter: re-tie
 
 
-def read_config(directory: Path) -> GPTConfig:
-    """The `GPTConfig` of a checkpoint directory's config.json."""
+def read_config(directory: Path) -> tuple[GPTConfig, str]:
+    """The `GPTConfig` of a checkpoint directory's config.json, and the checkpoint's format."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json")
@@ -264,7 +404,7 @@ def read_config(directory: Path) -> GPTConfig:
 
 def load_config(name_or_path: str | Path, revision: str | None = None, cache_dir: str | None = None) -> GPTConfig:
     """The config of a hub id or local checkpoint directory, without reading (or downloading) its weights."""
-    return read_config(resolve_checkpoint_dir(name_or_path, revision, cache_dir, weights=False))
+    return read_config(resolve_checkpoint_dir(name_or_path, revision, cache_dir, weights=False))[0]
 
 
 def load_pretrained(
@@ -274,15 +414,19 @@ def load_pretrained(
     cache_dir: str | None = None,
     **overrides: Any,
 ) -> GPT:
-    """A `GPT` in eval mode with the weights of a Hugging Face GPT-2 checkpoint (hub id or local directory).
+    """A `GPT` in eval mode with the weights of a checkpoint (hub id or local directory).
 
-    `overrides` change config fields that do not alter the weights' shapes (e.g. `dropout`).
+    `overrides` change config fields. Those that change no tensor (`dropout`, `window`, `rope_theta`) apply as
+    they are; `pos_emb="rope"` and a smaller `n_kv_head` convert the weights (`gptlab.convert`); any other
+    shape change fails with an error naming the tensor.
     """
     directory = resolve_checkpoint_dir(name_or_path, revision, cache_dir)
-    config = read_config(directory).replace(**overrides)
-    state = hf_to_gptlab(read_state_dict(directory), str(directory))
+    source, fmt = read_config(directory)
+    target = source.replace(**overrides)
+    state = to_gptlab_names(read_state_dict(directory), fmt, source, str(directory))
+    state = convert_state_dict(state, source, target)
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(target)
     model.to(dtype)
     load_state_into(model, state, str(directory))
     return model.eval()
@@ -291,33 +435,45 @@ def load_pretrained(
 # ------------------------------------------------------------------------------------------- saving
 
 
-def gptlab_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's tensors under Hugging Face GPT-2 names (with `transformer.`, Conv1D layout, no lm_head)."""
+def from_gptlab_names(model: GPT, fmt: str) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names of format `fmt`, contiguous on the CPU, without the tied lm_head."""
+    config = model.config
+    starcoder2 = _starcoder2_names(config.n_layer)
+    kv_dim = config.kv_heads * config.head_dim
     state = {}
     for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu")
         if key == "lm_head.weight":
             continue  # tied to wte; transformers re-ties it on load
-        if key.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        state[key] = tensor.detach().to("cpu").contiguous()
-    return state
+        if fmt == "gptlab":
+            state[key] = tensor
+        elif fmt == "gpt2":
+            state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
+        elif ".attn.c_attn." in key:
+            prefix = key.replace("transformer.h.", "model.layers.").replace("attn.c_attn.", "self_attn.{}_proj.")
+            for name, part in zip("qkv", tensor.split([config.n_embd, kv_dim, kv_dim]), strict=True):
+                state[prefix.format(name)] = part
+        else:
+            state[starcoder2[key]] = tensor
+    return {k: v.contiguous() for k, v in state.items()}
 
 
-def save_pretrained(model: GPT, directory: str | Path) -> None:
-    """Write `config.json` + `model.safetensors` for `transformers.AutoModelForCausalLM.from_pretrained`.
+def save_pretrained(model: GPT, directory: str | Path) -> str:
+    """Write `config.json` + `model.safetensors` in the model's export format, which it returns.
 
-    Each file is written to a temporary name and renamed into place, so a failure leaves no partial file.
+    GPT-2 and Starcoder2 checkpoints load in `transformers.AutoModelForCausalLM.from_pretrained`. Each file is
+    written to a temporary name and renamed into place, so a failure leaves no partial file.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    dtype = model.lm_head.weight.dtype
-    config_text = json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n"
-    _write_atomically(
-        directory / SAFETENSORS_FILE, lambda path: save_file(gptlab_to_hf(model), path, metadata={"format": "pt"})
-    )
+    fmt = export_format(model.config)
+    config_text = json.dumps(config_to_hf(model.config, model.lm_head.weight.dtype), indent=2) + "\n"
+    state = from_gptlab_names(model, fmt)
+    _write_atomically(directory / SAFETENSORS_FILE, lambda path: save_file(state, path, metadata={"format": "pt"}))
     _write_atomically(directory / "config.json", lambda path: Path(path).write_text(config_text))
+    return fmt
 
 
 def _write_atomically(target: Path, write) -> None:

@@ -1,12 +1,17 @@
-"""GPT-2 in one file.
+"""GPT-2 and its modern variants in one file.
 
-The architecture is OpenAI's GPT-2 (Radford et al. 2019): token + learned position embeddings, a stack of
-pre-LayerNorm transformer blocks (causal self-attention, then a 4x MLP with the tanh GELU), a final
-LayerNorm and an LM head tied to the token embedding. Module names follow the GPT-2 checkpoint (`wte`,
-`wpe`, `h`, `c_attn`, `c_proj`, `ln_f`) so that loading Hugging Face weights is a short documented map
-(see `hf.py`).
+The base architecture is OpenAI's GPT-2 (Radford et al. 2019): token + learned position embeddings, a stack of
+pre-LayerNorm transformer blocks (causal self-attention, then a 4x MLP with the tanh GELU), a final LayerNorm and
+an LM head tied to the token embedding. Module names follow the GPT-2 checkpoint (`wte`, `wpe`, `h`, `c_attn`,
+`c_proj`, `ln_f`) so that loading Hugging Face weights is a short documented map (see `hf.py`).
 
-Shapes: B batch, T sequence length, C = n_embd, n_head heads of head_dim = C // n_head.
+Three later changes are config fields read by the one attention module:
+- `pos_emb="rope"`: rotary position embeddings (Su et al. 2021, RoFormer) instead of the learned table;
+- `n_kv_head < n_head`: grouped-query attention (Ainslie et al. 2023); `n_kv_head=1` is multi-query attention;
+- `window=W`: sliding-window attention (Beltagy et al. 2020, Longformer; Jiang et al. 2023, Mistral): token t
+  attends to t-W+1 .. t. A per-layer list mixes local and global layers.
+
+Shapes: B batch, T sequence length, C = n_embd; n_head query heads and n_kv_head key/value heads of head_dim.
 """
 
 from __future__ import annotations
@@ -17,17 +22,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from gptlab.errors import ConfigError
+
+POS_EMBS = ("learned", "rope")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class GPTConfig:
     """Hyperparameters of a GPT. Validated on construction; invalid values raise `ConfigError`."""
 
-    block_size: int = 1024  # longest sequence; rows of the learned position table
+    block_size: int = 1024  # training context; rows of the learned position table
     vocab_size: int = 50257  # GPT-2 BPE: 256 byte tokens + 50,000 merges + <|endoftext|>
     n_layer: int = 12
     n_head: int = 12
@@ -35,26 +50,60 @@ class GPTConfig:
     dropout: float = 0.0  # embedding, attention-probability and residual dropout (GPT-2 trained with 0.1)
     bias: bool = True  # biases in every Linear and LayerNorm, as GPT-2 has
     norm_eps: float = 1e-5  # LayerNorm epsilon of the GPT-2 checkpoints
+    pos_emb: str = "learned"  # "learned" (GPT-2) or "rope"
+    rope_theta: float = 10000.0  # RoPE base (RoFormer §3.2.2)
+    n_kv_head: int | None = None  # key/value heads; None means n_head (plain multi-head attention)
+    window: int | tuple[int | None, ...] | None = None  # sliding window, or one entry per layer; None is full
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ConfigError(f"GPTConfig.dropout must be a number, got {self.dropout!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.bias, bool):
             raise ConfigError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
+        if not _is_number(self.norm_eps) or self.norm_eps <= 0:
             raise ConfigError(f"GPTConfig.norm_eps must be a positive number, got {self.norm_eps!r}")
+        if self.pos_emb not in POS_EMBS:
+            raise ConfigError(f"GPTConfig.pos_emb must be one of {', '.join(POS_EMBS)}; got {self.pos_emb!r}")
+        if not _is_number(self.rope_theta) or self.rope_theta <= 0:
+            raise ConfigError(f"GPTConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ConfigError(f"GPTConfig.pos_emb='rope' needs an even head_dim, got n_embd/n_head={self.head_dim}")
+        if self.n_kv_head is not None:
+            if not _is_int(self.n_kv_head) or not 1 <= self.n_kv_head <= self.n_head:
+                raise ConfigError(
+                    f"GPTConfig.n_kv_head must be an integer from 1 to n_head={self.n_head}, got {self.n_kv_head!r}"
+                )
+            if self.n_head % self.n_kv_head:
+                raise ConfigError(f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if isinstance(self.window, list):
+            object.__setattr__(self, "window", tuple(self.window))  # hashable, like every other field
+        windows = self.window if isinstance(self.window, tuple) else (self.window,)
+        if isinstance(self.window, tuple) and len(self.window) != self.n_layer:
+            raise ConfigError(
+                f"GPTConfig.window has {len(self.window)} entries; a per-layer list needs n_layer={self.n_layer}"
+            )
+        for w in windows:
+            if w is not None and (not _is_int(w) or w < 1):
+                raise ConfigError(f"GPTConfig.window must be None or an integer >= 1 (per layer), got {w!r}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads: `n_kv_head`, or `n_head` when it is None."""
+        return self.n_kv_head or self.n_head
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: full causal attention)."""
+        return self.window[layer] if isinstance(self.window, tuple) else self.window
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
@@ -73,7 +122,10 @@ class GPTConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if isinstance(self.window, tuple):
+            values["window"] = list(self.window)
+        return values
 
     def replace(self, **overrides: Any) -> GPTConfig:
         """A copy with some fields changed; unknown field names raise `ConfigError`."""
@@ -93,60 +145,163 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) of the rotary angles for `positions` (T,), in float32.
+
+    Pair i of a head rotates by position * theta^(-2i/head_dim) (RoFormer eq. 15). The pairs are (x_i, x_{i+d/2}),
+    the "rotate-half" layout of GPT-NeoX, Llama and Starcoder2, so each frequency appears twice.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys x (B, heads, T, head_dim) by the angles whose cos/sin are (T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """True where a query at q_pos may see a key at k_pos: causal, and at most window - 1 positions back.
+
+    Positions broadcast: (..., Tq) and (..., Tk) give (..., Tq, Tk).
+    """
+    distance = q_pos[..., :, None] - k_pos[..., None, :]
+    allowed = distance >= 0
+    return allowed if window is None else allowed & (distance < window)
+
+
+def causal_attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal self-attention over a whole sequence, optionally within a sliding window.
+
+    q (B, n_head, T, head_dim); k, v (B, n_kv_head, T, head_dim). Grouped-query attention is SDPA's own
+    (`enable_gqa`): query head h reads key/value head h // (n_head // n_kv_head), with no copy of K/V per head.
+    """
+    if window is None or window >= q.size(2):
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.size(1) != k.size(1)
+        )
+    return sliding_window_attention(q, k, v, window, dropout_p)
+
+
+def sliding_window_attention(q, k, v, window: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Sliding-window attention in O(T * window) time and memory, computed blockwise.
+
+    Queries are cut into chunks of c positions. The queries of chunk j only see keys from the m = ceil((window -
+    1) / c) chunks before it and from chunk j itself, so each chunk attends to that span of (m + 1) * c keys under
+    a band mask, instead of all T keys under a T x T mask. c = window / 2 measured fastest at T=8192, W=256
+    (`gptlab bench window`): smaller chunks waste fewer masked scores, larger ones copy fewer keys.
+    """
+    B, n_head, T, head_dim = q.shape
+    n_kv_head = k.size(1)
+    c = max(window // 2, 32)
+    m = -(-(window - 1) // c)
+    n_chunks = -(-T // c)
+    tail = n_chunks * c - T  # pad T up to whole chunks; the padded queries' outputs are dropped
+    span = (m + 1) * c
+
+    def key_spans(x: torch.Tensor) -> torch.Tensor:  # (B, n_kv_head, T, hd) -> (B * n_chunks, n_kv_head, span, hd)
+        x = F.pad(x, (0, 0, m * c, tail)).view(B, n_kv_head, m + n_chunks, c, head_dim)  # m chunks of front padding
+        x = torch.cat([x[:, :, i : i + n_chunks] for i in range(m + 1)], dim=3)  # (B, n_kv_head, n_chunks, span, hd)
+        return x.transpose(1, 2).reshape(B * n_chunks, n_kv_head, span, head_dim)
+
+    q_chunks = F.pad(q, (0, 0, 0, tail)).view(B, n_head, n_chunks, c, head_dim)
+    q_chunks = q_chunks.transpose(1, 2).reshape(B * n_chunks, n_head, c, head_dim)
+    # The same band for every chunk, except that keys before position 0 (the front padding) are hidden.
+    starts = torch.arange(n_chunks, device=q.device)[:, None] * c  # (n_chunks, 1)
+    q_pos = starts + torch.arange(c, device=q.device)  # (n_chunks, c)
+    k_pos = starts - m * c + torch.arange(span, device=q.device)  # (n_chunks, span)
+    mask = band_mask(q_pos, k_pos, window) & (k_pos >= 0)[:, None, :]  # (n_chunks, c, span)
+    mask = mask.unsqueeze(1).repeat(B, 1, 1, 1)  # (B * n_chunks, 1, c, span)
+    y = F.scaled_dot_product_attention(
+        q_chunks, key_spans(k), key_spans(v), attn_mask=mask, dropout_p=dropout_p, enable_gqa=n_head != n_kv_head
+    )
+    y = y.view(B, n_chunks, n_head, c, head_dim).transpose(1, 2).reshape(B, n_head, n_chunks * c, head_dim)
+    return y[:, :, :T]
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer, so a decoding step costs O(T), not a re-run.
 
-    Positions [0, max_seq_len) are written in order; `update` returns the keys/values of every position so far.
+    Position p lives in slot p % size. A full-attention layer gets a slot for every position; a sliding-window
+    layer only `window` slots, a ring buffer whose memory stays constant however long the sequence grows.
     """
 
-    def __init__(self, batch_size: int, max_seq_len: int, n_head: int, head_dim: int, dtype, device) -> None:
+    def __init__(self, batch_size: int, size: int, n_kv_head: int, head_dim: int, rolling: bool, dtype, device):
         super().__init__()
-        shape = (batch_size, n_head, max_seq_len, head_dim)
+        self.size, self.rolling = size, rolling
+        shape = (batch_size, n_kv_head, size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start_pos + k.size(2)
-        self.k[:, :, start_pos:end] = k  # k, v: (B, n_head, T, head_dim)
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def write(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, n_kv_head, T, head_dim) of positions start_pos ..; a ring keeps the last `size`."""
+        T = k.size(2)
+        if start_pos + T > self.size and not self.rolling:
+            raise ValueError(f"KV cache holds {self.size} positions; position {start_pos + T - 1} does not fit")
+        keep = min(T, self.size)
+        slots = torch.arange(start_pos + T - keep, start_pos + T, device=k.device) % self.size
+        self.k.index_copy_(2, slots, k[:, :, T - keep :])
+        self.v.index_copy_(2, slots, v[:, :, T - keep :])
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Append k, v at start_pos and return the keys/values the new queries may need, in position order,
+        with the position of the first one: (k, v, first_pos)."""
+        T = k.size(2)
+        if T == 1:  # the decoding hot path: write one slot, read the filled slots as they lie
+            self.write(start_pos, k, v)
+            filled = min(start_pos + 1, self.size)
+            return self.k[:, :, :filled], self.v[:, :, :filled], start_pos + 1 - filled
+        first = max(0, start_pos - self.size)
+        slots = torch.arange(first, start_pos, device=k.device) % self.size  # cached positions, in order
+        k_all = torch.cat([self.k[:, :, slots], k], dim=2)
+        v_all = torch.cat([self.v[:, :, slots], v], dim=2)
+        self.write(start_pos, k, v)  # after reading: the ring may overwrite what the new queries still see
+        return k_all, v_all, first
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.n_head = config.n_head
-        self.head_dim = config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.window = config.layer_window(layer)
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        # q, k, v in one matmul: n_head query heads, then n_kv_head key heads and n_kv_head value heads.
+        qkv_dim = (config.n_head + 2 * config.kv_heads) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, start_pos: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        mask, is_causal = None, True
-        if start_pos is not None:
-            if self.kv_cache is None:
-                raise RuntimeError("start_pos given but no KV cache is set up; call model.setup_kv_cache first")
-            k, v = self.kv_cache.update(start_pos, k, v)  # (B, n_head, start_pos + T, head_dim)
-            if T == 1:
-                is_causal = False  # one new query sees every cached position
-            elif start_pos > 0:
-                # SDPA's is_causal aligns the mask top-left, which is wrong when queries start at start_pos,
-                # so a chunk after the first gets an explicit mask: query i (position start_pos + i) sees
-                # keys 0 .. start_pos + i.
-                is_causal = False
-                query_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-                mask = query_pos[:, None] >= torch.arange(start_pos + T, device=x.device)[None, :]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if start_pos is not None and self.kv_cache is None:
+            raise RuntimeError("start_pos given but no KV cache is set up; call model.setup_kv_cache first")
+        if start_pos is None or start_pos == 0:  # a whole sequence (training, or the prefill of generation)
+            if start_pos == 0:
+                self.kv_cache.write(0, k, v)
+            y = causal_attention(q, k, v, self.window, dropout_p)
+        else:  # continuing a cached sequence
+            k, v, first_pos = self.kv_cache.update(start_pos, k, v)
+            mask = None  # one new token sees every cached slot: the cache holds exactly its window
+            if T > 1:
+                q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+                mask = band_mask(q_pos, torch.arange(first_pos, start_pos + T, device=x.device), self.window)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=self.n_head != self.n_kv_head
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -164,15 +319,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), start_pos)
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, start_pos: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, start_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -180,15 +335,13 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
-            )
-        )
+        modules = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        modules["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
         self.init_weights()
@@ -210,37 +363,55 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
 
+    @property
+    def max_positions(self) -> int | None:
+        """How far positions can go: block_size with a learned table; unbounded (None) with RoPE."""
+        return self.config.block_size if self.config.pos_emb == "learned" else None
+
     def forward(self, idx: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T).
 
         With `start_pos`, `idx` holds positions start_pos .. start_pos + T - 1 and attention reads and extends
         the KV cache set up by `setup_kv_cache`; without it, the sequence is processed from position 0 alone.
         """
-        B, T = idx.shape
-        offset = 0 if start_pos is None else start_pos
-        if offset + T > self.config.block_size:
+        T = idx.size(1)
+        offset = start_pos or 0
+        if self.max_positions is not None and offset + T > self.max_positions:
             raise ValueError(
                 f"sequence reaches position {offset + T}, beyond block_size={self.config.block_size} "
                 "(the learned position table has no rows past it)"
             )
         pos = torch.arange(offset, offset + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)  # shared by every layer
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, start_pos)
+            x = block(x, rope, start_pos)
         return self.lm_head(self.transformer.ln_f(x))
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
-        """Allocate every layer's KV cache for `batch_size` sequences of up to `max_seq_len` tokens."""
+        """Allocate every layer's KV cache for `batch_size` sequences of up to `max_seq_len` tokens.
+
+        Full-attention layers get `max_seq_len` slots of n_kv_head heads; sliding-window layers at most `window`
+        slots, reused as a ring, so that a RoPE model whose layers all have windows decodes without limit.
+        """
         max_seq_len = max_seq_len or self.config.block_size
-        if max_seq_len > self.config.block_size:
+        if self.max_positions is not None and max_seq_len > self.max_positions:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds block_size={self.config.block_size}")
         weight = self.lm_head.weight
-        for block in self.transformer.h:
+        for layer, block in enumerate(self.transformer.h):
+            window = self.config.layer_window(layer)
+            rolling = window is not None and window < max_seq_len
             block.attn.kv_cache = KVCache(
                 batch_size,
-                max_seq_len,
-                self.config.n_head,
+                window if rolling else max_seq_len,
+                self.config.kv_heads,
                 self.config.head_dim,
+                rolling=rolling,
                 dtype=dtype or weight.dtype,
                 device=device or weight.device,
             )
@@ -253,24 +424,27 @@ class GPT(nn.Module):
         """Parameter count, the tied LM head counted once; `non_embedding` leaves out the embedding tables."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= sum(self.transformer[name].weight.numel() for name in ("wte", "wpe") if name in self.transformer)
         return n
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, **overrides: Any) -> GPT:
-        """Load a Hugging Face GPT-2 checkpoint: a hub id (`gpt2`, `gpt2-xl`, `org/name`) or a local directory.
+        """Load a checkpoint: a hub id (`gpt2`, `gpt2-xl`, `org/name`) or a local directory, in GPT-2, Starcoder2
+        or gptlab format.
 
-        `overrides` replace config fields (e.g. `dropout=0.1`). See `gptlab.hf.load_pretrained`.
+        `overrides` replace config fields (e.g. `dropout=0.1`); `n_kv_head=k` and `pos_emb="rope"` convert a
+        multi-head, learned-position checkpoint (see `gptlab.convert`). See `gptlab.hf.load_pretrained`.
         """
         from gptlab.hf import load_pretrained
 
         return load_pretrained(name_or_path, dtype=dtype, **overrides)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write a Hugging Face checkpoint (`config.json` + `model.safetensors`) that transformers loads."""
+    def save_pretrained(self, directory: str | Path) -> str:
+        """Write `config.json` + `model.safetensors`: GPT-2 or Starcoder2 format, which transformers loads, or
+        gptlab's own for variants transformers has no class for. Returns the format; see `gptlab.hf`."""
         from gptlab.hf import save_pretrained
 
-        save_pretrained(self, directory)
+        return save_pretrained(self, directory)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Continue `idx` (B, T) by `max_new_tokens` tokens; see `gptlab.generate.generate` for the options."""

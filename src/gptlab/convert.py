@@ -1,0 +1,61 @@
+"""Converting a checkpoint's weights from one variant to another, before any uptraining.
+
+- Multi-head -> grouped-query (or multi-query) attention: each group's key and value projection, weights and
+  biases, is the mean of the original heads in that group (Ainslie et al. 2023, "GQA", §2.1: mean-pooling
+  beat keeping the first head or random initialisation). Query head h joins group h // (n_head // n_kv_head).
+- Learned -> rotary positions: the position table is dropped. The rest of the network was trained to read
+  absolute positions from it, so quality falls until the model is uptrained (see the README).
+- A sliding window changes no weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gptlab.errors import CheckpointError
+from gptlab.model import GPTConfig
+
+
+def mean_pool_kv_heads(projection: torch.Tensor, n_kv_head: int, head_dim: int) -> torch.Tensor:
+    """Mean of contiguous groups of heads: (n_src * head_dim, ...) -> (n_kv_head * head_dim, ...).
+
+    Works for a weight (out, in) and a bias (out,). The mean is taken in float32 whatever the storage dtype.
+    """
+    n_src = projection.size(0) // head_dim
+    grouped = projection.float().view(n_kv_head, n_src // n_kv_head, head_dim, *projection.shape[1:])
+    return grouped.mean(dim=1).reshape(n_kv_head * head_dim, *projection.shape[1:]).to(projection.dtype)
+
+
+def convert_state_dict(
+    state: dict[str, torch.Tensor], source: GPTConfig, target: GPTConfig
+) -> dict[str, torch.Tensor]:
+    """Weights of a `source`-config model (gptlab names) turned into weights for `target`.
+
+    Only position embedding and key/value heads are converted; a field that changes other shapes is caught by
+    the loader's shape check, naming the tensor.
+    """
+    state = dict(state)
+    if source.pos_emb != target.pos_emb:
+        if target.pos_emb != "rope":
+            raise CheckpointError(
+                f"cannot convert pos_emb={source.pos_emb!r} to {target.pos_emb!r}: there is no position table "
+                "to start from"
+            )
+        state.pop("transformer.wpe.weight", None)
+    if source.kv_heads != target.kv_heads:
+        if source.kv_heads % target.kv_heads:
+            raise CheckpointError(
+                f"cannot mean-pool {source.kv_heads} key/value heads into n_kv_head={target.kv_heads}: "
+                f"it must divide {source.kv_heads}"
+            )
+        q_dim, kv_dim = source.n_embd, source.kv_heads * source.head_dim
+        for layer in range(source.n_layer):
+            for kind in ("weight", "bias"):
+                key = f"transformer.h.{layer}.attn.c_attn.{kind}"
+                if key not in state:
+                    continue  # bias=False; the loader reports anything really missing
+                q, k, v = state[key].split([q_dim, kv_dim, kv_dim], dim=0)
+                k = mean_pool_kv_heads(k, target.kv_heads, source.head_dim)
+                v = mean_pool_kv_heads(v, target.kv_heads, source.head_dim)
+                state[key] = torch.cat([q, k, v], dim=0)
+    return state
