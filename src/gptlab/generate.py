@@ -76,14 +76,15 @@ def stream_tokens(
 
     Stops after `max_new_tokens`, or once every row has produced one of `stop_tokens`; a row that stopped early
     repeats its stop token while the others go on. A learned-position model sees at most `block_size` tokens,
-    so a prompt plus `max_new_tokens` beyond it raises `GptlabError` before any work (no silent cropping).
+    so a prompt plus `max_new_tokens` beyond it raises `GptlabError` before any work (no silent cropping). RoPE
+    models have no such limit; with a window on every layer their KV cache stays `window` entries long.
     """
     _check_options(max_new_tokens, temperature, top_k, top_p)
     if idx.ndim != 2 or idx.size(1) == 0:
         raise GptlabError(f"the prompt must be a (batch, length) tensor with length >= 1, got shape {tuple(idx.shape)}")
     B, T = idx.shape
     total = T + max_new_tokens
-    if total > model.config.block_size:
+    if model.max_positions is not None and total > model.max_positions:
         raise GptlabError(
             f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {total} exceeds the model's "
             f"block_size={model.config.block_size} (learned positions end there); shorten the prompt or "
