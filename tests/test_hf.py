@@ -137,7 +137,7 @@ def _edit_checkpoint(directory: Path, edit) -> None:
             "unexpected tensor(s) transformer.h.0.mlp.extra",
         ),
         (lambda s: s.update({"transformer.ln_f.bias": torch.zeros(35)}), "transformer.ln_f.bias has shape (35,)"),
-        (lambda s: s.update({"lm_head.weight": torch.randn(101, 36)}), "lm_head.weight differs from the token embedding"),
+        (lambda s: s.update({"lm_head.weight": torch.randn(101, 36)}), "lm_head.weight differs from the token"),
     ],
 )
 def test_checkpoints_that_do_not_fit_raise_naming_the_tensor(tmp_path, hf_model, edit, culprit):
