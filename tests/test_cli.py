@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptlab import GPT, GPTConfig, load_tokenizer
-from gptlab.cli import parameter_breakdown
+from gptlab.sizes import parameter_breakdown
 
 
 def gptlab(*args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -100,3 +100,63 @@ def test_prompt_beyond_the_context_is_a_clear_error(bpe_model_dir):
 def test_bad_flag_value_is_rejected_by_the_parser(bpe_model_dir):
     result = gptlab("sample", "--model", str(bpe_model_dir), "--max_new_tokens", "many")
     assert result.returncode == 2 and "--max_new_tokens" in result.stderr
+
+
+def test_convert_writes_a_checkpoint_that_loads_as_the_variant(bpe_model_dir, tmp_path):
+    destination = tmp_path / "gqa-rope"
+    out = gptlab(
+        "convert",
+        str(bpe_model_dir),
+        str(destination),
+        "--n_kv_head",
+        "1",
+        "--pos_emb",
+        "rope",
+        "--window",
+        "16",
+        check=True,
+    ).stdout
+    assert "starcoder2 format" in out
+    converted = GPT.from_pretrained(destination)
+    direct = GPT.from_pretrained(bpe_model_dir, n_kv_head=1, pos_emb="rope", window=16)
+    assert converted.config == direct.config
+    idx = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(idx), direct(idx), rtol=0, atol=0)
+    # The destination is never overwritten.
+    again = gptlab("convert", str(bpe_model_dir), str(destination), "--n_kv_head", "2")
+    assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
+
+
+def test_sample_takes_the_variant_flags(bpe_model_dir):
+    args = ["sample", "--model", str(bpe_model_dir), "--prompt", "Hello", "--max_new_tokens", "8", "--temperature", "0"]
+    converted = gptlab(*args, "--n_kv_head", "1", "--pos_emb", "rope", "--window", "4", check=True).stdout
+    tokenizer = load_tokenizer("gpt2")
+    model = GPT.from_pretrained(bpe_model_dir, n_kv_head=1, pos_emb="rope", window=4)
+    ids = model.generate(torch.tensor([tokenizer.encode("Hello")]), 8, temperature=0.0)[0].tolist()
+    assert converted == tokenizer.decode(ids) + "\n"
+
+
+def test_inspect_reports_exact_variant_deltas():
+    out = gptlab("inspect", "gpt2", "--pos_emb", "rope", "--n_kv_head", "4", "--window", "256", check=True).stdout
+    removed_rope = 1024 * 768
+    removed_gqa = 2 * (12 - 4) * 64 * (768 + 1) * 12
+    assert f"{-removed_rope:+,}" in out and f"{-removed_gqa:+,}" in out
+    assert f"{-(removed_rope + removed_gqa):+,}" in out
+    assert "72.0 MiB" in out and "6.0 MiB" in out  # 12 layers x 1024 x 2 x 768 x 4 bytes; 1/3 the heads, 1/4 the span
+
+
+@pytest.mark.parametrize("flag, value", [("--window", "0"), ("--n_kv_head", "5"), ("--window", "abc")])
+def test_bad_variant_flags_exit_2(flag, value):
+    result = gptlab("inspect", "gpt2", flag, value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert flag.lstrip("-") in result.stderr
+
+
+def test_bench_window_runs_on_a_tiny_case():
+    import json
+
+    out = gptlab("bench", "window", "--seq_len", "64", "--window", "8", "--repeats", "1", "--json", check=True).stdout
+    figures = json.loads(out)
+    assert set(figures) >= {"attention_speedup", "model_speedup", "attention_full_s", "model_window_s"}
+    assert all(value > 0 for value in figures.values())

@@ -232,6 +232,18 @@ def test_cache_sizes_follow_kv_heads_and_windows():
     assert [tuple(k.shape) for k in gqa_cache] == [(1, 1, 8, 8), (1, 1, 64, 8)]  # 1/4 of the heads; a ring of 8
 
 
+@pytest.mark.parametrize("fields", [{}, *VARIANTS])
+def test_kv_cache_size_formula_matches_the_allocated_cache(fields):
+    from gptlab.sizes import kv_cache_bytes
+
+    model = make_variant(**fields)
+    for seq_len in (3, 40):
+        model.setup_kv_cache(batch_size=1, max_seq_len=seq_len)
+        allocated = sum(b.attn.kv_cache.k.nbytes + b.attn.kv_cache.v.nbytes for b in model.transformer.h)
+        assert kv_cache_bytes(model.config, seq_len) == allocated
+    model.clear_kv_cache()
+
+
 def test_rope_window_model_generates_past_block_size_in_constant_memory():
     model = make_variant(pos_emb="rope", n_kv_head=2, window=8)  # block_size 64
     prompt = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(2))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,6 +19,35 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -------------------------------------------------------------------------------------------- variants
+
+
+def parse_window(text: str) -> int | list[int | None] | None:
+    """`--window 256`, `--window none`, or one entry per layer: `--window 256,none,256,none`."""
+    entries = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part in ("none", "full"):
+            entries.append(None)
+        elif part.lstrip("-").isdigit():
+            entries.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"window entries are integers or 'none', got {part!r}")
+    return entries if len(entries) > 1 else entries[0]
+
+
+def add_variant_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("variant (converts a multi-head, learned-position checkpoint on load)")
+    group.add_argument("--pos_emb", choices=["learned", "rope"], default=None, help="rope drops the position table")
+    group.add_argument("--n_kv_head", type=int, default=None, help="key/value heads, mean-pooled; 1 is multi-query")
+    group.add_argument("--window", type=parse_window, default=None, help="sliding window W, or W1,none,... per layer")
+
+
+def variant_overrides(args: argparse.Namespace) -> dict:
+    fields = {"pos_emb": args.pos_emb, "n_kv_head": args.n_kv_head, "window": args.window}
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 # ---------------------------------------------------------------------------------------------- sample
@@ -39,6 +67,7 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--device", default=_default_device())
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence each step (slow)")
+    add_variant_flags(p)
     p.set_defaults(run=run_sample)
 
 
@@ -50,7 +79,7 @@ def run_sample(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise GptlabError(f"--num_samples must be >= 1, got {args.num_samples}")
     tokenizer = load_tokenizer(args.tokenizer)
-    model = GPT.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    model = GPT.from_pretrained(args.model, dtype=DTYPES[args.dtype], **variant_overrides(args)).to(args.device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GptlabError(
             f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} tokens but model {args.model} only "
@@ -78,62 +107,117 @@ def run_sample(args: argparse.Namespace) -> None:
         print(utf8.decode(b"", final=True))
 
 
+# --------------------------------------------------------------------------------------------- convert
+
+
+def add_convert_parser(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="write a checkpoint converted to a variant (GQA/MQA, RoPE, window)")
+    p.add_argument("source", help="hub id or local checkpoint directory")
+    p.add_argument("destination", help="new directory for the converted checkpoint")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    add_variant_flags(p)
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from gptlab.model import GPT
+
+    destination = Path(args.destination)
+    if (destination / "config.json").exists():
+        raise GptlabError(f"{destination} already holds a checkpoint; choose a new directory")
+    model = GPT.from_pretrained(args.source, dtype=DTYPES[args.dtype], **variant_overrides(args))
+    fmt = model.save_pretrained(destination)
+    print(f"wrote {destination} ({fmt} format, {model.num_params():,} parameters)")
+
+
 # --------------------------------------------------------------------------------------------- inspect
 
 
 def add_inspect_parser(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="print a model's config and its parameters by component")
+    p = subparsers.add_parser("inspect", help="print a model's config, parameters by component and KV-cache size")
     p.add_argument("model", help="preset name, hub id or local checkpoint directory")
+    add_variant_flags(p)
     p.set_defaults(run=run_inspect)
 
 
-def parameter_breakdown(model) -> dict[str, int]:
-    """Parameter counts by component (the tied LM head is the token embedding, counted once)."""
-    counts: Counter[str] = Counter()
-    for name, param in model.named_parameters():
-        if ".attn." in name:
-            part = "attention"
-        elif ".mlp." in name:
-            part = "mlp"
-        elif ".ln_" in name:
-            part = "layernorm"
-        else:
-            part = name.split(".")[1]  # wte, wpe
-        counts[part] += param.numel()
-    return dict(counts)
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"
 
 
 def run_inspect(args: argparse.Namespace) -> None:
     from gptlab.hf import load_config
-    from gptlab.model import GPT, PRESETS
+    from gptlab.model import PRESETS
+    from gptlab.sizes import config_breakdown, kv_cache_bytes
 
     if args.model in PRESETS and not Path(args.model).exists():
-        config, source = PRESETS[args.model], "preset"
+        base, source = PRESETS[args.model], "preset"
     else:
-        config, source = load_config(args.model), "checkpoint"
-    with torch.device("meta"):
-        model = GPT(config)
-    print(f"{args.model} ({source})")
-    for key, value in config.to_dict().items():
+        base, source = load_config(args.model), "checkpoint"
+    overrides = variant_overrides(args)
+    variant = base.replace(**overrides)
+    print(f"{args.model} ({source})" + "".join(f", {k}={v}" for k, v in overrides.items()))
+    for key, value in variant.to_dict().items():
         print(f"  {key:<12} {value}")
+
     names = {
         "wte": "token embedding (tied LM head)",
         "wpe": "position embedding",
-        "attention": f"attention ({config.n_layer} blocks)",
-        "mlp": f"MLP ({config.n_layer} blocks)",
+        "attention": f"attention ({base.n_layer} blocks)",
+        "mlp": f"MLP ({base.n_layer} blocks)",
         "layernorm": "LayerNorms",
     }
-    total = model.num_params()
-    print("parameters")
-    for part, count in parameter_breakdown(model).items():
-        print(f"  {names[part]:<32} {count:>15,}  {100 * count / total:5.1f}%")
-    print(f"  {'total':<32} {total:>15,}")
-    print(f"  {'non-embedding':<32} {model.num_params(non_embedding=True):>15,}")
-    kv_bytes = 2 * config.n_layer * config.n_embd * 4  # keys and values, every layer, float32
-    print(
-        f"KV cache per token (float32): {kv_bytes:,} bytes; at block_size {config.block_size}: "
-        f"{kv_bytes * config.block_size / 2**20:,.1f} MiB per sequence"
-    )
+    rows = [(names[part], count) for part, count in config_breakdown(base).items()]
+    rows.append(("total parameters", sum(count for _, count in rows)))
+    n = base.block_size
+    kv = [("KV cache per token, fp32 (bytes)", kv_cache_bytes(base, 1)), (f"KV cache at {n} tokens, fp32", None)]
+    if not overrides:
+        for label, count in rows:
+            print(f"  {label:<34} {count:>15,}")
+        print(f"  {kv[0][0]:<34} {kv[0][1]:>15,}")
+        print(f"  {kv[1][0]:<34} {_mib(kv_cache_bytes(base, n)):>15}")
+        return
+    new_rows = list(config_breakdown(variant).values())
+    new_rows.append(sum(new_rows))
+    print(f"  {'':<34} {'base':>15} {'variant':>15} {'change':>15}")
+    for (label, old), new in zip(rows, new_rows, strict=True):
+        print(f"  {label:<34} {old:>15,} {new:>15,} {new - old:>+15,}")
+    old, new = kv_cache_bytes(base, 1), kv_cache_bytes(variant, 1)
+    print(f"  {kv[0][0]:<34} {old:>15,} {new:>15,} {new - old:>+15,}")
+    old, new = kv_cache_bytes(base, n), kv_cache_bytes(variant, n)
+    print(f"  {kv[1][0]:<34} {_mib(old):>15} {_mib(new):>15} {f'x{new / old:.3f}':>15}")
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+def add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks: interleaved runs, medians, ratios measured side by side")
+    p.add_argument("suite", choices=["window"], help="window: sliding-window vs full attention, forward+backward")
+    p.add_argument("--seq_len", type=int, default=8192)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    import json
+    import platform
+
+    from gptlab.bench import window_benchmark
+
+    if args.seq_len < 2 or args.window < 1 or args.repeats < 1:
+        raise GptlabError("--seq_len must be >= 2, --window and --repeats >= 1")
+    result = window_benchmark(seq_len=args.seq_len, window=args.window, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"sliding window vs full causal attention, forward+backward, T={args.seq_len}, W={args.window}, batch 1")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"  {'':<40} {'full':>10} {'window':>10} {'speed-up':>9}")
+    for level, label in (("attention", "attention op (2 heads of 64)"), ("model", "1-layer RoPE model, C=128, step")):
+        full, window = result[f"{level}_full_s"], result[f"{level}_window_s"]
+        print(f"  {label:<40} {full * 1e3:>8.1f}ms {window * 1e3:>8.1f}ms {full / window:>8.2f}x")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -144,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(subparsers)
+    add_convert_parser(subparsers)
     add_inspect_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 

@@ -26,9 +26,7 @@ def mean_pool_kv_heads(projection: torch.Tensor, n_kv_head: int, head_dim: int) 
     return grouped.mean(dim=1).reshape(n_kv_head * head_dim, *projection.shape[1:]).to(projection.dtype)
 
 
-def convert_state_dict(
-    state: dict[str, torch.Tensor], source: GPTConfig, target: GPTConfig
-) -> dict[str, torch.Tensor]:
+def convert_state_dict(state: dict[str, torch.Tensor], source: GPTConfig, target: GPTConfig) -> dict[str, torch.Tensor]:
     """Weights of a `source`-config model (gptlab names) turned into weights for `target`.
 
     Only position embedding and key/value heads are converted; a field that changes other shapes is caught by

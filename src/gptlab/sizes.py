@@ -1,0 +1,44 @@
+"""What a config costs: parameters by component and KV-cache bytes, computed from the model itself."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from gptlab.model import GPT, GPTConfig
+
+COMPONENTS = ("wte", "wpe", "attention", "mlp", "layernorm")
+
+
+def parameter_breakdown(model: GPT) -> dict[str, int]:
+    """Parameter counts by component (the tied LM head is the token embedding, counted once)."""
+    counts: Counter[str] = Counter({part: 0 for part in COMPONENTS})
+    for name, param in model.named_parameters():
+        if ".attn." in name:
+            part = "attention"
+        elif ".mlp." in name:
+            part = "mlp"
+        elif ".ln_" in name:
+            part = "layernorm"
+        else:
+            part = name.split(".")[1]  # wte, wpe
+        counts[part] += param.numel()
+    return dict(counts)
+
+
+def config_breakdown(config: GPTConfig) -> dict[str, int]:
+    """`parameter_breakdown` of a config, built on the meta device (no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        return parameter_breakdown(GPT(config))
+
+
+def kv_cache_bytes(config: GPTConfig, seq_len: int, bytes_per_element: int = 4) -> int:
+    """Bytes of KV cache for one sequence of `seq_len` tokens: keys and values of n_kv_head heads in every layer,
+    a sliding-window layer holding at most its window."""
+    per_position = 2 * config.kv_heads * config.head_dim * bytes_per_element
+    total = 0
+    for layer in range(config.n_layer):
+        window = config.layer_window(layer)
+        total += per_position * (seq_len if window is None else min(window, seq_len))
+    return total
