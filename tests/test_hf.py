@@ -82,6 +82,8 @@ def test_logits_equal_transformers_at_gpt2_width(tmp_path):
 
 def test_attention_biases_are_loaded(tmp_path, hf_model):
     model = GPT.from_pretrained(write_layout(hf_model, tmp_path / "m", "hub"))
+    # Transposed Conv1D weights are stored contiguously (a column-major view would confuse restored optimizers).
+    assert all(p.is_contiguous() for p in model.parameters())
     for ours, theirs in zip(model.transformer.h, hf_model.transformer.h, strict=True):
         torch.testing.assert_close(ours.attn.c_attn.bias, theirs.attn.c_attn.bias, rtol=0, atol=0)
         torch.testing.assert_close(ours.attn.c_proj.bias, theirs.attn.c_proj.bias, rtol=0, atol=0)

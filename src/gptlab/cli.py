@@ -55,7 +55,7 @@ def variant_overrides(args: argparse.Namespace) -> dict:
 
 def add_sample_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", help="generate text from a model, streamed as it is produced")
-    p.add_argument("--model", required=True, help="hub id (gpt2, gpt2-xl, org/name) or local checkpoint directory")
+    p.add_argument("--model", required=True, help="hub id (gpt2, gpt2-xl, org/name), checkpoint or run directory")
     p.add_argument("--prompt", default="", help="text to continue; empty starts from <|endoftext|>")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
@@ -63,7 +63,7 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2"])
+    p.add_argument("--tokenizer", default=None, choices=["gpt2"], help="default: the run's own, else gpt2")
     p.add_argument("--device", default=_default_device())
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence each step (slow)")
@@ -71,21 +71,37 @@ def add_sample_parser(subparsers) -> None:
     p.set_defaults(run=run_sample)
 
 
+def load_run_tokenizer(directory: Path, name: str | None):
+    """The tokenizer a checkpoint was trained with (its tokenizer.json), else `name`, else GPT-2's BPE."""
+    import json
+
+    from gptlab.tokenizer import load_tokenizer
+
+    spec = directory / "tokenizer.json"
+    if name is None and spec.is_file():
+        return load_tokenizer(**json.loads(spec.read_text()))
+    return load_tokenizer(name or "gpt2")
+
+
 def run_sample(args: argparse.Namespace) -> None:
     from gptlab.generate import stream_tokens
+    from gptlab.hf import resolve_checkpoint_dir
     from gptlab.model import GPT
-    from gptlab.tokenizer import load_tokenizer
 
     if args.num_samples < 1:
         raise GptlabError(f"--num_samples must be >= 1, got {args.num_samples}")
-    tokenizer = load_tokenizer(args.tokenizer)
-    model = GPT.from_pretrained(args.model, dtype=DTYPES[args.dtype], **variant_overrides(args)).to(args.device)
+    directory = resolve_checkpoint_dir(args.model)
+    tokenizer = load_run_tokenizer(directory, args.tokenizer)
+    model = GPT.from_pretrained(directory, dtype=DTYPES[args.dtype], **variant_overrides(args)).to(args.device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GptlabError(
-            f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} tokens but model {args.model} only "
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but model {args.model} only "
             f"{model.config.vocab_size}"
         )
-    ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_token]
+    if args.prompt:
+        ids = tokenizer.encode(args.prompt)
+    else:  # unconditional: GPT-2 starts from <|endoftext|>, a character model from a newline
+        ids = [tokenizer.eot_token] if tokenizer.eot_token is not None else tokenizer.encode("\n")
     prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     for i in range(args.num_samples):
@@ -187,6 +203,66 @@ def run_inspect(args: argparse.Namespace) -> None:
     print(f"  {kv[1][0]:<34} {_mib(old):>15} {_mib(new):>15} {f'x{new / old:.3f}':>15}")
 
 
+# --------------------------------------------------------------------------------------- prepare, train
+
+
+def add_prepare_parser(subparsers) -> None:
+    p = subparsers.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin / meta.json")
+    p.add_argument(
+        "source",
+        help="shakespeare-char, shakespeare, a .txt file, a folder of .txt, a .jsonl/.parquet file, "
+        "or a Hugging Face dataset id",
+    )
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--tokenizer", choices=["gpt2", "char"], default=None, help="default: char for shakespeare-char")
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    p.set_defaults(run=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from gptlab.data import prepare
+
+    meta = prepare(
+        args.source,
+        args.out,
+        tokenizer=args.tokenizer,
+        val_fraction=args.val_fraction,
+        num_proc=args.num_proc,
+        text_field=args.text_field,
+    )
+    print(
+        f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
+        f"{meta['tokenizer']['name']} tokenizer, vocabulary {meta['vocab_size']:,}"
+    )
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train or fine-tune; resumes from out_dir's latest checkpoint",
+        description="Settings come from defaults, then --config FILE.toml, then --section.key=value flags "
+        "(sections: model, data, train, parallel; see gptlab/config.py).",
+    )
+    p.add_argument("--config", default=None, help="TOML file with [model], [data], [train], [parallel] sections")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from gptlab.config import load_job_config
+    from gptlab.train import train
+
+    job = load_job_config(args.config, args.overrides)
+    result = train(job, progress=not args.no_progress)
+    if result.steps == 0:
+        print(f"{job.train.out_dir} already finished {job.train.max_steps} steps; nothing to do")
+        return
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; validation loss {result.val_loss:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+
+
 # ----------------------------------------------------------------------------------------------- bench
 
 
@@ -227,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlab", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    add_prepare_parser(subparsers)
+    add_train_parser(subparsers)
     add_sample_parser(subparsers)
     add_convert_parser(subparsers)
     add_inspect_parser(subparsers)
@@ -236,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = extra  # --section.key=value, parsed and validated by gptlab.config
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except GptlabError as e:

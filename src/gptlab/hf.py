@@ -45,6 +45,7 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 _MASK_BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # `gpt2`, `openai-community/gpt2`
 
+CHECKPOINT_PREFIX = "ckpt-"  # training checkpoints: <run dir>/ckpt-0000500/, one per saved step
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
@@ -208,12 +209,13 @@ def config_to_hf(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
 def resolve_checkpoint_dir(
     name_or_path: str | Path, revision: str | None = None, cache_dir: str | None = None, weights: bool = True
 ) -> Path:
-    """A local directory as given, or a hub repo id downloaded (or found offline) in the huggingface_hub cache.
-
-    With `weights=False` only the hub repo's config.json is fetched.
+    """A local checkpoint directory; a training run directory (its latest checkpoint); or a hub repo id,
+    downloaded (or found offline) in the huggingface_hub cache. With `weights=False` only config.json is fetched.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if not (path / "config.json").exists() and (latest := latest_run_checkpoint(path)) is not None:
+            return latest
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
@@ -221,6 +223,22 @@ def resolve_checkpoint_dir(
     if not _REPO_ID.fullmatch(name):
         raise CheckpointError(f"checkpoint directory {name} does not exist")
     return _download_from_hub(name, revision, cache_dir, _HUB_PATTERNS if weights else (["config.json"],))
+
+
+def run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a training run directory, `(step, path)` by step. A checkpoint directory is
+    written under a temporary name and renamed when complete, so every `ckpt-NNNNNNN` here is whole."""
+    found = []
+    for path in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = path.name.removeprefix(CHECKPOINT_PREFIX)
+        if step.isdigit() and path.is_dir():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def latest_run_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = run_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
 
 
 def _download_from_hub(repo_id: str, revision: str | None, cache_dir: str | None, pattern_sets) -> Path:
@@ -384,7 +402,9 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
                 f"{source}: tensor {key} has shape {tuple(state[key].shape)}, the model needs {tuple(param.shape)}"
             )
     dtype = model.lm_head.weight.dtype
-    state = {k: v.to(dtype) for k, v in state.items()}
+    # Contiguous: a transposed Conv1D view would otherwise become a column-major Parameter, slower in matmuls
+    # and laid out differently from optimizer state restored from a checkpoint.
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the shared Parameter: re-tie

@@ -1,0 +1,277 @@
+"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation, clipping, autocast, evaluation,
+atomic checkpoints and exact resume.
+
+Every optimizer step's batch is a pure function of (seed, step) (`gptlab.data.batch_starts`), and the loss
+of a step is the mean over its `batch_size` sequences however they are split into micro-batches, so a run
+resumed from a checkpoint takes exactly the steps an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gptlab.checkpoint import load_train_state, save_checkpoint, set_rng_state
+from gptlab.config import JobConfig, TrainConfig
+from gptlab.data import batch_starts, get_batch, load_meta, load_tokens, shard_starts
+from gptlab.errors import ConfigError, GptlabError
+from gptlab.hf import latest_run_checkpoint, load_config, read_config
+from gptlab.model import GPT, GPTConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(GptlabError):
+    """The loss became NaN or infinite; nothing from that step was saved."""
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps taken by this call (0 when the run had already finished)
+    val_loss: float | None  # at the last step taken
+    seconds: float
+    checkpoint: Path | None  # the newest checkpoint
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r}") from None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to `lr`, then cosine decay that reaches
+    `min_lr` at the last step (Loshchilov & Hutter 2017, without restarts)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only: biases and LayerNorm gains are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel updates all parameters in one pass (CUDA, and CPU since torch 2.4).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch, in float32 whatever the autocast dtype."""
+    logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "float32":
+        return contextlib.nullcontext()
+    if cfg.dtype == "float16" and device.type != "cuda":
+        raise ConfigError("train.dtype=float16 needs CUDA (it trains with a gradient scaler); use bfloat16 on CPU")
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
+
+
+def expected_model_config(job: JobConfig, vocab_size: int) -> GPTConfig:
+    """The model config this job trains: a preset (scratch) or a checkpoint's config, with the model section's
+    explicit fields on top."""
+    if job.train.init_from == "scratch":
+        return job.model.build(vocab_size)
+    return load_config(job.train.init_from).replace(**job.model.overrides())
+
+
+def build_model(job: JobConfig, vocab_size: int) -> GPT:
+    if job.train.init_from == "scratch":
+        return GPT(job.model.build(vocab_size))
+    return GPT.from_pretrained(job.train.init_from, **job.model.overrides()).train()
+
+
+def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) -> None:
+    """Resuming with another model or data order would silently train something else: refuse, naming the key."""
+    saved_config, _ = read_config(checkpoint)
+    for key, value in config.to_dict().items():
+        if saved_config.to_dict()[key] != value:
+            raise ConfigError(
+                f"{checkpoint.parent} holds a run with model.{key}={saved_config.to_dict()[key]!r}, but this "
+                f"command asks for {value!r}; use another train.out_dir or the original settings"
+            )
+    saved = json.loads((checkpoint / "job.json").read_text())
+    for section, key in (("data", "dir"), ("train", "seed"), ("train", "batch_size")):
+        if saved[section][key] != getattr(getattr(job, section), key):
+            raise ConfigError(
+                f"{checkpoint.parent} holds a run with {section}.{key}={saved[section][key]!r}, but this command "
+                f"asks for {getattr(getattr(job, section), key)!r}; use another train.out_dir or the original value"
+            )
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records of steps after `step`: a crashed run may have logged steps its last checkpoint lacks."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def evaluate(model, tokens, block_size: int, cfg: TrainConfig, micro_batch_size: int, device, autocast) -> float:
+    """Mean loss over `eval_steps` fixed validation batches (the same ones at every evaluation)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_steps):
+        starts = batch_starts(len(tokens), block_size, micro_batch_size, cfg.seed, i, stream=1)
+        x, y = get_batch(tokens, starts, block_size, device)
+        with autocast:
+            losses.append(lm_loss(model, x, y).item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(job: JobConfig, progress: bool = True) -> TrainResult:
+    """Run (or resume) the job; returns the steps taken, the final validation loss and the last checkpoint."""
+    cfg = job.train
+    device = resolve_device(cfg.device)
+    autocast = autocast_context(cfg, device)
+    data_dir = Path(job.data.dir)
+    meta = load_meta(data_dir)
+    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+    world_size, rank = 1, 0
+    micro = cfg.micro_batch_size or cfg.batch_size // world_size
+    if cfg.batch_size % (micro * world_size):
+        raise ConfigError(
+            f"train.batch_size={cfg.batch_size} is not divisible by train.micro_batch_size={micro} x world size "
+            f"{world_size}"
+        )
+    accum = cfg.batch_size // (micro * world_size)
+
+    out_dir = Path(cfg.out_dir)
+    resume_from = latest_run_checkpoint(out_dir) if out_dir.is_dir() else None
+    config = expected_model_config(job, meta["vocab_size"])
+    if meta["vocab_size"] > config.vocab_size:
+        raise ConfigError(
+            f"data {data_dir} has token ids up to {meta['vocab_size'] - 1}, beyond the model's "
+            f"vocab_size={config.vocab_size}"
+        )
+    torch.manual_seed(cfg.seed)
+    if resume_from is not None:
+        check_resume_matches(resume_from, job, config)
+        state = load_train_state(resume_from)
+        model = GPT.from_pretrained(resume_from).train()
+    else:
+        model = build_model(job, meta["vocab_size"])
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    start_step = 0
+    if resume_from is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        truncate_metrics(out_dir / METRICS_FILE, start_step)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    forward = torch.compile(model) if cfg.compile else model
+    block_size = model.config.block_size
+    job_record = job.model_dump()
+    wandb_run = _start_wandb(job, out_dir) if cfg.wandb_project else None
+
+    bar = _progress_bar(cfg.max_steps, start_step, progress)
+    metrics = open(out_dir / METRICS_FILE, "a")
+    started = time.perf_counter()
+    val_loss, checkpoint = None, resume_from
+    try:
+        for step in range(start_step, cfg.max_steps):
+            step_start = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            starts = batch_starts(len(train_tokens), block_size, cfg.batch_size, cfg.seed, step)
+            loss_sum = 0.0
+            for micro_step in range(accum):
+                x, y = get_batch(
+                    train_tokens, shard_starts(starts, rank, world_size, micro, micro_step), block_size, device
+                )
+                with autocast:
+                    loss = lm_loss(forward, x, y) / accum
+                loss.backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss_sum}) at step {step + 1}; nothing from it was saved, the last good "
+                    f"checkpoint is {checkpoint or 'none'}. Lower train.lr or check the data"
+                )
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            record = {
+                "step": done,
+                "loss": loss_sum,
+                "lr": lr,
+                "tokens": done * cfg.batch_size * block_size,
+                "step_time": time.perf_counter() - step_start,
+            }
+            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+                val_loss = evaluate(forward, val_tokens, block_size, cfg, micro, device, autocast)
+                record_val = {"step": done, "val_loss": val_loss}
+                _log(metrics, wandb_run, record, record_val)
+                bar.write(f"step {done}: train loss {loss_sum:.4f}, val loss {val_loss:.4f}")
+            else:
+                _log(metrics, wandb_run, record)
+            bar.set_postfix(
+                loss=f"{loss_sum:.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{cfg.batch_size * block_size / record['step_time']:,.0f}",
+            )
+            bar.update()
+            if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+                checkpoint = save_checkpoint(
+                    out_dir, done, model, optimizer, job_record, meta["tokenizer"], cfg.keep_checkpoints
+                )
+    finally:
+        metrics.close()
+        bar.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    return TrainResult(max(0, cfg.max_steps - start_step), val_loss, time.perf_counter() - started, checkpoint)
+
+
+def _log(metrics, wandb_run, *records: dict[str, Any]) -> None:
+    for record in records:
+        metrics.write(json.dumps(record) + "\n")
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    metrics.flush()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _start_wandb(job: JobConfig, out_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb_project is set but wandb is not installed (pip install wandb)") from None
+    # One run id per out_dir, so a resumed job continues the same wandb run. WANDB_MODE=offline needs no network.
+    run_id = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:12]
+    return wandb.init(
+        project=job.train.wandb_project, config=job.model_dump(), dir=str(out_dir), id=run_id, resume="allow"
+    )

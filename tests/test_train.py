@@ -1,0 +1,185 @@
+"""Training: the loss falls, accumulation and resume reproduce the same steps, errors stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab import GPT, ConfigError
+from gptlab.config import TrainConfig, load_job_config
+from gptlab.data import load_shakespeare, prepare
+from gptlab.hf import run_checkpoints
+from gptlab.train import NonFiniteLossError, lr_at, train
+
+TINY_MODEL = ["--model.preset=tiny", "--model.block_size=32", "--model.n_embd=32"]
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> Path:
+    """Character-level data from the first ~60k characters of the embedded corpus."""
+    root = tmp_path_factory.mktemp("data")
+    text = root / "plays.txt"
+    text.write_text(load_shakespeare()[0][:60_000])
+    prepare(str(text), root / "char", tokenizer="char", val_fraction=0.1)
+    return root / "char"
+
+
+def job_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        *TINY_MODEL,
+        f"--data.dir={data}",
+        f"--train.out_dir={out}",
+        "--train.batch_size=8",
+        "--train.lr=3e-3",
+        "--train.warmup_steps=5",
+        "--train.eval_interval=20",
+        "--train.eval_steps=4",
+        *extra,
+    ]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in metrics(out) if "loss" in r]
+
+
+def test_loss_falls_and_the_run_is_loadable(char_data, tmp_path):
+    out = tmp_path / "run"
+    job = load_job_config(None, job_args(char_data, out, "--train.max_steps=60", "--train.checkpoint_interval=30"))
+    result = train(job, progress=False)
+    losses = [loss for _, loss in train_losses(out)]
+    assert len(losses) == 60 and result.steps == 60
+    assert math.log(len(json.loads((char_data / "meta.json").read_text())["tokenizer"]["chars"])) > losses[0] - 0.3
+    assert sum(losses[-10:]) / 10 < losses[0] - 0.8  # from ~uniform over the alphabet to well below it
+    records = metrics(out)
+    assert [r["step"] for r in records if "val_loss" in r] == [20, 40, 60]
+    assert records[-2]["tokens"] == 60 * 8 * 32 and all(r["lr"] > 0 for r in records if "lr" in r)
+    assert [step for step, _ in run_checkpoints(out)] == [30, 60]
+    model = GPT.from_pretrained(out)  # a run directory loads its latest checkpoint
+    assert model.config.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
+
+
+def test_gradient_accumulation_takes_the_same_steps(char_data, tmp_path):
+    runs = {}
+    for micro in (8, 2):
+        out = tmp_path / f"micro{micro}"
+        job = load_job_config(
+            None, job_args(char_data, out, "--train.max_steps=10", f"--train.micro_batch_size={micro}")
+        )
+        train(job, progress=False)
+        runs[micro] = [loss for _, loss in train_losses(out)]
+    assert runs[8] == pytest.approx(runs[2], abs=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-4, rel=1e-3)
+    lrs = [lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def gptlab_train(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in both runs: bit-identical arithmetic
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptlab", "train", "--no_progress", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_sigkill_and_restart_gives_the_same_losses_as_an_uninterrupted_run(char_data, tmp_path):
+    # Dropout on, so the RNG state has to be restored too.
+    extra = ["--train.max_steps=120", "--train.checkpoint_interval=25", "--model.dropout=0.1", "--train.batch_size=16"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert gptlab_train(job_args(char_data, reference, *extra)).wait(timeout=300) == 0
+
+    process = gptlab_train(job_args(char_data, resumed, *extra))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [s for s, _ in train_losses(resumed)] if (resumed / "metrics.jsonl").exists() else []
+        if steps and steps[-1] >= 60:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = train_losses(resumed)[-1][0]
+    assert 60 <= killed_at < 120, "the run must be killed mid-way for this test to mean anything"
+
+    restarted = gptlab_train(job_args(char_data, resumed, *extra))
+    assert restarted.wait(timeout=300) == 0, restarted.stderr.read()
+    assert train_losses(resumed) == train_losses(reference)  # bit-identical, step by step
+    val = [(r["step"], r["val_loss"]) for r in metrics(resumed) if "val_loss" in r]
+    assert val == [(r["step"], r["val_loss"]) for r in metrics(reference) if "val_loss" in r]
+
+
+def test_resume_with_another_model_is_refused(char_data, tmp_path):
+    out = tmp_path / "run"
+    train(load_job_config(None, job_args(char_data, out, "--train.max_steps=5")), progress=False)
+    with pytest.raises(ConfigError, match="model.n_layer=2, but this command asks for 3"):
+        train(load_job_config(None, job_args(char_data, out, "--train.max_steps=10", "--model.n_layer=3")))
+    with pytest.raises(ConfigError, match="train.seed=1337, but this command asks for 7"):
+        train(load_job_config(None, job_args(char_data, out, "--train.max_steps=10", "--train.seed=7")))
+    # The same command with more steps continues the run.
+    train(load_job_config(None, job_args(char_data, out, "--train.max_steps=8")), progress=False)
+    assert [s for s, _ in train_losses(out)] == list(range(1, 9))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path):
+    out = tmp_path / "run"
+    args = job_args(char_data, out, "--train.max_steps=50", "--train.checkpoint_interval=1", "--train.grad_clip=0")
+    job = load_job_config(None, [*args, "--train.lr=1e12", "--train.warmup_steps=0"])
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step"):
+        train(job, progress=False)
+    checkpoints = run_checkpoints(out)
+    assert checkpoints, "at least the first step trained with a finite loss"
+    last_step = checkpoints[-1][0]
+    assert all(math.isfinite(loss) for step, loss in train_losses(out) if step <= last_step)
+    model = GPT.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--train.lr=fast"], "train.lr: Input should be a valid number"),
+        (["--train.batchsize=8"], "unknown key train.batchsize"),
+        (["--optim.lr=1"], "unknown key optim"),
+        (["--model.n_head=5"], "n_embd=64 is not divisible by n_head=5"),
+        (["--train.micro_batch_size=3"], "train.batch_size=8 is not divisible by train.micro_batch_size=3"),
+        (["--train.dtype=float16"], "train.dtype=float16 needs CUDA"),
+    ],
+)
+def test_config_errors_name_the_key(char_data, tmp_path, args, culprit):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=culprit):
+        train(load_job_config(None, [*job_args(char_data, out, "--model.n_embd=64"), *args]), progress=False)
+    assert not out.exists() or not run_checkpoints(out)
+
+
+def test_toml_file_under_command_line(tmp_path, char_data):
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'[data]\ndir = "{char_data}"\n[train]\nlr = 0.002\nmax_steps = 7\n[model]\nwindow = [8, "none"]\n'
+    )
+    job = load_job_config(config, ["--train.max_steps=9"])
+    assert job.train.lr == 0.002 and job.train.max_steps == 9 and job.model.window == (8, None)
+    (tmp_path / "bad.toml").write_text("[train]\nlr = 'high'\n")
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_job_config(tmp_path / "bad.toml")
