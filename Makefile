@@ -14,8 +14,11 @@ $(INSTALLED): pyproject.toml constraints.txt
 test: $(INSTALLED)
 	$(PYTHON) -m pytest
 
+# The main job on the embedded corpus: prepare it (once), train (resumes if interrupted), print a sample.
 demo: $(INSTALLED)
-	$(VENV)/bin/gptlab inspect gpt2
+	test -f data/shakespeare-char/meta.json || $(VENV)/bin/gptlab prepare shakespeare-char --out data/shakespeare-char
+	$(VENV)/bin/gptlab train --config configs/shakespeare_char.toml
+	$(VENV)/bin/gptlab sample --model out/shakespeare-char --max_new_tokens 500 --temperature 0.8 --top_k 40
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
