@@ -91,10 +91,24 @@ def test_user_errors_exit_2_with_one_line(args, culprit):
     assert "Traceback" not in result.stderr
 
 
-def test_prompt_beyond_the_context_is_a_clear_error(bpe_model_dir):
-    result = gptlab("sample", "--model", str(bpe_model_dir), "--prompt", "word " * 60, "--max_new_tokens", "10")
-    assert result.returncode == 2
-    assert "exceeds the model's block_size=64" in result.stderr and "Traceback" not in result.stderr
+def test_prompt_beyond_the_context_is_cropped_to_it(bpe_model_dir):
+    prompt = "word " * 60  # 120 tokens for a model with block_size=64
+    out = gptlab(
+        "sample",
+        "--model",
+        str(bpe_model_dir),
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        "10",
+        "--temperature",
+        "0",
+        check=True,
+    ).stdout
+    tokenizer = load_tokenizer("gpt2")
+    model = GPT.from_pretrained(bpe_model_dir)
+    ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), 10, temperature=0.0)[0].tolist()
+    assert out == tokenizer.decode(ids) + "\n"
 
 
 def test_bad_flag_value_is_rejected_by_the_parser(bpe_model_dir):

@@ -95,11 +95,16 @@ def test_stop_tokens_end_generation(model):
         assert (out[row, end:] == stop).all()
 
 
-def test_learned_positions_stop_at_block_size(model):
-    prompt = torch.zeros(1, 40, dtype=torch.long)
-    assert generate(model, prompt, 8, temperature=0.0).shape == (1, 48)  # exactly block_size fits
-    with pytest.raises(GptlabError, match="40 tokens \\+ max_new_tokens=9 = 49 exceeds the model's block_size=48"):
-        generate(model, prompt, 9)
+@pytest.mark.parametrize("prompt_len", [40, 60])  # within block_size=48, and longer than it
+def test_learned_positions_condition_on_the_last_block_size_tokens(model, prompt_len):
+    prompt = torch.randint(0, 101, (2, prompt_len), generator=torch.Generator().manual_seed(4))
+    # Reference written from the definition: every step sees the last block_size tokens.
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            seq = torch.cat([seq, model(seq[:, -48:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    for use_cache in (True, False):
+        assert torch.equal(generate(model, prompt, 20, temperature=0.0, use_cache=use_cache), seq)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from gptlab import GPT, ConfigError
 from gptlab.config import TrainConfig, load_job_config
 from gptlab.data import load_shakespeare, prepare
 from gptlab.hf import run_checkpoints
+from gptlab.tokenizer import CharTokenizer
 from gptlab.train import NonFiniteLossError, lr_at, train
 
 TINY_MODEL = ["--model.preset=tiny", "--model.block_size=32", "--model.n_embd=32"]
@@ -69,6 +70,35 @@ def test_loss_falls_and_the_run_is_loadable(char_data, tmp_path):
     assert [step for step, _ in run_checkpoints(out)] == [30, 60]
     model = GPT.from_pretrained(out)  # a run directory loads its latest checkpoint
     assert model.config.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
+
+
+def test_sample_from_a_run_uses_its_own_tokenizer(char_data, tmp_path):
+    out = tmp_path / "run"
+    train(load_job_config(None, job_args(char_data, out, "--train.max_steps=5")), progress=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptlab",
+            "sample",
+            "--model",
+            str(out),
+            "--prompt",
+            "ROMEO:",
+            "--max_new_tokens",
+            "30",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    tokenizer = CharTokenizer(json.loads((char_data / "meta.json").read_text())["tokenizer"]["chars"])
+    model = GPT.from_pretrained(out)
+    ids = model.generate(torch.tensor([tokenizer.encode("ROMEO:")]), 30, temperature=0.0)[0].tolist()
+    assert result.stdout == tokenizer.decode(ids) + "\n"
 
 
 def test_gradient_accumulation_takes_the_same_steps(char_data, tmp_path):

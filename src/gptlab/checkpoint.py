@@ -39,6 +39,7 @@ def save_checkpoint(
     job: dict[str, Any],
     tokenizer: dict[str, Any],
     keep: int,
+    extra_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` (optimizer steps completed) atomically, then prune to the newest `keep`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{final.name}-"))
     try:
         save_pretrained(model, tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra_state or {})}
         torch.save(state, tmp / TRAIN_STATE)
         (tmp / "job.json").write_text(json.dumps(job, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")

@@ -75,21 +75,20 @@ def stream_tokens(
     """Yield the new tokens (B, 1) one step at a time after the prompt `idx` (B, T).
 
     Stops after `max_new_tokens`, or once every row has produced one of `stop_tokens`; a row that stopped early
-    repeats its stop token while the others go on. A learned-position model sees at most `block_size` tokens,
-    so a prompt plus `max_new_tokens` beyond it raises `GptlabError` before any work (no silent cropping). RoPE
-    models have no such limit; with a window on every layer their KV cache stays `window` entries long.
+    repeats its stop token while the others go on.
+
+    A learned-position model sees at most `block_size` tokens: like nanoGPT, it conditions on the last
+    `block_size` tokens (a longer prompt is cropped to them). Once the sequence outgrows the context, every
+    position shifts at each step and the cache cannot be reused, so each token costs a full forward of the
+    window. RoPE models have no such limit; with a window on every layer their KV cache stays `window` long.
     """
     _check_options(max_new_tokens, temperature, top_k, top_p)
     if idx.ndim != 2 or idx.size(1) == 0:
         raise GptlabError(f"the prompt must be a (batch, length) tensor with length >= 1, got shape {tuple(idx.shape)}")
+    context = model.max_positions  # None: no limit
+    if context is not None:
+        idx = idx[:, -context:]
     B, T = idx.shape
-    total = T + max_new_tokens
-    if model.max_positions is not None and total > model.max_positions:
-        raise GptlabError(
-            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {total} exceeds the model's "
-            f"block_size={model.config.block_size} (learned positions end there); shorten the prompt or "
-            "ask for fewer tokens"
-        )
     stops = torch.tensor(stop_tokens or [], dtype=torch.long, device=idx.device)
     finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
     emitted_stop = torch.zeros(B, 1, dtype=torch.long, device=idx.device)
@@ -103,25 +102,35 @@ def stream_tokens(
         finished = finished | now_stopped
         return token
 
+    def window(seq: torch.Tensor) -> torch.Tensor:
+        return seq if context is None else seq[:, -context:]
+
     if not use_cache:
         seq = idx
         for _ in range(max_new_tokens):
-            token = choose(model(seq)[:, -1])
+            token = choose(model(window(seq))[:, -1])
             yield token
             if finished.all():
                 return
             seq = torch.cat([seq, token], dim=1)
         return
 
-    model.setup_kv_cache(B, total)
+    cache_len = T + max_new_tokens if context is None else min(T + max_new_tokens, context)
+    model.setup_kv_cache(B, cache_len)
     try:
         logits = model(idx, start_pos=0)[:, -1]  # prefill: the whole prompt in one forward
-        for pos in range(T, total):
+        seq = idx
+        for step in range(max_new_tokens):
             token = choose(logits)
             yield token
-            if finished.all() or pos == total - 1:
+            if finished.all() or step == max_new_tokens - 1:
                 return
-            logits = model(token, start_pos=pos)[:, -1]  # decode: one position against the cache
+            seq = torch.cat([seq, token], dim=1)
+            pos = seq.size(1) - 1
+            if pos < cache_len:
+                logits = model(token, start_pos=pos)[:, -1]  # decode: one position against the cache
+            else:
+                logits = model(window(seq))[:, -1]  # the context slides past learned positions: recompute
     finally:
         model.clear_kv_cache()
 

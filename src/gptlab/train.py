@@ -176,9 +176,13 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
         model = build_model(job, meta["vocab_size"])
     model.to(device)
     optimizer = configure_optimizer(model, cfg, device)
+    # float16 needs loss scaling to keep small gradients from flushing to zero; a no-op for other dtypes.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     start_step = 0
     if resume_from is not None:
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
         truncate_metrics(out_dir / METRICS_FILE, start_step)
@@ -206,7 +210,7 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
                 )
                 with autocast:
                     loss = lm_loss(forward, x, y) / accum
-                loss.backward()
+                scaler.scale(loss).backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
                 raise NonFiniteLossError(
@@ -214,8 +218,10 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
                     f"checkpoint is {checkpoint or 'none'}. Lower train.lr or check the data"
                 )
             if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
@@ -241,7 +247,14 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
             bar.update()
             if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
                 checkpoint = save_checkpoint(
-                    out_dir, done, model, optimizer, job_record, meta["tokenizer"], cfg.keep_checkpoints
+                    out_dir,
+                    done,
+                    model,
+                    optimizer,
+                    job_record,
+                    meta["tokenizer"],
+                    cfg.keep_checkpoints,
+                    extra_state={"scaler": scaler.state_dict()},
                 )
     finally:
         metrics.close()
