@@ -203,7 +203,7 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             starts = batch_starts(len(train_tokens), block_size, cfg.batch_size, cfg.seed, step)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for micro_step in range(accum):
                 x, y = get_batch(
                     train_tokens, shard_starts(starts, rank, world_size, micro, micro_step), block_size, device
@@ -211,7 +211,8 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
                 with autocast:
                     loss = lm_loss(forward, x, y) / accum
                 scaler.scale(loss).backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
+            loss_sum = loss_sum.item()  # one device sync per step, not per micro-batch
             if not math.isfinite(loss_sum):
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss_sum}) at step {step + 1}; nothing from it was saved, the last good "
