@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,3 +40,15 @@ def tokens():
     """A batch of 2 random token sequences of 29 tokens for TINY_HF's vocabulary."""
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, TINY_HF["vocab_size"], (2, 29), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """Character-level data from the first ~60k characters of the embedded corpus."""
+    from gptlab.data import load_shakespeare, prepare
+
+    root = tmp_path_factory.mktemp("data")
+    text = root / "plays.txt"
+    text.write_text(load_shakespeare()[0][:60_000])
+    prepare(str(text), root / "char", tokenizer="char", val_fraction=0.1)
+    return root / "char"

@@ -16,22 +16,11 @@ import torch
 
 from gptlab import GPT, ConfigError
 from gptlab.config import TrainConfig, load_job_config
-from gptlab.data import load_shakespeare, prepare
 from gptlab.hf import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
 from gptlab.train import NonFiniteLossError, lr_at, train
 
 TINY_MODEL = ["--model.preset=tiny", "--model.block_size=32", "--model.n_embd=32"]
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory) -> Path:
-    """Character-level data from the first ~60k characters of the embedded corpus."""
-    root = tmp_path_factory.mktemp("data")
-    text = root / "plays.txt"
-    text.write_text(load_shakespeare()[0][:60_000])
-    prepare(str(text), root / "char", tokenizer="char", val_fraction=0.1)
-    return root / "char"
 
 
 def job_args(data: Path, out: Path, *extra: str) -> list[str]:

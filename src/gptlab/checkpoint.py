@@ -1,34 +1,47 @@
-"""Training checkpoints: one directory per saved step, written whole or not at all.
+"""Training checkpoints: one directory per saved step, written whole or not at all, by one process or many.
 
     <out_dir>/ckpt-0000500/
-        config.json, model.safetensors   the model, loadable by `GPT.from_pretrained` (and transformers, for
-                                         GPT-2 / Starcoder2 configs)
-        train_state.pt                   step, optimizer state and RNG states (tensors and numbers only, so it
-                                         loads with `torch.load(weights_only=True)`)
-        job.json                         the job config that produced it
-        tokenizer.json                   the data's tokenizer, so `gptlab sample --model <out_dir>` decodes
+        train/              model and optimizer state through torch.distributed.checkpoint (DCP): each rank
+                            writes its own shard, and a load reshards to any world size and any mode
+        rng/rank-N.pt       each rank's RNG states (dropout), restored when resuming with the same world size
+        state.json          step, world size, mode, gradient-scaler state
+        config.json         the model config (`GPT.from_pretrained` / `gptlab inspect` read it)
+        model.safetensors   single/ddp runs only: the whole model, for `GPT.from_pretrained` and transformers;
+                            a sharded (fsdp) run writes it with `gptlab export RUN DST`
+        job.json            the job config that produced it
+        tokenizer.json      the data's tokenizer, so `gptlab sample --model <out_dir>` decodes
 
-The directory is assembled under a temporary name and renamed into place: a crash at any moment leaves either
-the complete new checkpoint or none, and the previous ones stay untouched. Older checkpoints beyond
-`keep_checkpoints` are removed only after the new one is in place.
+Every rank writes into one temporary directory, which rank 0 renames into place once all have finished: a crash
+at any moment leaves either the complete new checkpoint or none, and the previous ones untouched. Older
+checkpoints beyond `keep_checkpoints` are removed only after the new one is in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from gptlab.errors import CheckpointError
-from gptlab.hf import CHECKPOINT_PREFIX, run_checkpoints, save_pretrained
+from gptlab.hf import CHECKPOINT_PREFIX, config_to_hf, read_config, run_checkpoints, save_pretrained
 from gptlab.model import GPT
+from gptlab.parallel import World, barrier, broadcast_object
 
-TRAIN_STATE = "train_state.pt"
+SHARDS, STATE = "train", "state.json"
 
 
 def save_checkpoint(
@@ -36,45 +49,117 @@ def save_checkpoint(
     step: int,
     model: GPT,
     optimizer: torch.optim.Optimizer,
+    world: World,
+    mode: str,
     job: dict[str, Any],
     tokenizer: dict[str, Any],
     keep: int,
     extra_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` (optimizer steps completed) atomically, then prune to the newest `keep`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint of `step` (optimizer steps completed); a collective call when distributed."""
     final = out_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{final.name}-"))
+    tmp = None
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{final.name}-")
+    tmp = Path(broadcast_object(tmp, world))
     try:
-        save_pretrained(model, tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra_state or {})}
-        torch.save(state, tmp / TRAIN_STATE)
-        (tmp / "job.json").write_text(json.dumps(job, indent=2) + "\n")
-        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
-        if final.exists():  # a checkpoint of this very step from an earlier attempt: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(out_dir)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        with _single_process_is_intended():
+            shards = {"model": model_state, "optim": optimizer_state}
+            dcp.save(shards, checkpoint_id=tmp / SHARDS, no_dist=not world.distributed)
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank-{world.rank}.pt")
+        if world.is_main:
+            if mode == "fsdp":  # the config alone; the weights stay sharded until `gptlab export`
+                config = config_to_hf(model.config, model.lm_head.weight.dtype)
+                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            else:
+                save_pretrained(model, tmp)
+            state = {"step": step, "world_size": world.world_size, "mode": mode, **(extra_state or {})}
+            (tmp / STATE).write_text(json.dumps(state) + "\n")
+            (tmp / "job.json").write_text(json.dumps(job, indent=2) + "\n")
+            (tmp / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")
+        barrier(world)
+        if world.is_main:
+            for file in tmp.rglob("*"):
+                _fsync(file)
+            _fsync(tmp)
+            if final.exists():  # a checkpoint of this very step from an earlier attempt: replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(out_dir)
+            for _, old in run_checkpoints(out_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(world)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, old in run_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_train_state(checkpoint_dir: Path) -> dict[str, Any]:
-    """Step, optimizer state and RNG states of a checkpoint; never executes code from the file."""
-    path = checkpoint_dir / TRAIN_STATE
+def read_state(checkpoint_dir: Path) -> dict[str, Any]:
+    """step, world_size, mode (and the gradient scaler's state) of a training checkpoint."""
+    path = checkpoint_dir / STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; {checkpoint_dir} is not a training checkpoint") from None
-    except Exception as e:  # a truncated or corrupt file: name it, keep the cause
-        raise CheckpointError(f"{path}: cannot read training state ({e})") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_checkpoint(checkpoint_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, world: World) -> dict:
+    """Restore model and optimizer (resharded to this world) and, when the world size matches, this rank's RNG.
+
+    Returns the checkpoint's state (step, ...). A collective call when distributed.
+    """
+    state = read_state(checkpoint_dir)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optim": optimizer_state}
+    _dcp_load(loaded, checkpoint_dir, world)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    if state["world_size"] == world.world_size:
+        rng = checkpoint_dir / "rng" / f"rank-{world.rank}.pt"
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+    return state
+
+
+def export_checkpoint(run_or_checkpoint: Path, destination: Path) -> str:
+    """Gather a (possibly sharded) training checkpoint into one `save_pretrained` directory; returns its format."""
+    from gptlab.hf import latest_run_checkpoint
+
+    checkpoint = run_or_checkpoint
+    if not (checkpoint / STATE).exists():
+        checkpoint = latest_run_checkpoint(run_or_checkpoint)
+        if checkpoint is None:
+            raise CheckpointError(f"{run_or_checkpoint} holds no training checkpoint (ckpt-NNNNNNN/state.json)")
+    config, _ = read_config(checkpoint)
+    model = GPT(config)
+    loaded = {"model": get_model_state_dict(model)}
+    _dcp_load(loaded, checkpoint, World())
+    set_model_state_dict(model, loaded["model"])
+    return save_pretrained(model, destination)
+
+
+def _dcp_load(state: dict[str, Any], checkpoint_dir: Path, world: World) -> None:
+    shards = checkpoint_dir / SHARDS
+    if not (shards / ".metadata").exists():
+        raise CheckpointError(f"{shards} is missing or incomplete; {checkpoint_dir} cannot be resumed")
+    with _single_process_is_intended():
+        try:
+            dcp.load(state, checkpoint_id=shards, no_dist=not world.distributed)
+        except Exception as e:  # DCP wraps reader errors in its own types: name the checkpoint, keep the cause
+            raise CheckpointError(f"{shards}: cannot load ({e})") from e
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns when it runs without a process group; for a single-process run that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process.*")
+        yield
 
 
 def rng_state() -> dict[str, Any]:

@@ -146,6 +146,23 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {destination} ({fmt} format, {model.num_params():,} parameters)")
 
 
+def add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write one checkpoint (HF / gptlab format) from a training run")
+    p.add_argument("run_dir", metavar="RUN", help="training run directory (its latest checkpoint) or a ckpt-NNNNNNN")
+    p.add_argument("destination", help="new directory")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from gptlab.checkpoint import export_checkpoint
+
+    destination = Path(args.destination)
+    if (destination / "config.json").exists():
+        raise GptlabError(f"{destination} already holds a checkpoint; choose a new directory")
+    fmt = export_checkpoint(Path(args.run_dir), destination)
+    print(f"wrote {destination} ({fmt} format)")
+
+
 # --------------------------------------------------------------------------------------------- inspect
 
 
@@ -256,6 +273,8 @@ def run_train(args: argparse.Namespace) -> None:
 
     job = load_job_config(args.config, args.overrides)
     result = train(job, progress=not args.no_progress)
+    if not result.is_main:
+        return
     if result.steps == 0:
         print(f"{job.train.out_dir} already finished {job.train.max_steps} steps; nothing to do")
         return
@@ -307,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_sample_parser(subparsers)
     add_convert_parser(subparsers)
+    add_export_parser(subparsers)
     add_inspect_parser(subparsers)
     add_bench_parser(subparsers)
     return parser

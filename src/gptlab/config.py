@@ -93,7 +93,12 @@ class TrainConfig(BaseModel):
 
 class ParallelConfig(BaseModel):
     model_config = _STRICT
-    mode: Literal["single"] = "single"
+    mode: Literal["single", "ddp", "fsdp"] = "single"  # ddp/fsdp: launch with torchrun (see docs/distributed.md)
+    reshard_after_forward: bool = True  # fsdp: free gathered block parameters after forward (ZeRO-3) or keep them
+    mixed_precision: Literal["none", "bf16"] = "none"  # fsdp on CUDA: bf16 parameters, fp32 gradient reduction
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
+    cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
+    meta_init: bool = False  # fsdp, from scratch: build on the meta device and initialise each shard in place
 
 
 class JobConfig(BaseModel):

@@ -288,6 +288,10 @@ def _weight_files(directory: Path, required: bool = True) -> list[Path]:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{directory / index}: not a valid index (needs a 'weight_map')") from e
             return [directory / name for name in sorted(set(weight_map.values()))]
+    if required and (directory / "train" / ".metadata").exists():
+        raise CheckpointError(
+            f"{directory} is a sharded training checkpoint; gather it first: gptlab export {directory.parent} DST"
+        )
     if required:
         looked_for = ", ".join((SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX))
         raise CheckpointError(f"{directory}: no weights found (looked for {looked_for})")

@@ -20,12 +20,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gptlab.checkpoint import load_train_state, save_checkpoint, set_rng_state
+from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.config import JobConfig, TrainConfig
 from gptlab.data import batch_starts, get_batch, load_meta, load_tokens, shard_starts
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.hf import latest_run_checkpoint, load_config, read_config
 from gptlab.model import GPT, GPTConfig
+from gptlab.parallel import (
+    World,
+    apply_activation_checkpointing,
+    apply_ddp,
+    apply_fsdp,
+    close_world,
+    gradient_sync,
+    init_world,
+    mean_over_ranks,
+)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,15 +50,7 @@ class TrainResult:
     val_loss: float | None  # at the last step taken
     seconds: float
     checkpoint: Path | None  # the newest checkpoint
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {name!r}") from None
+    is_main: bool = True  # rank 0 (the process that reports)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -129,7 +131,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(model, tokens, block_size: int, cfg: TrainConfig, micro_batch_size: int, device, autocast) -> float:
-    """Mean loss over `eval_steps` fixed validation batches (the same ones at every evaluation)."""
+    """Mean loss over `eval_steps` fixed validation batches (the same ones at every evaluation). Every rank
+    evaluates all of them: FSDP needs all ranks in each forward, and all ranks then agree on the result."""
     was_training = model.training
     model.eval()
     losses = []
@@ -143,21 +146,32 @@ def evaluate(model, tokens, block_size: int, cfg: TrainConfig, micro_batch_size:
 
 
 def train(job: JobConfig, progress: bool = True) -> TrainResult:
-    """Run (or resume) the job; returns the steps taken, the final validation loss and the last checkpoint."""
-    cfg = job.train
-    device = resolve_device(cfg.device)
+    """Run (or resume) the job; returns the steps taken, the final validation loss and the last checkpoint.
+
+    The same loop runs on one process or many (parallel.mode ddp/fsdp under torchrun); only rank 0 logs and
+    writes metrics, and every rank takes part in checkpoints.
+    """
+    world = init_world(job.parallel, job.train.device)
+    try:
+        return _train(job, world, progress and world.is_main)
+    finally:
+        close_world()
+
+
+def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
+    cfg, mode = job.train, job.parallel.mode
+    device = world.device
     autocast = autocast_context(cfg, device)
     data_dir = Path(job.data.dir)
     meta = load_meta(data_dir)
     train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
-    world_size, rank = 1, 0
-    micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    if cfg.batch_size % (micro * world_size):
+    micro = cfg.micro_batch_size or cfg.batch_size // world.world_size
+    if cfg.batch_size % (micro * world.world_size):
         raise ConfigError(
             f"train.batch_size={cfg.batch_size} is not divisible by train.micro_batch_size={micro} x world size "
-            f"{world_size}"
+            f"{world.world_size}"
         )
-    accum = cfg.batch_size // (micro * world_size)
+    accum = cfg.batch_size // (micro * world.world_size)
 
     out_dir = Path(cfg.out_dir)
     resume_from = latest_run_checkpoint(out_dir) if out_dir.is_dir() else None
@@ -170,30 +184,46 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
     torch.manual_seed(cfg.seed)
     if resume_from is not None:
         check_resume_matches(resume_from, job, config)
-        state = load_train_state(resume_from)
-        model = GPT.from_pretrained(resume_from).train()
+    # The model: pretrained weights, or a fresh initialisation that is the same on every rank (same seed); when
+    # resuming, any initialisation (the checkpoint overwrites it). With parallel.meta_init (fsdp, from scratch) it
+    # is built without memory and each rank initialises only its shards after fully_shard.
+    meta_init = job.parallel.meta_init and mode == "fsdp" and cfg.init_from == "scratch" and resume_from is None
+    if meta_init:
+        with torch.device("meta"):
+            model = GPT(config)
+    elif resume_from is not None:
+        model = GPT(config)
     else:
         model = build_model(job, meta["vocab_size"])
+    if job.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if mode == "fsdp":
+        apply_fsdp(model, job.parallel, device)
+    if meta_init:
+        model.to_empty(device=device)
+        model.init_weights()
     model.to(device)
     optimizer = configure_optimizer(model, cfg, device)
     # float16 needs loss scaling to keep small gradients from flushing to zero; a no-op for other dtypes.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     start_step = 0
     if resume_from is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(resume_from, model, optimizer, world)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
         start_step = state["step"]
-        truncate_metrics(out_dir / METRICS_FILE, start_step)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    forward = torch.compile(model) if cfg.compile else model
+        if world.is_main:
+            truncate_metrics(out_dir / METRICS_FILE, start_step)
+    wrapped = apply_ddp(model, world) if mode == "ddp" else model
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
     block_size = model.config.block_size
     job_record = job.model_dump()
-    wandb_run = _start_wandb(job, out_dir) if cfg.wandb_project else None
+    wandb_run = _start_wandb(job, out_dir) if cfg.wandb_project and world.is_main else None
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = open(out_dir / METRICS_FILE, "a") if world.is_main else None
 
     bar = _progress_bar(cfg.max_steps, start_step, progress)
-    metrics = open(out_dir / METRICS_FILE, "a")
     started = time.perf_counter()
     val_loss, checkpoint = None, resume_from
     try:
@@ -205,45 +235,46 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
             starts = batch_starts(len(train_tokens), block_size, cfg.batch_size, cfg.seed, step)
             loss_sum = torch.zeros((), device=device)
             for micro_step in range(accum):
-                x, y = get_batch(
-                    train_tokens, shard_starts(starts, rank, world_size, micro, micro_step), block_size, device
-                )
-                with autocast:
-                    loss = lm_loss(forward, x, y) / accum
-                scaler.scale(loss).backward()
+                shard = shard_starts(starts, world.rank, world.world_size, micro, micro_step)
+                x, y = get_batch(train_tokens, shard, block_size, device)
+                with gradient_sync(wrapped, model, mode, sync=micro_step == accum - 1):
+                    with autocast:
+                        loss = lm_loss(forward, x, y) / accum
+                    scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            loss_sum = loss_sum.item()  # one device sync per step, not per micro-batch
-            if not math.isfinite(loss_sum):
+            loss_value = mean_over_ranks(loss_sum, world).item()  # one sync per step, not per micro-batch
+            if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss_sum}) at step {step + 1}; nothing from it was saved, the last good "
+                    f"non-finite loss ({loss_value}) at step {step + 1}; nothing from it was saved, the last good "
                     f"checkpoint is {checkpoint or 'none'}. Lower train.lr or check the data"
                 )
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # sharded grads: a global norm
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            record = {
-                "step": done,
-                "loss": loss_sum,
-                "lr": lr,
-                "tokens": done * cfg.batch_size * block_size,
-                "step_time": time.perf_counter() - step_start,
-            }
+            records = [
+                {
+                    "step": done,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "tokens": done * cfg.batch_size * block_size,
+                    "step_time": time.perf_counter() - step_start,
+                }
+            ]
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-                val_loss = evaluate(forward, val_tokens, block_size, cfg, micro, device, autocast)
-                record_val = {"step": done, "val_loss": val_loss}
-                _log(metrics, wandb_run, record, record_val)
-                bar.write(f"step {done}: train loss {loss_sum:.4f}, val loss {val_loss:.4f}")
-            else:
-                _log(metrics, wandb_run, record)
+                val_loss = evaluate(model, val_tokens, block_size, cfg, micro, device, autocast)
+                records.append({"step": done, "val_loss": val_loss})
+                bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
+            if metrics is not None:
+                _log(metrics, wandb_run, *records)
             bar.set_postfix(
-                loss=f"{loss_sum:.4f}",
+                loss=f"{loss_value:.4f}",
                 lr=f"{lr:.2e}",
-                tok_s=f"{cfg.batch_size * block_size / record['step_time']:,.0f}",
+                tok_s=f"{cfg.batch_size * block_size / records[0]['step_time']:,.0f}",
             )
             bar.update()
             if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
@@ -252,17 +283,21 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
                     done,
                     model,
                     optimizer,
+                    world,
+                    mode,
                     job_record,
                     meta["tokenizer"],
                     cfg.keep_checkpoints,
                     extra_state={"scaler": scaler.state_dict()},
                 )
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         bar.close()
         if wandb_run is not None:
             wandb_run.finish()
-    return TrainResult(max(0, cfg.max_steps - start_step), val_loss, time.perf_counter() - started, checkpoint)
+    seconds = time.perf_counter() - started
+    return TrainResult(max(0, cfg.max_steps - start_step), val_loss, seconds, checkpoint, world.is_main)
 
 
 def _log(metrics, wandb_run, *records: dict[str, Any]) -> None:

@@ -1,0 +1,153 @@
+"""Data parallelism, applied from outside to a plain `GPT`: the model file never imports torch.distributed.
+
+- `init_world` reads the process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT); NCCL on CUDA, gloo on CPU. A ddp/fsdp job started without torchrun is a world of one.
+- `apply_ddp`: every rank holds the whole model; gradients are averaged by all-reduce during backward.
+- `apply_fsdp`: FSDP2 (`fully_shard`) on each transformer block, then on the root (embeddings, final norm and
+  the tied head): parameters, gradients and optimizer state are sharded across ranks as DTensors, and each
+  block's parameters are all-gathered just before they are used (Zhao et al. 2023; torchtitan's recipe).
+- `apply_activation_checkpointing`: blocks recompute their activations in backward instead of storing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from gptlab.config import ParallelConfig
+from gptlab.errors import ConfigError
+from gptlab.model import GPT
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r}") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_world(cfg: ParallelConfig, device_name: str) -> World:
+    """Join the process group torchrun set up (or make a world of one) for `cfg.mode`."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.mode == "single":
+        if launched > 1:
+            raise ConfigError(
+                f"parallel.mode=single, but {launched} processes were launched; use parallel.mode=ddp or fsdp"
+            )
+        return World(device=resolve_device(device_name))
+    if "RANK" not in os.environ:  # not under torchrun: a group of one on this machine
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def close_world() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def apply_activation_checkpointing(model: GPT) -> None:
+    """Recompute each block's activations in backward. Parameter names stay as they are (no wrapper module)."""
+    for block in model.transformer.h:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_fsdp(model: GPT, cfg: ParallelConfig, device: torch.device) -> GPT:
+    """Shard `model` in place with FSDP2: each block is one unit of all-gather/reduce-scatter, the root another."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if cfg.mixed_precision == "bf16" and device.type != "cuda":
+        raise ConfigError("parallel.mixed_precision=bf16 needs CUDA; on CPU use train.dtype=bfloat16 (autocast)")
+    mp = MixedPrecisionPolicy()
+    if cfg.mixed_precision == "bf16":  # compute and all-gather in bf16, reduce gradients in fp32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    options = {"mp_policy": mp, "offload_policy": offload}
+    for block in model.transformer.h:
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **options)
+    # The root keeps its parameters gathered after forward: backward needs the tied embedding/head at once.
+    fully_shard(model, reshard_after_forward=False, **options)
+    return model
+
+
+def apply_ddp(model: GPT, world: World) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+
+
+def gradient_sync(wrapped: torch.nn.Module, model: GPT, mode: str, sync: bool):
+    """A context in which backward does (or, on accumulation micro-steps, does not) synchronise gradients.
+
+    Decided before the micro-step's forward, as DDP's `no_sync` requires.
+    """
+    if mode == "ddp" and not sync:
+        return wrapped.no_sync()
+    if mode == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def mean_over_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The average of a scalar tensor over all ranks (gloo has no AVG, so SUM then divide)."""
+    if world.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world.world_size
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.world_size > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's `obj` on every rank."""
+    if world.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

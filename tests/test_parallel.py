@@ -1,0 +1,211 @@
+"""Distributed training through torchrun on CPU (gloo, 2 processes): DDP and FSDP train exactly like one
+process, sharded checkpoints resume (after SIGKILL, under another world size or mode, after a worker dies),
+and two "nodes" on localhost train together."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab import GPT, ConfigError
+from gptlab.config import ParallelConfig, load_job_config
+from gptlab.data import load_tokens
+from gptlab.parallel import init_world
+from gptlab.train import evaluate, train
+
+STEPS = 40
+
+
+def job_args(data: Path, out: Path, *extra: str) -> list[str]:
+    # Accumulation on: 16 sequences a step = 2 ranks x 2 micro-steps x 4 (or 4 micro-steps of 4 on one process).
+    return [
+        "--model.preset=tiny",
+        "--model.block_size=32",
+        "--model.n_embd=32",
+        f"--data.dir={data}",
+        f"--train.out_dir={out}",
+        "--train.batch_size=16",
+        "--train.micro_batch_size=4",
+        f"--train.max_steps={STEPS}",
+        "--train.lr=3e-3",
+        "--train.warmup_steps=5",
+        "--train.checkpoint_interval=10",
+        "--train.keep_checkpoints=5",
+        "--train.eval_interval=20",
+        "--train.eval_steps=2",
+        *extra,
+    ]
+
+
+def torchrun(*args: str, nproc: int = 2, extra_torchrun: tuple[str, ...] = ()) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra_torchrun]
+    command += ["-m", "gptlab", "train", "--no_progress", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def finish(process: subprocess.Popen, timeout: int = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def wait_for_step(out: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(losses(out)) >= step:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach step {step} (exit code {process.poll()})")
+
+
+@pytest.fixture(scope="module")
+def reference_runs(char_data, tmp_path_factory):
+    """The same job run by one process, by DDP on 2 and by FSDP on 2."""
+    root = tmp_path_factory.mktemp("runs")
+    ddp = torchrun(*job_args(char_data, root / "ddp", "--parallel.mode=ddp"))
+    fsdp = torchrun(*job_args(char_data, root / "fsdp", "--parallel.mode=fsdp"))
+    train(load_job_config(None, job_args(char_data, root / "single")), progress=False)
+    finish(ddp)
+    finish(fsdp)
+    return root
+
+
+def test_ddp_and_fsdp_take_the_same_steps_as_one_process(reference_runs):
+    single = losses(reference_runs / "single")
+    assert len(single) == STEPS and single[-1] < single[0] - 0.5
+    for mode in ("ddp", "fsdp"):
+        assert losses(reference_runs / mode) == pytest.approx(single, abs=1e-4), mode
+
+
+def test_fsdp_checkpoints_are_sharded_and_export_to_one_model(reference_runs, char_data, tmp_path):
+    checkpoint = reference_runs / "fsdp" / f"ckpt-{STEPS:07d}"
+    assert sorted(p.name for p in (checkpoint / "train").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (checkpoint / "model.safetensors").exists()
+    with pytest.raises(Exception, match="sharded training checkpoint; gather it first: gptlab export"):
+        GPT.from_pretrained(reference_runs / "fsdp")
+    result = subprocess.run(
+        [sys.executable, "-m", "gptlab", "export", str(reference_runs / "fsdp"), str(tmp_path / "export")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    # The gathered model scores exactly what the sharded one scored on the same validation batches at that step.
+    exported = GPT.from_pretrained(tmp_path / "export")
+    job = load_job_config(None, job_args(char_data, tmp_path / "unused"))
+    val_loss = evaluate(exported, load_tokens(char_data, "val"), 32, job.train, 4, torch.device("cpu"), nullcontext())
+    recorded = [json.loads(line) for line in (reference_runs / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert val_loss == pytest.approx([r["val_loss"] for r in recorded if "val_loss" in r][-1], abs=1e-5)
+
+
+def test_fsdp_killed_with_sigkill_resumes_with_the_same_losses(reference_runs, char_data, tmp_path):
+    out = tmp_path / "fsdp"
+    args = job_args(char_data, out, "--parallel.mode=fsdp")
+    process = torchrun(*args)
+    wait_for_step(out, 22, process)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers, at once
+    process.wait()
+    assert len(losses(out)) < STEPS, "the run must be killed mid-way for this test to mean anything"
+    finish(torchrun(*args))
+    assert losses(out) == pytest.approx(losses(reference_runs / "fsdp"), abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp"])
+def test_fsdp_checkpoint_resumes_in_another_world_size_and_mode(reference_runs, char_data, tmp_path, mode):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(reference_runs / "fsdp" / "ckpt-0000020", out / "ckpt-0000020")
+    (out / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (reference_runs / "fsdp" / "metrics.jsonl").read_text().splitlines()[:21])
+    )
+    args = job_args(char_data, out, f"--parallel.mode={mode}")
+    if mode == "single":
+        train(load_job_config(None, args), progress=False)
+    else:
+        finish(torchrun(*args))
+    assert losses(out) == pytest.approx(losses(reference_runs / "single"), abs=1e-4)
+
+
+def test_a_dead_worker_is_restarted_by_torchrun_and_the_run_completes(reference_runs, char_data, tmp_path):
+    out = tmp_path / "ddp"
+    process = torchrun(*job_args(char_data, out, "--parallel.mode=ddp"), extra_torchrun=("--max-restarts=1",))
+    wait_for_step(out, 15, process)
+    workers = _children(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    output = finish(process)
+    assert "restart" in output.lower() or "Worker group" in output
+    assert losses(out) == pytest.approx(losses(reference_runs / "ddp"), abs=1e-6)
+
+
+def test_two_nodes_on_localhost_train_together(reference_runs, char_data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    nodes = [
+        torchrun(
+            *job_args(char_data, out, "--parallel.mode=ddp"),
+            nproc=1,
+            extra_torchrun=("--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"),
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        finish(node)
+    assert losses(out) == pytest.approx(losses(reference_runs / "single"), abs=1e-4)
+
+
+def test_single_mode_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="parallel.mode=single, but 2 processes were launched"):
+        init_world(ParallelConfig(mode="single"), "cpu")
+
+
+def test_fsdp_world_of_one_with_meta_init_and_activation_checkpointing(char_data, tmp_path):
+    out = tmp_path / "run"
+    args = job_args(
+        char_data, out, "--parallel.mode=fsdp", "--parallel.meta_init=true", "--parallel.activation_checkpointing=true"
+    )
+    train(load_job_config(None, [*args, "--train.max_steps=20"]), progress=False)
+    run = losses(out)
+    assert len(run) == 20 and run[-1] < run[0] - 0.3
+
+
+def test_activation_checkpointing_changes_no_loss(reference_runs, char_data, tmp_path):
+    out = tmp_path / "run"
+    train(load_job_config(None, job_args(char_data, out, "--parallel.activation_checkpointing=true")), progress=False)
+    assert losses(out) == pytest.approx(losses(reference_runs / "single"), abs=1e-6)
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (Linux /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return sorted(children)
