@@ -115,7 +115,9 @@ def apply_fsdp(model: GPT, cfg: ParallelConfig, device: torch.device) -> GPT:
 def apply_ddp(model: GPT, world: World) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+    # gradient_as_bucket_view: gradients live in the all-reduce buckets instead of a second copy beside them.
+    device_ids = [world.local_rank] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def gradient_sync(wrapped: torch.nn.Module, model: GPT, mode: str, sync: bool):
