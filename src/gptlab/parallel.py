@@ -65,15 +65,16 @@ def init_world(cfg: ParallelConfig, device_name: str) -> World:
                 f"parallel.mode=single, but {launched} processes were launched; use parallel.mode=ddp or fsdp"
             )
         return World(device=resolve_device(device_name))
-    if "RANK" not in os.environ:  # not under torchrun: a group of one on this machine
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ:  # under torchrun: rank, world size and rendezvous come from the environment
+            dist.init_process_group(backend)
+        else:  # a group of one on this machine
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
