@@ -122,8 +122,7 @@ def test_fsdp_killed_with_sigkill_resumes_with_the_same_losses(reference_runs, c
     args = job_args(char_data, out, "--parallel.mode=fsdp")
     process = torchrun(*args)
     wait_for_step(out, 22, process)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers, at once
-    process.wait()
+    kill_all(process)  # torchrun and both workers at once, as when a machine dies
     assert len(losses(out)) < STEPS, "the run must be killed mid-way for this test to mean anything"
     finish(torchrun(*args))
     assert losses(out) == pytest.approx(losses(reference_runs / "fsdp"), abs=1e-6)
@@ -195,6 +194,23 @@ def test_activation_checkpointing_changes_no_loss(reference_runs, char_data, tmp
     out = tmp_path / "run"
     train(load_job_config(None, job_args(char_data, out, "--parallel.activation_checkpointing=true")), progress=False)
     assert losses(out) == pytest.approx(losses(reference_runs / "single"), abs=1e-6)
+
+
+def kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (which run in sessions of their own), and wait until they are gone."""
+    pids = [process.pid, *_children(process.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids[1:]):
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def _children(pid: int) -> list[int]:

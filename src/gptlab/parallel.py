@@ -72,10 +72,28 @@ def init_world(cfg: ParallelConfig, device_name: str) -> World:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:  # under torchrun: rank, world size and rendezvous come from the environment
-            dist.init_process_group(backend)
+            dist.init_process_group(
+                backend, store=_restart_store(), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+            )
         else:  # a group of one on this machine
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _restart_store() -> dist.Store:
+    """torchrun's store, under a prefix of its own for each restart of the group.
+
+    When `--max-restarts` brings a group back, the new workers would otherwise read the addresses the dead ones
+    left in the store and fail to connect (gloo: "Connection refused"); a prefix per restart keeps rounds apart.
+    """
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and os.environ["RANK"] == "0",
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"gptlab/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def close_world() -> None:

@@ -268,7 +268,8 @@ def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
                 val_loss = evaluate(model, val_tokens, block_size, cfg, micro, device, autocast)
                 records.append({"step": done, "val_loss": val_loss})
-                bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
+                if world.is_main:
+                    bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
             if metrics is not None:
                 _log(metrics, wandb_run, *records)
             bar.set_postfix(
