@@ -23,6 +23,14 @@ def gptlab(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return result
 
 
+def greedy_sample_text(model_dir, prompt: str, max_new_tokens: int, **variant) -> str:
+    """What `gptlab sample --temperature 0` must print: the library's greedy continuation, decoded."""
+    tokenizer = load_tokenizer("gpt2")
+    model = GPT.from_pretrained(model_dir, **variant)
+    ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), max_new_tokens, temperature=0.0)[0].tolist()
+    return tokenizer.decode(ids) + "\n"
+
+
 @pytest.fixture(scope="module")
 def bpe_model_dir(tmp_path_factory):
     """A tiny random model over the full GPT-2 vocabulary, saved in Hugging Face format."""
@@ -47,10 +55,7 @@ def test_sample_streams_the_greedy_continuation(bpe_model_dir):
         "0",
         check=True,
     ).stdout
-    tokenizer = load_tokenizer("gpt2")
-    model = GPT.from_pretrained(bpe_model_dir)
-    ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), 12, temperature=0.0)[0].tolist()
-    assert out == tokenizer.decode(ids) + "\n"
+    assert out == greedy_sample_text(bpe_model_dir, prompt, 12)
 
 
 def test_sample_is_reproducible_by_seed(bpe_model_dir):
@@ -105,10 +110,7 @@ def test_prompt_beyond_the_context_is_cropped_to_it(bpe_model_dir):
         "0",
         check=True,
     ).stdout
-    tokenizer = load_tokenizer("gpt2")
-    model = GPT.from_pretrained(bpe_model_dir)
-    ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), 10, temperature=0.0)[0].tolist()
-    assert out == tokenizer.decode(ids) + "\n"
+    assert out == greedy_sample_text(bpe_model_dir, prompt, 10)
 
 
 def test_bad_flag_value_is_rejected_by_the_parser(bpe_model_dir):
@@ -145,10 +147,7 @@ def test_convert_writes_a_checkpoint_that_loads_as_the_variant(bpe_model_dir, tm
 def test_sample_takes_the_variant_flags(bpe_model_dir):
     args = ["sample", "--model", str(bpe_model_dir), "--prompt", "Hello", "--max_new_tokens", "8", "--temperature", "0"]
     converted = gptlab(*args, "--n_kv_head", "1", "--pos_emb", "rope", "--window", "4", check=True).stdout
-    tokenizer = load_tokenizer("gpt2")
-    model = GPT.from_pretrained(bpe_model_dir, n_kv_head=1, pos_emb="rope", window=4)
-    ids = model.generate(torch.tensor([tokenizer.encode("Hello")]), 8, temperature=0.0)[0].tolist()
-    assert converted == tokenizer.decode(ids) + "\n"
+    assert converted == greedy_sample_text(bpe_model_dir, "Hello", 8, n_kv_head=1, pos_emb="rope", window=4)
 
 
 def test_inspect_reports_exact_variant_deltas():

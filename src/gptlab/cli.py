@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -347,4 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"gptlab: error: {e}\n")
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`gptlab sample ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
