@@ -192,8 +192,8 @@ def sliding_window_attention(q, k, v, window: int, dropout_p: float = 0.0) -> to
 
     Queries are cut into chunks of c positions. The queries of chunk j only see keys from the m = ceil((window -
     1) / c) chunks before it and from chunk j itself, so each chunk attends to that span of (m + 1) * c keys under
-    a band mask, instead of all T keys under a T x T mask. c = window / 2 measured fastest at T=8192, W=256
-    (`gptlab bench window`): smaller chunks waste fewer masked scores, larger ones copy fewer keys.
+    a band mask, instead of all T keys under a T x T mask. c = window / 2 balances two costs: smaller chunks
+    compute fewer scores that the mask discards, larger ones copy each key into fewer spans.
     """
     B, n_head, T, head_dim = q.shape
     n_kv_head = k.size(1)
