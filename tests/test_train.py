@@ -148,6 +148,25 @@ def test_sigkill_and_restart_gives_the_same_losses_as_an_uninterrupted_run(char_
     assert val == [(r["step"], r["val_loss"]) for r in metrics(reference) if "val_loss" in r]
 
 
+def test_two_runs_cannot_share_an_out_dir(char_data, tmp_path):
+    out = tmp_path / "run"
+    first = gptlab_train(job_args(char_data, out, "--train.max_steps=100000"))
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        second = gptlab_train(job_args(char_data, out, "--train.max_steps=100000"))
+        _, stderr = second.communicate(timeout=120)
+        assert second.returncode == 2
+        assert f"{out} is in use by another run (pid {first.pid}" in stderr and "Traceback" not in stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    # A dead run's lock is released with it: the next start resumes.
+    train(load_job_config(None, job_args(char_data, out, "--train.max_steps=3")), progress=False)
+
+
 def test_resume_with_another_model_is_refused(char_data, tmp_path):
     out = tmp_path / "run"
     train(load_job_config(None, job_args(char_data, out, "--train.max_steps=5")), progress=False)

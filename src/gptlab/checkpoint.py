@@ -19,9 +19,11 @@ checkpoints beyond `keep_checkpoints` are removed only after the new one is in p
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -36,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from gptlab.errors import CheckpointError
+from gptlab.errors import CheckpointError, GptlabError
 from gptlab.hf import CHECKPOINT_PREFIX, config_to_hf, read_config, run_checkpoints, save_pretrained
 from gptlab.model import GPT
 from gptlab.parallel import World, barrier, broadcast_object
@@ -97,6 +99,30 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, enabled: bool = True):
+    """Hold `out_dir/.lock` for the duration of a run, so that two runs started on one out_dir cannot both write
+    it. The lock is the kernel's (flock): a run that dies, even by SIGKILL, releases it."""
+    if not enabled:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise GptlabError(
+                f"{out_dir} is in use by another run ({holder}); wait for it or use another train.out_dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
 
 
 def read_state(checkpoint_dir: Path) -> dict[str, Any]:

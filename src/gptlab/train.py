@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.checkpoint import load_checkpoint, run_lock, save_checkpoint
 from gptlab.config import JobConfig, TrainConfig
 from gptlab.data import batch_starts, get_batch, load_meta, load_tokens, shard_starts
 from gptlab.errors import ConfigError, GptlabError
@@ -153,7 +153,8 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
     """
     world = init_world(job.parallel, job.train.device)
     try:
-        return _train(job, world, progress and world.is_main)
+        with run_lock(Path(job.train.out_dir), enabled=world.is_main):
+            return _train(job, world, progress and world.is_main)
     finally:
         close_world()
 
