@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import GPT, ConfigError
+from gptlab import GPT, ConfigError, GPTConfig
 from gptlab.config import TrainConfig, load_job_config
 from gptlab.hf import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
@@ -191,6 +191,40 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp
     assert all(math.isfinite(loss) for step, loss in train_losses(out) if step <= last_step)
     model = GPT.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_on_nonfinite_skip_counts_skipped_steps_and_stops_after_the_limit(char_data, tmp_path):
+    out = tmp_path / "run"
+    args = job_args(char_data, out, "--train.max_steps=50", "--train.checkpoint_interval=1", "--train.grad_clip=0")
+    job = load_job_config(
+        None,
+        [
+            *args,
+            "--train.lr=1e12",
+            "--train.warmup_steps=0",
+            "--train.on_nonfinite=skip",
+            "--train.max_nonfinite_skips=3",
+        ],
+    )
+    with pytest.raises(NonFiniteLossError, match="the 4th skipped step"):
+        train(job, progress=False)
+    records = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    skipped = [r for r in records if r.get("skipped")]
+    assert [r["nonfinite_skips"] for r in skipped] == [1, 2, 3]
+    assert all(r["loss"] is None or not math.isfinite(r["loss"]) for r in skipped)
+    # Skipped steps leave the weights alone, so every checkpoint written holds finite weights.
+    assert all(torch.isfinite(p).all() for p in GPT.from_pretrained(out).parameters())
+
+
+def test_weights_are_finite_sees_one_nan():
+    from gptlab.parallel import World
+    from gptlab.train import weights_are_finite
+
+    model = GPT(GPTConfig.from_preset("tiny"))
+    assert weights_are_finite(model, World())
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.bias[3] = float("nan")
+    assert not weights_are_finite(model, World())
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,8 @@ class TrainConfig(BaseModel):
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.99, gt=0, lt=1)  # 0.99 rather than 0.999 for small models and batches (nanoGPT)
     grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 disables clipping
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the step
+    max_nonfinite_skips: int = Field(10, ge=0)  # with "skip": stop after this many skipped steps
     eval_interval: int = Field(250, gt=0)
     eval_steps: int = Field(20, gt=0)  # validation batches per evaluation
     checkpoint_interval: int = Field(500, gt=0)

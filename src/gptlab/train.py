@@ -207,12 +207,13 @@ def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
     optimizer = configure_optimizer(model, cfg, device)
     # float16 needs loss scaling to keep small gradients from flushing to zero; a no-op for other dtypes.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    start_step = 0
+    start_step, skipped = 0, 0  # skipped: steps dropped for a non-finite loss (train.on_nonfinite = "skip")
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, world)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
+        skipped = state.get("nonfinite_skips", 0)
         if world.is_main:
             truncate_metrics(out_dir / METRICS_FILE, start_step)
     wrapped = apply_ddp(model, world) if mode == "ddp" else model
@@ -244,26 +245,35 @@ def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             loss_value = mean_over_ranks(loss_sum, world).item()  # one sync per step, not per micro-batch
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss_value}) at step {step + 1}; nothing from it was saved, the last good "
-                    f"checkpoint is {checkpoint or 'none'}. Lower train.lr or check the data"
-                )
-            if cfg.grad_clip > 0:
+            finite = math.isfinite(loss_value)
+            if finite and cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # sharded grads: a global norm
-            scaler.step(optimizer)
-            scaler.update()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # sharded: a global norm
+                if cfg.dtype != "float16":  # float16 overflow is the scaler's business: it skips and rescales
+                    finite = math.isfinite(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+            if finite:
+                scaler.step(optimizer)  # (with float16, the scaler itself skips steps with inf/NaN gradients)
+                scaler.update()
+            else:
+                skipped += 1
+                if cfg.on_nonfinite == "stop" or skipped > cfg.max_nonfinite_skips:
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradients ({loss_value}) at step {step + 1}"
+                        + (f", the {skipped}th skipped step" if cfg.on_nonfinite == "skip" else "")
+                        + f"; nothing from it was saved, the last good checkpoint is {checkpoint or 'none'}. "
+                        "Lower train.lr or check the data"
+                    )
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
             records = [
                 {
                     "step": done,
-                    "loss": loss_value,
+                    "loss": loss_value if math.isfinite(loss_value) else None,  # strict JSON has no NaN
                     "lr": lr,
                     "tokens": done * cfg.batch_size * block_size,
                     "step_time": time.perf_counter() - step_start,
+                    **({} if finite else {"skipped": True, "nonfinite_skips": skipped}),
                 }
             ]
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
@@ -280,6 +290,8 @@ def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
             )
             bar.update()
             if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+                if not weights_are_finite(model, world):
+                    raise NonFiniteLossError(f"weights became non-finite by step {done}; not saving them")
                 checkpoint = save_checkpoint(
                     out_dir,
                     done,
@@ -290,7 +302,7 @@ def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
                     job_record,
                     meta["tokenizer"],
                     cfg.keep_checkpoints,
-                    extra_state={"scaler": scaler.state_dict()},
+                    extra_state={"scaler": scaler.state_dict(), "nonfinite_skips": skipped},
                 )
     finally:
         if metrics is not None:
@@ -300,6 +312,12 @@ def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
             wandb_run.finish()
     seconds = time.perf_counter() - started
     return TrainResult(max(0, cfg.max_steps - start_step), val_loss, seconds, checkpoint, world.is_main)
+
+
+def weights_are_finite(model: torch.nn.Module, world: World) -> bool:
+    """Whether every parameter (every rank's shard) is finite: non-finite weights are never checkpointed."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    return mean_over_ranks(torch.tensor(float(local), device=world.device), world).item() == 1.0
 
 
 def _log(metrics, wandb_run, *records: dict[str, Any]) -> None:
