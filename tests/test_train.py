@@ -167,6 +167,38 @@ def test_two_runs_cannot_share_an_out_dir(char_data, tmp_path):
     train(load_job_config(None, job_args(char_data, out, "--train.max_steps=3")), progress=False)
 
 
+def test_sigkill_at_random_moments_with_a_checkpoint_every_step_loses_nothing(char_data, tmp_path):
+    """Most of this run's time is spent writing checkpoints, so the kills land during writes too: after each one the
+    newest checkpoint must load, and the finished run must equal an uninterrupted one."""
+    import random
+
+    extra = ["--train.max_steps=60", "--train.checkpoint_interval=1", "--train.eval_interval=1000"]
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    assert gptlab_train(job_args(char_data, reference, *extra)).wait(timeout=300) == 0
+    rng = random.Random(0)
+    kills = 0
+    while kills < 4:
+        process = gptlab_train(job_args(char_data, crashed, *extra))
+        start = len(train_losses(crashed)) if (crashed / "metrics.jsonl").exists() else 0
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if (crashed / "metrics.jsonl").exists() and len(train_losses(crashed)) > start:
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if process.poll() is not None:
+            break  # finished before the kill
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        if run_checkpoints(crashed):
+            GPT.from_pretrained(crashed)  # the newest complete checkpoint loads
+    assert kills >= 2, "the run must be killed mid-way for this test to mean anything"
+    assert gptlab_train(job_args(char_data, crashed, *extra)).wait(timeout=300) == 0
+    assert train_losses(crashed) == train_losses(reference)
+    assert not list(crashed.glob(".tmp-*"))  # half-written checkpoints were cleaned up
+
+
 def test_resume_with_another_model_is_refused(char_data, tmp_path):
     out = tmp_path / "run"
     train(load_job_config(None, job_args(char_data, out, "--train.max_steps=5")), progress=False)
