@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,3 +288,34 @@ def test_toml_file_under_command_line(tmp_path, char_data):
     (tmp_path / "bad.toml").write_text("[train]\nlr = 'high'\n")
     with pytest.raises(ConfigError, match="train.lr"):
         load_job_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize(
+    "extra, culprit",
+    [
+        (["--model.n_head=5"], "n_embd=32 is not divisible by n_head=5"),
+        (["--model.n_head=4", "--model.n_kv_head=3"], "n_head=4 is not divisible by n_kv_head=3"),
+        (["--train.micro_batch_size=3"], "train.batch_size=8 is not divisible by train.micro_batch_size=3"),
+        (["--train.epochs=3"], "unknown key train.epochs"),
+        (["--train.max_steps=ten"], "train.max_steps: Input should be a valid integer"),
+        (["--model.window=0"], "window must be None or an integer >= 1"),
+        (["--model.vocab_size=10"], "beyond the model's vocab_size=10"),
+        (["--train.lr=1e12", "--train.grad_clip=0", "--train.warmup_steps=0"], "non-finite loss"),
+        (["--data.dir=/no/such/data"], "/no/such/data"),
+    ],
+)
+def test_train_user_errors_exit_2_with_one_line(char_data, tmp_path, extra, culprit):
+    process = gptlab_train(job_args(char_data, tmp_path / "run", "--train.max_steps=30", *extra))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert stderr.startswith("gptlab: error: ") and culprit in stderr and "Traceback" not in stderr
+
+
+def test_truncated_data_file_is_named(char_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    with open(data / "train.bin", "r+b") as f:
+        f.truncate((data / "train.bin").stat().st_size - 1)
+    process = gptlab_train(job_args(data, tmp_path / "run", "--train.max_steps=3"))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and "train.bin" in stderr and "Traceback" not in stderr
