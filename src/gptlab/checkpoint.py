@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -94,6 +95,10 @@ def save_checkpoint(
             for _, old in run_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(world)
+    except (OSError, CheckpointException) as e:  # disk full, permissions, a lost mount (DCP wraps OSError)
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final} ({_root_cause(e)}); earlier ones are untouched") from e
     except BaseException:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -142,13 +147,18 @@ def load_checkpoint(checkpoint_dir: Path, model: GPT, optimizer: torch.optim.Opt
     Returns the checkpoint's state (step, ...). A collective call when distributed.
     """
     state = read_state(checkpoint_dir)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{checkpoint_dir / STATE}: no step recorded; the checkpoint is damaged")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     loaded = {"model": model_state, "optim": optimizer_state}
     _dcp_load(loaded, checkpoint_dir, world)
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-    if state["world_size"] == world.world_size:
+    if state.get("world_size") == world.world_size:
         rng = checkpoint_dir / "rng" / f"rank-{world.rank}.pt"
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        try:
+            set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        except Exception as e:  # missing or damaged: name the file
+            raise CheckpointError(f"{rng}: cannot read the RNG state ({e})") from e
     return state
 
 
@@ -176,8 +186,16 @@ def _dcp_load(state: dict[str, Any], checkpoint_dir: Path, world: World) -> None
     with _single_process_is_intended():
         try:
             dcp.load(state, checkpoint_id=shards, no_dist=not world.distributed)
-        except Exception as e:  # DCP wraps reader errors in its own types: name the checkpoint, keep the cause
-            raise CheckpointError(f"{shards}: cannot load ({e})") from e
+        except (Exception, CheckpointException) as e:  # DCP wraps errors in a BaseException: name the checkpoint
+            raise CheckpointError(f"{shards}: cannot load ({_root_cause(e)})") from e
+
+
+def _root_cause(error: BaseException) -> str:
+    """One line for an error; DCP wraps each rank's exception, with its traceback, in a CheckpointException."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (inner, _) = next(iter(error.failures.items()))
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 @contextlib.contextmanager
