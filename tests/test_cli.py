@@ -173,3 +173,9 @@ def test_bench_window_runs_on_a_tiny_case():
     figures = json.loads(out)
     assert set(figures) >= {"attention_speedup", "model_speedup", "attention_full_s", "model_window_s"}
     assert all(value > 0 for value in figures.values())
+
+
+def test_debug_shows_the_traceback():
+    plain, debug = gptlab("inspect", "./missing"), gptlab("--debug", "inspect", "./missing")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr

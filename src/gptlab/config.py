@@ -4,8 +4,9 @@
 
 Each section is a pydantic model with `extra="forbid"` and strict types, so a misspelt key or a value of the
 wrong type fails before any work starts, with the key named (`train.lr: Input should be a valid number`).
-Command-line values are TOML literals (`3e-4`, `true`, `[256, "none"]`); anything that does not parse as one
-is taken as a string (`--train.out_dir=out/run`). Each function receives only the section it needs.
+Command-line values are TOML literals (`3e-4`, `true`, `[256, "none"]`); text fields (paths, names) take the
+value as written (`--train.out_dir=out/run`, even `--train.out_dir=0`). Each function receives only the
+section it needs.
 """
 
 from __future__ import annotations
@@ -126,14 +127,21 @@ def parse_cli_overrides(args: list[str]) -> dict[str, Any]:
             i += 1
         else:
             raise ConfigError(f"{arg} needs a value")
+        section, _, name = key.partition(".")
         try:
-            value = tomllib.loads(f"v = {raw}")["v"]
+            value = raw if _is_string_field(section, name) else tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        section, _, name = key.partition(".")
         nested.setdefault(section, {})[name] = value
         i += 1
     return nested
+
+
+def _is_string_field(section: str, name: str) -> bool:
+    """Whether a key holds text (a path, a name): its value is taken as written (`--train.out_dir=0`)."""
+    section_field = JobConfig.model_fields.get(section)
+    field = section_field.annotation.model_fields.get(name) if section_field else None
+    return field is not None and field.annotation in (str, str | None)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
