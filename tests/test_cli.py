@@ -179,3 +179,17 @@ def test_debug_shows_the_traceback():
     plain, debug = gptlab("inspect", "./missing"), gptlab("--debug", "inspect", "./missing")
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["prepare", "./no/such/file.txt", "--out", "OUT"], "no/such/file.txt"),
+        (["prepare", "shakespeare-char", "--out", "OUT", "--val_fraction", "1.5"], "val_fraction"),
+        (["export", "./no/such/run", "OUT"], "no/such/run"),
+    ],
+)
+def test_prepare_and_export_errors_exit_2(tmp_path, args, culprit):
+    result = gptlab(*[str(tmp_path / "out") if a == "OUT" else a for a in args])
+    assert result.returncode == 2 and result.stderr.startswith("gptlab: error: ") and culprit in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
