@@ -41,21 +41,17 @@ def bpe_model_dir(tmp_path_factory):
     return directory
 
 
-def test_sample_streams_the_greedy_continuation(bpe_model_dir):
-    prompt = "The quick brown fox"
-    out = gptlab(
-        "sample",
-        "--model",
-        str(bpe_model_dir),
-        "--prompt",
-        prompt,
-        "--max_new_tokens",
-        "12",
-        "--temperature",
-        "0",
-        check=True,
-    ).stdout
-    assert out == greedy_sample_text(bpe_model_dir, prompt, 12)
+@pytest.mark.parametrize(
+    "prompt, max_new_tokens",
+    [
+        ("The quick brown fox", 12),
+        ("word " * 60, 10),  # 120 tokens for a model with block_size=64: cropped to the context, as documented
+    ],
+)
+def test_sample_streams_the_greedy_continuation(bpe_model_dir, prompt, max_new_tokens):
+    args = ["--prompt", prompt, "--max_new_tokens", str(max_new_tokens), "--temperature", "0"]
+    out = gptlab("sample", "--model", str(bpe_model_dir), *args, check=True).stdout
+    assert out == greedy_sample_text(bpe_model_dir, prompt, max_new_tokens)
 
 
 def test_sample_is_reproducible_by_seed(bpe_model_dir):
@@ -94,23 +90,6 @@ def test_user_errors_exit_2_with_one_line(args, culprit):
     assert result.returncode == 2
     assert result.stderr.startswith("gptlab: error: ") and culprit in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_prompt_beyond_the_context_is_cropped_to_it(bpe_model_dir):
-    prompt = "word " * 60  # 120 tokens for a model with block_size=64
-    out = gptlab(
-        "sample",
-        "--model",
-        str(bpe_model_dir),
-        "--prompt",
-        prompt,
-        "--max_new_tokens",
-        "10",
-        "--temperature",
-        "0",
-        check=True,
-    ).stdout
-    assert out == greedy_sample_text(bpe_model_dir, prompt, 10)
 
 
 def test_bad_flag_value_is_rejected_by_the_parser(bpe_model_dir):
