@@ -102,35 +102,36 @@ def stream_tokens(
         finished = finished | now_stopped
         return token
 
-    def window(seq: torch.Tensor) -> torch.Tensor:
-        return seq if context is None else seq[:, -context:]
+    # Every token so far, preallocated: appending writes one column instead of copying the sequence per token.
+    seq = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+    seq[:, :T] = idx
+
+    def context_of(length: int) -> torch.Tensor:  # what the model sees: the last `context` tokens, if limited
+        return seq[:, max(0, length - context) if context is not None else 0 : length]
 
     if not use_cache:
-        seq = idx
-        for _ in range(max_new_tokens):
-            token = choose(model(window(seq))[:, -1])
+        for length in range(T, T + max_new_tokens):
+            token = choose(model(context_of(length))[:, -1])
             yield token
             if finished.all():
                 return
-            seq = torch.cat([seq, token], dim=1)
+            seq[:, length] = token[:, 0]
         return
 
     cache_len = T + max_new_tokens if context is None else min(T + max_new_tokens, context)
     model.setup_kv_cache(B, cache_len)
     try:
         logits = model(idx, start_pos=0)[:, -1]  # prefill: the whole prompt in one forward
-        seq = idx
-        for step in range(max_new_tokens):
+        for pos in range(T, T + max_new_tokens):  # pos: the position of the token chosen now
             token = choose(logits)
             yield token
-            if finished.all() or step == max_new_tokens - 1:
+            if finished.all() or pos == T + max_new_tokens - 1:
                 return
-            seq = torch.cat([seq, token], dim=1)
-            pos = seq.size(1) - 1
+            seq[:, pos] = token[:, 0]
             if pos < cache_len:
                 logits = model(token, start_pos=pos)[:, -1]  # decode: one position against the cache
             else:
-                logits = model(window(seq))[:, -1]  # the context slides past learned positions: recompute
+                logits = model(context_of(pos + 1))[:, -1]  # the context slides past learned positions: recompute
     finally:
         model.clear_kv_cache()
 

@@ -16,6 +16,7 @@ Shapes: B batch, T sequence length, C = n_embd; n_head query heads and n_kv_head
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -210,17 +211,23 @@ def sliding_window_attention(q, k, v, window: int, dropout_p: float = 0.0) -> to
 
     q_chunks = F.pad(q, (0, 0, 0, tail)).view(B, n_head, n_chunks, c, head_dim)
     q_chunks = q_chunks.transpose(1, 2).reshape(B * n_chunks, n_head, c, head_dim)
-    # The same band for every chunk, except that keys before position 0 (the front padding) are hidden.
-    starts = torch.arange(n_chunks, device=q.device)[:, None] * c  # (n_chunks, 1)
-    q_pos = starts + torch.arange(c, device=q.device)  # (n_chunks, c)
-    k_pos = starts - m * c + torch.arange(span, device=q.device)  # (n_chunks, span)
-    mask = band_mask(q_pos, k_pos, window) & (k_pos >= 0)[:, None, :]  # (n_chunks, c, span)
-    mask = mask.unsqueeze(1).repeat(B, 1, 1, 1)  # (B * n_chunks, 1, c, span)
+    mask = _chunk_mask(B, n_chunks, c, m, window, q.device)  # built once per shape, shared by every layer
     y = F.scaled_dot_product_attention(
         q_chunks, key_spans(k), key_spans(v), attn_mask=mask, dropout_p=dropout_p, enable_gqa=n_head != n_kv_head
     )
     y = y.view(B, n_chunks, n_head, c, head_dim).transpose(1, 2).reshape(B, n_head, n_chunks * c, head_dim)
     return y[:, :, :T]
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_mask(B: int, n_chunks: int, c: int, m: int, window: int, device: torch.device) -> torch.Tensor:
+    """The (B * n_chunks, 1, c, span) band mask of `sliding_window_attention`: the same band for every chunk,
+    except that keys before position 0 (the front padding) are hidden."""
+    starts = torch.arange(n_chunks, device=device)[:, None] * c  # (n_chunks, 1)
+    q_pos = starts + torch.arange(c, device=device)  # (n_chunks, c)
+    k_pos = starts - m * c + torch.arange((m + 1) * c, device=device)  # (n_chunks, span)
+    mask = band_mask(q_pos, k_pos, window) & (k_pos >= 0)[:, None, :]  # (n_chunks, c, span)
+    return mask.unsqueeze(1).repeat(B, 1, 1, 1)
 
 
 class KVCache(nn.Module):
