@@ -30,6 +30,31 @@ def make_hf_gpt2(seed: int = 0, **overrides):
     return model
 
 
+def random_gpt(config, seed: int = 0):
+    """A gptlab GPT in eval mode with every parameter moved off its initial value (biases and norms included)."""
+    from gptlab import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def assert_cached_logits_equal_recomputed(model, prefill: int, chunk: int, total: int = 40) -> None:
+    """Prefill `prefill` tokens, feed a chunk of `chunk` (the explicitly masked path), then single tokens: the
+    logits equal one forward over the whole sequence."""
+    idx = torch.randint(0, model.config.vocab_size, (2, total), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_kv_cache(batch_size=2, max_seq_len=total)
+        pieces = [model(idx[:, :prefill], start_pos=0), model(idx[:, prefill : prefill + chunk], start_pos=prefill)]
+        pieces += [model(idx[:, t : t + 1], start_pos=t) for t in range(prefill + chunk, total)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
 @pytest.fixture
 def hf_model():
     return make_hf_gpt2()

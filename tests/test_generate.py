@@ -5,31 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_hf_gpt2
+from conftest import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 from gptlab import GPT, GPTConfig, GptlabError
 from gptlab.generate import generate, logits_to_probs
 
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=48, vocab_size=101, n_layer=3, n_head=3, n_embd=36)).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return model
+    return random_gpt(GPTConfig(block_size=48, vocab_size=101, n_layer=3, n_head=3, n_embd=36))
 
 
 def test_cached_logits_equal_recomputed_logits(model):
-    """Prefill a first chunk, feed a second chunk of 5 (the explicitly masked path), then single tokens."""
-    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = model(idx)
-        model.setup_kv_cache(batch_size=2, max_seq_len=40)
-        pieces = [model(idx[:, :20], start_pos=0), model(idx[:, 20:25], start_pos=20)]
-        pieces += [model(idx[:, t : t + 1], start_pos=t) for t in range(25, 40)]
-        model.clear_kv_cache()
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    assert_cached_logits_equal_recomputed(model, prefill=20, chunk=5)
 
 
 @pytest.mark.parametrize("options", [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9)])

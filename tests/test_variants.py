@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_hf_gpt2
+from conftest import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 from gptlab import GPT, CheckpointError, ConfigError, GPTConfig
 from gptlab.generate import generate
 
@@ -182,13 +182,7 @@ def test_invalid_variant_combinations_raise_value_error(fields, culprit):
 
 
 def make_variant(seed: int = 0, **fields) -> GPT:
-    torch.manual_seed(seed)
-    config = GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=4, n_embd=32, **fields)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return model
+    return random_gpt(GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=4, n_embd=32, **fields), seed)
 
 
 VARIANTS = [
@@ -202,15 +196,7 @@ VARIANTS = [
 @pytest.mark.parametrize("fields", VARIANTS)
 def test_cached_logits_equal_recomputed_for_every_variant(fields):
     """Prefill longer than the window, then a chunk (the ring read in order), then single tokens past it."""
-    model = make_variant(**fields)
-    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = model(idx)
-        model.setup_kv_cache(batch_size=2, max_seq_len=40)
-        pieces = [model(idx[:, :10], start_pos=0), model(idx[:, 10:17], start_pos=10)]
-        pieces += [model(idx[:, t : t + 1], start_pos=t) for t in range(17, 40)]
-        model.clear_kv_cache()
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    assert_cached_logits_equal_recomputed(make_variant(**fields), prefill=10, chunk=7)
 
 
 @pytest.mark.parametrize("fields", VARIANTS)
