@@ -40,7 +40,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptlab.errors import CheckpointError, GptlabError
-from gptlab.hf import CHECKPOINT_PREFIX, config_to_hf, read_config, run_checkpoints, save_pretrained
+from gptlab.hf import (
+    CHECKPOINT_PREFIX,
+    config_to_hf,
+    latest_run_checkpoint,
+    read_config,
+    run_checkpoints,
+    save_pretrained,
+)
 from gptlab.model import GPT
 from gptlab.parallel import World, barrier, broadcast_object
 
@@ -164,8 +171,6 @@ def load_checkpoint(checkpoint_dir: Path, model: GPT, optimizer: torch.optim.Opt
 
 def export_checkpoint(run_or_checkpoint: Path, destination: Path) -> str:
     """Gather a (possibly sharded) training checkpoint into one `save_pretrained` directory; returns its format."""
-    from gptlab.hf import latest_run_checkpoint
-
     checkpoint = run_or_checkpoint
     if not (checkpoint / STATE).exists():
         checkpoint = latest_run_checkpoint(run_or_checkpoint)

@@ -168,11 +168,16 @@ def load_job_config(config_file: str | Path | None = None, cli_args: list[str] |
     try:
         return JobConfig.model_validate(values)
     except ValidationError as e:
-        raise ConfigError("; ".join(_describe(error) for error in e.errors())) from None
+        raise ConfigError("; ".join(_describe(e.errors()))) from None
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"] if not isinstance(part, int) or error["type"] != "union_tag")
-    if error["type"] == "extra_forbidden":
-        return f"unknown key {key}"
-    return f"{key}: {error['msg']} (got {error['input']!r})"
+def _describe(errors: list[dict[str, Any]]) -> list[str]:
+    """One message per offending key (`section.key`); a union type (`window`) reports its first alternative."""
+    messages: dict[str, str] = {}
+    for error in errors:
+        key = ".".join(str(part) for part in error["loc"][:2])  # deeper parts name union alternatives
+        if error["type"] == "extra_forbidden":
+            messages.setdefault(key, f"unknown key {key}")
+        else:
+            messages.setdefault(key, f"{key}: {error['msg']} (got {error['input']!r})")
+    return list(messages.values())
