@@ -145,13 +145,32 @@ def test_bad_variant_flags_exit_2(flag, value):
     assert flag.lstrip("-") in result.stderr
 
 
-def test_bench_window_runs_on_a_tiny_case():
+def test_bench_runs_every_suite_on_a_tiny_preset_against_hf():
     import json
 
-    out = gptlab("bench", "window", "--seq_len", "64", "--window", "8", "--repeats", "1", "--json", check=True).stdout
-    figures = json.loads(out)
-    assert set(figures) >= {"attention_speedup", "model_speedup", "attention_full_s", "model_window_s"}
-    assert all(value > 0 for value in figures.values())
+    out = gptlab(
+        "bench", "--preset", "tiny", "--compare", "hf", "--repeats", "1", "--batch_size", "2", "--seq_len", "16",
+        "--new_tokens", "3", "--decode_batches", "1", "2", "--prefill_len", "8", "--window_seq_len", "64",
+        "--window", "8", "--json", check=True,
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    cases = {(r["suite"], r["impl"], r["dtype"], r.get("batch_size")) for r in result["rows"]}
+    for impl in ("gptlab", "hf"):
+        for dtype in ("float32", "bfloat16"):
+            assert ("train", impl, dtype, 2) in cases
+            assert {("decode", impl, dtype, 1), ("decode", impl, dtype, 2)} <= cases
+        assert ("prefill", impl, "float32", None) in cases
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    assert all(r["peak_memory_bytes"] > 0 for r in result["rows"] if r["suite"] == "train")
+    assert set(result["matmul_peak_flops"]) == {"float32", "bfloat16"}
+    assert result["window"]["attention_speedup"] > 0 and result["window"]["model_speedup"] > 0
+
+
+@pytest.mark.parametrize("args, named", [(["nope"], "nope"), (["--repeats", "0"], "--repeats"),
+                                         (["train", "--preset", "gpt9"], "gpt9")])  # fmt: skip
+def test_bench_bad_arguments_exit_2(args, named):
+    result = gptlab("bench", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and named in result.stderr
 
 
 def test_debug_shows_the_traceback():

@@ -1,16 +1,37 @@
 """Benchmarks. Competing cases run interleaved in one process and report medians, so that the ratios between
-them hold on a shared, noisy machine even when absolute times drift."""
+them hold on a shared, noisy machine even when absolute times drift.
+
+Suites (`gptlab bench [suite ...]`):
+- matmul: the machine's measured matmul peak (float32 and bfloat16), the denominator of MFU;
+- train: a training step (forward, loss, backward, AdamW) in float32 and under bfloat16 autocast: tokens/s,
+  MFU and peak memory;
+- decode: greedy generation of `new_tokens` tokens at batch 1 and 8, float32 and bfloat16 weights;
+- prefill: one forward over a prompt, filling the KV cache;
+- window: sliding-window against full causal attention at one long sequence.
+With `compare_hf`, every suite but window and matmul also runs Hugging Face transformers' GPT2LMHeadModel on
+the same inputs, interleaved with ours.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig, causal_attention
+
+SUITES = ("matmul", "train", "decode", "prefill", "window")
+
+# Dense bfloat16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, FLOP/s.
+PUBLISHED_BF16_PEAKS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -27,33 +48,315 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, wa
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+@dataclass
+class BenchOptions:
+    preset: str = "gpt2"
+    device: str = "cpu"
+    batch_size: int = 4  # train
+    seq_len: int = 256  # train
+    new_tokens: int = 128  # decode
+    decode_batches: tuple[int, ...] = (1, 8)
+    prompt_len: int = 16  # decode
+    prefill_len: int = 512
+    window_seq_len: int = 8192
+    window: int = 256
+    repeats: int = 3
+    compile: bool = False  # torch.compile our model's blocks (GPU runs; on CPU it measured no faster)
+    compare_hf: bool = False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _synced(run: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    def call() -> None:
+        run()
+        _sync(device)
+
+    return call
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def published_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for gpu, peak in PUBLISHED_BF16_PEAKS.items() if gpu in name), None)
+
+
+def matmul_peak(device: torch.device, repeats: int, n: int | None = None) -> dict[str, float]:
+    """FLOP/s of a square n x n matmul in float32 and bfloat16: what this machine's matmul units deliver."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a32, b32 = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    times = interleaved_medians(
+        {
+            "float32": _synced(lambda: a32 @ b32, device),
+            "bfloat16": _synced(lambda: a16 @ b16, device),
+        },
+        repeats,
+    )
+    return {dtype: 2 * n**3 / seconds for dtype, seconds in times.items()}
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4), the LM head included, plus
+    attention's scores and weighted sum, 12 * n_layer * n_embd * seq_len (the PaLM paper's count, appendix B;
+    it ignores the causal mask's saving, as nanoGPT and torchtitan do)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # LM head included
+    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * seq_len
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def _ours(config: GPTConfig, device: torch.device, compile_blocks: bool) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    if compile_blocks:
+        for block in model.transformer.h:
+            block.compile()
+    return model
+
+
+def _hf(config: GPTConfig, device: torch.device):
+    """transformers' GPT2LMHeadModel of the same shape, or an error saying how to get it."""
+    if config.pos_emb != "learned" or config.kv_heads != config.n_head or config.window is not None:
+        raise GptlabError("--compare hf needs a plain GPT-2 config (learned positions, full MHA, no window)")
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as e:
+        raise GptlabError("--compare hf needs transformers: pip install transformers") from e
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        layer_norm_epsilon=config.norm_eps,
+    )
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(hf_config).to(device)
+
+
+def _models(config: GPTConfig, opts: BenchOptions, device: torch.device) -> dict[str, torch.nn.Module]:
+    models = {"gptlab": _ours(config, device, opts.compile)}
+    if opts.compare_hf:
+        models["hf"] = _hf(config, device)
+    return models
+
+
+def _peak_memory(run: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by tensors while `run` runs, above what was allocated before it."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    # CPU: the profiler records every allocation and free; replay them in order and keep the high-water mark.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = prof.profiler.kineto_results.events()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")  # +alloc, -free
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------------- suites
+
+
+def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
+    """One training step per call: forward with the loss, backward, AdamW (fused, as `gptlab train` and the
+    transformers Trainer's default use), gradients dropped."""
+    models = _models(config, opts, device)
+    for model in models.values():
+        model.train()
+    idx = torch.randint(0, config.vocab_size, (opts.batch_size, opts.seq_len + 1), device=device)
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def step(name: str, model: torch.nn.Module, dtype: str) -> Callable[[], None]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+        def run() -> None:
+            with _autocast(device, dtype):
+                # transformers shifts `labels` by one inside; gptlab takes the next-token targets
+                loss = model(x, targets=y) if name == "gptlab" else model(input_ids=x, labels=idx[:, :-1]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return _synced(run, device)
+
+    cases = {(name, dtype): step(name, m, dtype) for dtype in ("float32", "bfloat16") for name, m in models.items()}
+    times = interleaved_medians(cases, opts.repeats)
+    tokens = opts.batch_size * opts.seq_len
+    flops = flops_per_token(config, opts.seq_len) * tokens
+    rows = []
+    for (name, dtype), seconds in times.items():
+        rows.append(
+            {
+                "suite": "train",
+                "impl": name,
+                "dtype": dtype,
+                "batch_size": opts.batch_size,
+                "seq_len": opts.seq_len,
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+                "flops_per_s": flops / seconds,
+                "peak_memory_bytes": _peak_memory(cases[(name, dtype)], device),
+            }
+        )
+    return rows
+
+
+def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
+    """Greedy generation of `new_tokens` tokens after a `prompt_len`-token prompt, KV cache on; float32 weights
+    and bfloat16 weights (no autocast: the weights themselves are bf16, halving the bytes read per token)."""
+    from gptlab.generate import generate
+
+    models = {}
+    for name, model in _models(config, opts, device).items():
+        model.eval()
+        models[(name, "float32")] = model
+        models[(name, "bfloat16")] = _copy_to_bf16(model, config, opts, device, name)
+    rows = []
+    for batch in opts.decode_batches:
+        prompt = torch.randint(0, config.vocab_size, (batch, opts.prompt_len), device=device)
+
+        def run(name: str, model: torch.nn.Module, prompt: torch.Tensor) -> Callable[[], None]:
+            if name == "gptlab":
+                return _synced(lambda: generate(model, prompt, opts.new_tokens, temperature=0.0), device)
+
+            @torch.inference_mode()
+            def hf_generate() -> None:
+                model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=opts.new_tokens,
+                    min_new_tokens=opts.new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+            return _synced(hf_generate, device)
+
+        times = interleaved_medians({key: run(key[0], m, prompt) for key, m in models.items()}, opts.repeats)
+        for (name, dtype), seconds in times.items():
+            rows.append(
+                {
+                    "suite": "decode",
+                    "impl": name,
+                    "dtype": dtype,
+                    "batch_size": batch,
+                    "new_tokens": opts.new_tokens,
+                    "seconds": seconds,
+                    "tokens_per_s": batch * opts.new_tokens / seconds,
+                }
+            )
+    return rows
+
+
+def _copy_to_bf16(model: torch.nn.Module, config: GPTConfig, opts: BenchOptions, device: torch.device, name: str):
+    copy = _ours(config, device, opts.compile) if name == "gptlab" else _hf(config, device)
+    copy.load_state_dict(model.state_dict())
+    return copy.to(torch.bfloat16).eval()
+
+
+def prefill_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
+    """One forward over a `prefill_len`-token prompt (batch 1) that fills the KV cache and returns the last
+    position's logits, as generation's first step does (transformers' generate also asks for the last only)."""
+    models = {name: m.eval() for name, m in _models(config, opts, device).items()}
+    prompt = torch.randint(0, config.vocab_size, (1, opts.prefill_len), device=device)
+
+    def run(name: str, model: torch.nn.Module) -> Callable[[], None]:
+        @torch.inference_mode()
+        def prefill() -> None:
+            if name == "gptlab":
+                model.setup_kv_cache(1, opts.prefill_len)
+                model(prompt, start_pos=0, last_only=True)
+                model.clear_kv_cache()
+            else:
+                model(prompt, use_cache=True, logits_to_keep=1)
+
+        return _synced(prefill, device)
+
+    times = interleaved_medians({name: run(name, m) for name, m in models.items()}, opts.repeats)
+    return [
+        {
+            "suite": "prefill",
+            "impl": name,
+            "dtype": "float32",
+            "seq_len": opts.prefill_len,
+            "seconds": seconds,
+            "tokens_per_s": opts.prefill_len / seconds,
+        }
+        for name, seconds in times.items()
+    ]
+
+
 def window_benchmark(
-    seq_len: int = 8192, window: int = 256, n_head: int = 2, n_embd: int = 128, vocab_size: int = 256, repeats: int = 5
+    seq_len: int = 8192,
+    window: int = 256,
+    n_head: int = 2,
+    n_embd: int = 128,
+    vocab_size: int = 256,
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Forward + backward time of full causal vs sliding-window attention at one long sequence (batch 1).
 
     Two levels: the attention operation alone (what the window changes), and a whole 1-layer RoPE model's
     training step (embedding, projections, MLP and LM head included, the same in both).
     """
+    device = torch.device(device)
     torch.manual_seed(0)
     head_dim = n_embd // n_head
-    q, k, v = (torch.randn(1, n_head, seq_len, head_dim, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, n_head, seq_len, head_dim, device=device, requires_grad=True) for _ in range(3))
 
     def attention_step(w: int | None) -> Callable[[], None]:
-        return lambda: causal_attention(q, k, v, w).sum().backward()
+        return _synced(lambda: causal_attention(q, k, v, w).sum().backward(), device)
 
     config = GPTConfig(
         block_size=seq_len, vocab_size=vocab_size, n_layer=1, n_head=n_head, n_embd=n_embd, pos_emb="rope"
     )
-    full_model, window_model = GPT(config), GPT(config.replace(window=window))
-    idx = torch.randint(0, vocab_size, (1, seq_len + 1))
+    full_model, window_model = GPT(config).to(device), GPT(config.replace(window=window)).to(device)
+    idx = torch.randint(0, vocab_size, (1, seq_len + 1), device=device)
 
     def model_step(model: GPT) -> Callable[[], None]:
         def run() -> None:
             logits = model(idx[:, :-1])
             F.cross_entropy(logits.view(-1, vocab_size), idx[:, 1:].reshape(-1)).backward()
 
-        return run
+        return _synced(run, device)
 
     times = interleaved_medians(
         {
@@ -67,3 +370,109 @@ def window_benchmark(
     times["attention_speedup"] = times["attention_full_s"] / times["attention_window_s"]
     times["model_speedup"] = times["model_full_s"] / times["model_window_s"]
     return times
+
+
+def run_suites(suites: list[str], opts: BenchOptions) -> dict:
+    """Run the chosen suites; returns {"machine": ..., "rows": [...], "window": {...}} (JSON-ready)."""
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptlabError("--device cuda: no CUDA device is available")
+    config = GPTConfig.from_preset(opts.preset).replace(dropout=0.0)
+    result: dict = {"machine": machine_info(device), "options": {**opts.__dict__, "suites": suites}, "rows": []}
+    result["flops_per_token"] = flops_per_token(config, opts.seq_len)
+    for suite in suites:
+        if suite == "matmul":
+            result["matmul_peak_flops"] = matmul_peak(device, opts.repeats)
+            result["published_bf16_peak_flops"] = published_peak(device)
+        elif suite == "window":
+            result["window"] = window_benchmark(opts.window_seq_len, opts.window, repeats=opts.repeats, device=device)
+        else:
+            result["rows"] += {"train": train_suite, "decode": decode_suite, "prefill": prefill_suite}[suite](
+                config, opts, device
+            )
+    return result
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _case(row: dict) -> str:
+    if row["suite"] == "train":
+        return f"train {row['dtype']}, B={row['batch_size']} T={row['seq_len']}"
+    if row["suite"] == "decode":
+        weights = "fp32" if row["dtype"] == "float32" else "bf16"
+        return f"decode {weights} weights, batch {row['batch_size']}, {row['new_tokens']} new"
+    return f"prefill fp32, T={row['seq_len']}"
+
+
+def format_report(result: dict) -> str:
+    """The figures as a plain-text table, with the ratios gptlab/HF of cases measured side by side."""
+    m = result["machine"]
+    lines = [
+        f"gptlab bench: {result['options']['preset']} on {m['device']}, {m['threads']} threads, torch {m['torch']}"
+        + (f", transformers {m['transformers']}" if "transformers" in m else "")
+    ]
+    peaks = result.get("matmul_peak_flops", {})
+    if peaks:
+        lines.append(
+            "matmul peak (measured): "
+            + ", ".join(f"{dtype} {flops / 1e9:,.0f} GFLOP/s" for dtype, flops in peaks.items())
+        )
+    if result.get("published_bf16_peak_flops"):
+        lines.append(f"published bf16 dense peak: {result['published_bf16_peak_flops'] / 1e12:,.0f} TFLOP/s")
+    by_case: dict[str, dict[str, dict]] = {}
+    for row in result["rows"]:
+        by_case.setdefault(_case(row), {})[row["impl"]] = row
+    if by_case:
+        lines.append("")
+        lines.append(f"{'case':<42}{'gptlab tok/s':>13}{'HF tok/s':>10}{'ratio':>8}{'MFU':>13}{'peak MiB':>15}")
+    for case, impls in by_case.items():
+        ours, hf = impls["gptlab"], impls.get("hf")
+        row = f"{case:<42}{ours['tokens_per_s']:>13,.1f}"
+        row += f"{hf['tokens_per_s']:>10,.1f}{ours['tokens_per_s'] / hf['tokens_per_s']:>7.2f}x" if hf else " " * 18
+        if "flops_per_s" in ours and ours["dtype"] in peaks:
+            mfu = [f"{r['flops_per_s'] / peaks[r['dtype']]:.0%}" for r in (ours, hf) if r]
+            row += f"{' / '.join(mfu):>13}"
+            memory = [f"{r['peak_memory_bytes'] / 2**20:,.0f}" for r in (ours, hf) if r]
+            row += f"{' / '.join(memory):>15}"
+        lines.append(row)
+    published = result.get("published_bf16_peak_flops")
+    for row in result["rows"]:
+        if published and row["suite"] == "train" and row["dtype"] == "bfloat16":
+            lines.append(f"MFU vs published bf16 peak, {row['impl']}: {row['flops_per_s'] / published:.1%}")
+    decode = {(r["impl"], r["dtype"]): r for r in result["rows"] if r["suite"] == "decode" and r["batch_size"] == 1}
+    if ("gptlab", "bfloat16") in decode and ("hf", "float32") in decode:
+        ratio = decode[("gptlab", "bfloat16")]["tokens_per_s"] / decode[("hf", "float32")]["tokens_per_s"]
+        lines.append(f"decode batch 1, gptlab bf16 weights vs HF fp32 weights: {ratio:.2f}x")
+    if "window" in result:
+        w, o = result["window"], result["options"]
+        lines.append("")
+        lines.append(
+            f"sliding window W={o['window']} vs full causal attention, T={o['window_seq_len']}, forward+backward:"
+        )
+        lines.append(
+            f"  attention op (2 heads of 64)     {w['attention_full_s'] * 1e3:8.1f} ms -> "
+            f"{w['attention_window_s'] * 1e3:8.1f} ms  {w['attention_speedup']:.2f}x"
+        )
+        lines.append(
+            f"  1-layer RoPE model, C=128, step  {w['model_full_s'] * 1e3:8.1f} ms -> "
+            f"{w['model_window_s'] * 1e3:8.1f} ms  {w['model_speedup']:.2f}x"
+        )
+    if peaks or by_case:
+        lines.append("")
+        lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")
+    return "\n".join(lines)

@@ -288,33 +288,59 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def add_bench_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks: interleaved runs, medians, ratios measured side by side")
-    p.add_argument("suite", choices=["window"], help="window: sliding-window vs full attention, forward+backward")
-    p.add_argument("--seq_len", type=int, default=8192)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    from gptlab.bench import SUITES, BenchOptions
+
+    d = BenchOptions()
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks: training, decoding, prefill, sliding window, MFU; interleaved runs, medians, vs HF",
+        description="Cases that are compared run interleaved in one process; the table gives medians and ratios.",
+    )
+    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
+    p.add_argument("--preset", default=d.preset, help="model preset (default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="train batch (default: %(default)s)")
+    p.add_argument("--seq_len", type=int, default=d.seq_len, help="train sequence length (default: %(default)s)")
+    p.add_argument("--new_tokens", type=int, default=d.new_tokens, help="decode length (default: %(default)s)")
+    p.add_argument("--decode_batches", type=int, nargs="+", default=list(d.decode_batches))
+    p.add_argument("--prefill_len", type=int, default=d.prefill_len)
+    p.add_argument("--window_seq_len", type=int, default=d.window_seq_len)
+    p.add_argument("--window", type=int, default=d.window)
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds per case (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile gptlab's blocks")
+    p.add_argument("--compare", choices=["hf"], help="also run transformers' GPT2LMHeadModel, interleaved")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     p.set_defaults(run=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> None:
     import json
-    import platform
 
-    from gptlab.bench import window_benchmark
+    from gptlab.bench import SUITES, BenchOptions, format_report, run_suites
 
-    if args.seq_len < 2 or args.window < 1 or args.repeats < 1:
-        raise GptlabError("--seq_len must be >= 2, --window and --repeats >= 1")
-    result = window_benchmark(seq_len=args.seq_len, window=args.window, repeats=args.repeats)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"sliding window vs full causal attention, forward+backward, T={args.seq_len}, W={args.window}, batch 1")
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"  {'':<40} {'full':>10} {'window':>10} {'speed-up':>9}")
-    for level, label in (("attention", "attention op (2 heads of 64)"), ("model", "1-layer RoPE model, C=128, step")):
-        full, window = result[f"{level}_full_s"], result[f"{level}_window_s"]
-        print(f"  {label:<40} {full * 1e3:>8.1f}ms {window * 1e3:>8.1f}ms {full / window:>8.2f}x")
+    sizes = {
+        name: getattr(args, name)
+        for name in ("batch_size", "seq_len", "new_tokens", "prefill_len", "window_seq_len", "window", "repeats")
+    }
+    for name, value in [*sizes.items(), *(("decode_batches", b) for b in args.decode_batches)]:
+        if value < 1:
+            raise GptlabError(f"--{name} must be >= 1, got {value}")
+    unknown = [suite for suite in args.suites if suite not in SUITES]
+    if unknown:
+        raise GptlabError(f"unknown bench suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
+    opts = BenchOptions(
+        preset=args.preset,
+        device=args.device,
+        decode_batches=tuple(args.decode_batches),
+        compile=args.compile,
+        compare_hf=args.compare == "hf",
+        **sizes,
+    )
+    try:
+        result = run_suites(list(args.suites or SUITES), opts)
+    except (ValueError, RuntimeError) as e:  # e.g. an unknown preset or device, a variant the preset rejects
+        raise GptlabError(str(e)) from e
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -111,7 +111,7 @@ def stream_tokens(
 
     if not use_cache:
         for length in range(T, T + max_new_tokens):
-            token = choose(model(context_of(length))[:, -1])
+            token = choose(model(context_of(length), last_only=True)[:, -1])
             yield token
             if finished.all():
                 return
@@ -121,7 +121,7 @@ def stream_tokens(
     cache_len = T + max_new_tokens if context is None else min(T + max_new_tokens, context)
     model.setup_kv_cache(B, cache_len)
     try:
-        logits = model(idx, start_pos=0)[:, -1]  # prefill: the whole prompt in one forward
+        logits = model(idx, start_pos=0, last_only=True)[:, -1]  # prefill: the whole prompt in one forward
         for pos in range(T, T + max_new_tokens):  # pos: the position of the token chosen now
             token = choose(logits)
             yield token
@@ -131,7 +131,8 @@ def stream_tokens(
             if pos < cache_len:
                 logits = model(token, start_pos=pos)[:, -1]  # decode: one position against the cache
             else:
-                logits = model(context_of(pos + 1))[:, -1]  # the context slides past learned positions: recompute
+                # the context slides past the learned positions: recompute it
+                logits = model(context_of(pos + 1), last_only=True)[:, -1]
     finally:
         model.clear_kv_cache()
 

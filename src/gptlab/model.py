@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.errors import ConfigError
+from gptlab.loss import linear_cross_entropy
 
 POS_EMBS = ("learned", "rope")
 
@@ -375,8 +376,16 @@ class GPT(nn.Module):
         """How far positions can go: block_size with a learned table; unbounded (None) with RoPE."""
         return self.config.block_size if self.config.pos_emb == "learned" else None
 
-    def forward(self, idx: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T).
+    def forward(
+        self,
+        idx: torch.Tensor,
+        start_pos: int | None = None,
+        targets: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); with `targets` (B, T), the mean next-token
+        cross-entropy instead, computed without materialising the logits (`gptlab.loss`); with `last_only`,
+        the logits of the last position only, (B, 1, vocab_size), which is all generation needs.
 
         With `start_pos`, `idx` holds positions start_pos .. start_pos + T - 1 and attention reads and extends
         the KV cache set up by `setup_kv_cache`; without it, the sequence is processed from position 0 alone.
@@ -398,7 +407,10 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, start_pos)
-        return self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
+        if targets is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.lm_head(x)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
         """Allocate every layer's KV cache for `batch_size` sequences of up to `max_seq_len` tokens.

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gptlab.checkpoint import load_checkpoint, run_lock, save_checkpoint
 from gptlab.config import JobConfig, TrainConfig
@@ -76,8 +75,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a batch, in float32 whatever the autocast dtype."""
-    logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+    return model(x, targets=y)
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):

@@ -1,0 +1,90 @@
+"""The fused LM-head cross-entropy (gptlab.loss) against the plain path: logits, then F.cross_entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_gpt
+from gptlab.loss import linear_cross_entropy
+from gptlab.model import GPTConfig
+
+
+def _inputs(n=37, c=16, v=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=g, requires_grad=True)
+    w = torch.randn(v, c, generator=g).mul_(0.5).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    return x, w, t
+
+
+def _loss_and_grads(loss_fn, x, w, t, scale=1.0):
+    loss = loss_fn(x, w, t)
+    (loss * scale).backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    return loss.detach(), grads
+
+
+def _plain(x, w, t):
+    return F.cross_entropy((x @ w.t()).float(), t)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 36, 37, 500])
+def test_equals_plain_cross_entropy_in_value_and_gradients(chunk_rows):
+    x, w, t = _inputs()
+    # scale: the stored gradients are multiplied by the upstream gradient, not assumed to be 1
+    ref_loss, (ref_gx, ref_gw) = _loss_and_grads(_plain, x, w, t, scale=3.0)
+    loss, (gx, gw) = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk_rows), x, w, t, scale=3.0)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=0, atol=1e-6)
+
+
+def test_under_bfloat16_autocast_matches_the_autocast_linear_layer():
+    x, w, t = _inputs(n=64, c=32, v=300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, (ref_gx, ref_gw) = _loss_and_grads(_plain, x, w, t)
+        loss, (gx, gw) = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=10), x, w, t)
+    assert loss.dtype == torch.float32 and gx.dtype == x.dtype and gw.dtype == w.dtype
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=2e-3)
+    torch.testing.assert_close(gx, ref_gx, rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(gw, ref_gw, rtol=2e-2, atol=1e-4)
+
+
+def test_without_grad_only_the_loss_is_computed():
+    x, w, t = _inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, w, t, chunk_rows=8)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _plain(x, w, t).detach(), rtol=0, atol=1e-5)
+
+
+def test_bad_shapes_are_named():
+    x, w, t = _inputs()
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(x, w, t[:-1])
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits_for_every_parameter():
+    """`model(x, targets=y)` is the loss of `model(x)`'s logits, and trains every parameter the same way
+    (the tied LM head / token embedding included)."""
+    config = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, pos_emb="rope", n_kv_head=2)
+    model = random_gpt(config)
+    idx = torch.randint(0, 97, (3, 21))
+    x, y = idx[:, :-1], idx[:, 1:]
+    logits = model(x)
+    F.cross_entropy(logits.view(-1, 97), y.reshape(-1)).backward()
+    ref = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    loss = model(x, targets=y)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 97), y.reshape(-1)), rtol=0, atol=1e-5)
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_last_only_is_the_last_row_of_the_full_logits():
+    config = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
+    model = random_gpt(config).eval()
+    idx = torch.randint(0, 97, (2, 13))
+    torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:], rtol=0, atol=1e-6)
