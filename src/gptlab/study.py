@@ -180,7 +180,7 @@ class Conversion:
 
     @property
     def name(self) -> str:
-        return f"{self.target}-{self.kv_init}" if self.kv_init else self.target
+        return f"{self.target}-{self.kv_init}" if self.kv_init else f"{self.target}-from-learned"
 
 
 CONVERSIONS = (
@@ -448,9 +448,12 @@ def run_study(
     n_runs = len(scale.seeds) * (len(VARIANTS) + len(CONVERSIONS) * len(UPTRAIN_FRACTIONS))
     done = 0
 
-    def logged(name: str, seed: int, job: JobConfig) -> tuple[GPT, dict[str, Any]]:
+    def logged(name: str, seed: int, job: JobConfig, eval_job: JobConfig | None = None) -> tuple[GPT, dict]:
+        """`run_training`, with the final validation loss measured on `eval_job`'s validation batches if given."""
         nonlocal done
         model, figures = run_training(job)
+        if eval_job is not None:
+            figures["val_loss"] = validation_loss(model, eval_job)
         done += 1
         log(
             f"[{done}/{n_runs}] {name}, seed {seed}: {job.train.max_steps} steps in {figures['seconds']:.0f} s, "
@@ -499,8 +502,8 @@ def run_study(
                 job = training_job(
                     None, scale, data_dir, out_dir, seed + UPTRAIN_SEED_OFFSET, steps, str(init_dir), device
                 )
-                uptrained, _ = logged(f"{conversion.name} uptrained {fraction:.0%}", seed, job)
-                figures[f"uptrained_{round(100 * fraction)}pct"] = validation_loss(uptrained, baseline_job)
+                _, uptrained = logged(f"{conversion.name} uptrained {fraction:.0%}", seed, job, baseline_job)
+                figures[f"uptrained_{round(100 * fraction)}pct"] = uptrained["val_loss"]
             per_seed[seed] = figures
         record: dict[str, Any] = {"name": conversion.name, "target": conversion.target, "kv_init": conversion.kv_init}
         for key in per_seed[scale.seeds[0]]:
@@ -896,7 +899,7 @@ def plot_figures(results: dict[str, Any], directory: Path) -> None:
         ax.plot(xs, [record[f"{key}_mean"] for key in keys], marker="o", label=record["name"])
     base = _by_name(results)[results["baseline"]]
     ax.axhline(base["val_loss_mean"], color="black", linestyle="--", label="baseline (MHA)")
-    ax.set(yscale="log", xlabel="uptraining (% of the original steps)", ylabel="validation loss (mean over seeds)",
+    ax.set(xlabel="uptraining (% of the original steps)", ylabel="validation loss (mean over seeds)",
            title="Conversion from the trained baseline, then uptraining")  # fmt: skip
     ax.legend(fontsize="small")
     save(figure, "conversion")
