@@ -101,7 +101,7 @@ SCALES = {
         decode_tokens=64,
         decode_repeats=7,
     ),
-    # The same model with an eighth of the tokens per run and two seeds: about 15 minutes on 2 CPU cores.
+    # The same model with a tenth of the tokens per run and two seeds: about 15 minutes on 2 idle CPU cores.
     "quick": StudyScale(
         name="quick",
         n_layer=4,
@@ -109,12 +109,12 @@ SCALES = {
         n_embd=128,
         block_size=128,
         batch_size=16,
-        max_steps=300,
+        max_steps=250,
         lr=2e-3,
         min_lr=2e-4,
-        warmup_steps=30,
+        warmup_steps=25,
         eval_interval=25,
-        eval_steps=10,
+        eval_steps=8,
         seeds=(0, 1),
         decode_contexts=(32, 128, 512, 2048),
         decode_tokens=32,
@@ -354,7 +354,7 @@ def _decoder(model: GPT, first: torch.Tensor, context: int, new_tokens: int, dev
     return run
 
 
-def step_seconds(configs: dict[str, tuple[GPTConfig, int]], repeats: int = 3) -> dict[str, float]:
+def step_seconds(configs: dict[str, tuple[GPTConfig, int]], repeats: int = 5) -> dict[str, float]:
     """Median seconds of one training step (forward, backward, AdamW) of each (config, batch size), interleaved:
     how the full study's runtime is estimated from a quick run."""
     cases = {}
