@@ -409,9 +409,18 @@ def prepare_runs_dir(runs: Path) -> None:
     (runs / RUNS_MARKER).write_text("training runs of `gptlab study`; cleared by the next study run\n")
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux reports it in /proc/cpuinfo; `platform` often only says x86_64)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def hardware() -> dict[str, Any]:
     info = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -564,6 +573,9 @@ IMAGES = {
     "conversion": "img/variants-conversion.png",
 }
 KV_INIT_LABELS = {"mean": "mean-pooled", "first": "first head of each group", "random": "random K/V"}
+# Ainslie et al. 2023, §3.3 (Figure 4, T5-Large to MQA, 5% uptraining): mean-pooling works best, then keeping the
+# first head, then random initialisation.
+PAPER_KV_INIT_ORDER = ("mean", "first", "random")
 
 
 def loss(value: float) -> str:
@@ -651,19 +663,24 @@ def conversion_findings(results: dict[str, Any]) -> list[str]:
             regained = record["converted_mean"] - record[f"{last}_mean"]
             share = f" ({100 * regained / lost:.0f}% of what the conversion lost)" if lost > 0 else ""
             lines.append(
-                f"- **Learned positions → RoPE**: dropping the position table raises the validation loss from "
-                f"{loss(base['val_loss_mean'])} to {loss(record['converted_mean'])} ({lost:+.4f}). Uptraining "
-                f"with {last_label} of the steps brings it to {loss(record[f'{last}_mean'])}{share}; RoPE trained "
-                f"from scratch reaches {loss(scratch['val_loss_mean'])}."
+                f"- **Learned positions → RoPE**: dropping the position table "
+                f"{'raises' if lost > 0 else 'lowers'} the validation loss from {loss(base['val_loss_mean'])} to "
+                f"{loss(record['converted_mean'])} ({lost:+.4f}). Uptraining with {last_label} of the steps brings "
+                f"it to {loss(record[f'{last}_mean'])}{share}; RoPE trained from scratch reaches "
+                f"{loss(scratch['val_loss_mean'])}."
             )
             continue
-        ranked = sorted(records, key=lambda c: c["converted_mean"])
-        order = ", then ".join(f"{KV_INIT_LABELS[c['kv_init']]} ({loss(c['converted_mean'])})" for c in ranked)
+        first = f"uptrained_{round(100 * results['uptrain_fractions'][0])}pct"
+        after = ", ".join(f"{KV_INIT_LABELS[c['kv_init']]} {loss(c['converted_mean'])}" for c in records)
+        ranked = sorted(records, key=lambda c: c[f"{first}_mean"])
+        order = ", then ".join(f"{KV_INIT_LABELS[c['kv_init']]} ({loss(c[f'{first}_mean'])})" for c in ranked)
+        agrees = [c["kv_init"] for c in ranked] == list(PAPER_KV_INIT_ORDER)
         best = min(records, key=lambda c: c[f"{last}_mean"])
         gap = best[f"{last}_mean"] - scratch["val_loss_mean"]
         lines.append(
-            f"- **{scratch['label']}** (from the baseline's {base['val_loss_mean']:.4f}): right after conversion "
-            f"the lowest loss is {order}. After uptraining with {last_label} of the steps the best is "
+            f"- **{scratch['label']}** (from the baseline's {loss(base['val_loss_mean'])}): right after conversion "
+            f"{after}. After {results['uptrain_fractions'][0]:.0%} uptraining (the paper's setting) the order is "
+            f"{order}, {'which is' if agrees else 'which is not'} the paper's order. After {last_label} the best is "
             f"{KV_INIT_LABELS[best['kv_init']]} at {loss(best[f'{last}_mean'])}, {abs(gap):.4f} "
             f"{'above' if gap > 0 else 'below'} the same architecture trained from scratch "
             f"({loss(scratch['val_loss_mean'])})."
@@ -751,9 +768,11 @@ def render_report(results: dict[str, Any]) -> str:
         + " and ".join(f"{f:.0%}" for f in fractions)
         + " of the original steps (a fresh warmup + cosine schedule of that length, on batches the baseline did "
         "not start with). Multi-head → GQA/MQA compares the paper's method, mean-pooling each group's key and "
-        "value heads, with its two ablations: keeping each group's first head, and initialising K/V at random. "
-        "Learned → RoPE drops the position table, as the ancestor of this project tried. "
-        '"From scratch" is the grid\'s model of the same architecture, trained with the full budget.',
+        "value heads, with its two ablations: keeping each group's first head, and initialising K/V at random "
+        "(the paper found mean-pooling best, then the first head, then random; §3.3, Figure 4). "
+        "Learned → RoPE, the swap the ancestor of this project attempted, drops the position table. "
+        "\"From scratch\" is the grid's model of the same architecture, trained with the baseline's budget (the "
+        "uptrained conversions have seen that budget plus the uptraining).",
         "",
         "| conversion | K/V from | right after conversion | "
         + " | ".join(f"after {f:.0%} uptraining" for f in fractions)
