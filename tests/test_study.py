@@ -133,6 +133,9 @@ def test_conversion_with_every_head_kept_is_the_baseline(study, char_data):
         torch.testing.assert_close(converted(idx), baseline(idx), rtol=0, atol=0)
     job = training_job(baseline.config, SCALES["tiny"], char_data, runs / "unused", seed=0)
     assert validation_loss(converted, job) == results["variants"][0]["val_loss"]["0"]
+    # the study's control is that same identity conversion, on every seed
+    control = next(c for c in results["conversions"] if c["target"] == "mha")
+    assert control["name"] == "mha-continued" and control["converted"] == results["variants"][0]["val_loss"]
 
 
 def test_first_head_and_random_ablations_differ_from_mean_pooling(study):

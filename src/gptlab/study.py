@@ -173,17 +173,23 @@ VARIANTS = (
 
 @dataclass(frozen=True)
 class Conversion:
-    """The trained baseline converted to a grid variant (`target`, also trained from scratch for comparison)."""
+    """The trained baseline converted to a grid variant (`target`, also trained from scratch for comparison).
+
+    The baseline "converted" to itself is the control: the same uptraining without any conversion.
+    """
 
     target: str
     kv_init: str | None  # for GQA/MQA: "mean", "first" or "random" (`gptlab.convert.init_kv_heads`)
 
     @property
     def name(self) -> str:
+        if self.target == BASELINE:
+            return f"{BASELINE}-continued"
         return f"{self.target}-{self.kv_init}" if self.kv_init else f"{self.target}-from-learned"
 
 
 CONVERSIONS = (
+    Conversion(BASELINE, None),  # the control: what the uptraining steps bring without any conversion
     *(Conversion(target, kv_init) for target in ("gqa-quarter", "mqa") for kv_init in KV_INITS),
     Conversion("rope", None),  # learned -> rotary positions: the position table is dropped
 )
@@ -527,19 +533,20 @@ def run_study(
         record["decode_tokens_per_s"] = {str(context): speed for context, speed in decode[record["name"]].items()}
     longest = 16 * scale.block_size
     kv_contexts = [2**i for i in range(int(math.log2(longest)) + 1)]
-    runtime = time.perf_counter() - started
 
     # The full study's runtime: measured when this is it, else this run's scaled by the step cost of each scale.
     full = SCALES["full"]
     estimate = None
     if scale.name != "full":
+        measured = time.perf_counter() - started
         seconds = step_seconds(
             {
                 "this": (base_config(scale, meta["vocab_size"]), scale.batch_size),
                 "full": (base_config(full, meta["vocab_size"]), full.batch_size),
             }
         )
-        estimate = runtime * (planned_steps(full) * seconds["full"]) / (planned_steps(scale) * seconds["this"])
+        estimate = measured * (planned_steps(full) * seconds["full"]) / (planned_steps(scale) * seconds["this"])
+    runtime = time.perf_counter() - started
     return {
         "command": command or f"gptlab.study.run_study({scale.name!r}, ...)",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -647,42 +654,53 @@ def variant_finding(record: dict[str, Any], base: dict[str, Any], short: str, lo
 
 
 def conversion_findings(results: dict[str, Any]) -> list[str]:
-    """Computed sentences for each conversion target: the methods against each other, and uptraining against
-    training from scratch."""
+    """Computed sentences: the control, then for each conversion target the methods against each other and the
+    uptrained models against the baseline trained on for as long (the control) and against training from scratch."""
     variants = _by_name(results)
     base = variants[results["baseline"]]
-    last = f"uptrained_{round(100 * results['uptrain_fractions'][-1])}pct"
-    last_label = f"{results['uptrain_fractions'][-1]:.0%}"
-    lines = []
-    for target in dict.fromkeys(c["target"] for c in results["conversions"]):
-        records = [c for c in results["conversions"] if c["target"] == target]
+    fractions = results["uptrain_fractions"]
+    first, last = (f"uptrained_{round(100 * f)}pct" for f in (fractions[0], fractions[-1]))
+    by_target: dict[str, list[dict[str, Any]]] = {}
+    for record in results["conversions"]:
+        by_target.setdefault(record["target"], []).append(record)
+    (control,) = by_target.pop(results["baseline"])
+    continued = control[f"{last}_mean"]
+
+    def versus(value: float, reference: float, what: str) -> str:
+        return f"{abs(value - reference):.4f} {'above' if value > reference else 'below'} {what}"
+
+    lines = [
+        f"- **Control**: the baseline itself, trained on for {fractions[-1]:.0%} of the steps with the same "
+        f"uptraining schedule, goes from {loss(base['val_loss_mean'])} to {loss(continued)}. The uptrained "
+        "conversions are measured against it, so that what the extra steps alone bring is not credited to them."
+    ]
+    for target, records in by_target.items():
         scratch = variants[target]
         if records[0]["kv_init"] is None:
             (record,) = records
             lost = record["converted_mean"] - base["val_loss_mean"]
-            regained = record["converted_mean"] - record[f"{last}_mean"]
-            share = f" ({100 * regained / lost:.0f}% of what the conversion lost)" if lost > 0 else ""
             lines.append(
                 f"- **Learned positions → RoPE**: dropping the position table "
                 f"{'raises' if lost > 0 else 'lowers'} the validation loss from {loss(base['val_loss_mean'])} to "
-                f"{loss(record['converted_mean'])} ({lost:+.4f}). Uptraining with {last_label} of the steps brings "
-                f"it to {loss(record[f'{last}_mean'])}{share}; RoPE trained from scratch reaches "
-                f"{loss(scratch['val_loss_mean'])}."
+                f"{loss(record['converted_mean'])} ({lost:+.4f}). Uptraining with {fractions[-1]:.0%} of the steps "
+                f"brings it to {loss(record[f'{last}_mean'])}, "
+                f"{versus(record[f'{last}_mean'], continued, 'the continued baseline')}; RoPE trained from scratch "
+                f"reaches {loss(scratch['val_loss_mean'])}."
             )
             continue
-        first = f"uptrained_{round(100 * results['uptrain_fractions'][0])}pct"
         after = ", ".join(f"{KV_INIT_LABELS[c['kv_init']]} {loss(c['converted_mean'])}" for c in records)
         ranked = sorted(records, key=lambda c: c[f"{first}_mean"])
         order = ", then ".join(f"{KV_INIT_LABELS[c['kv_init']]} ({loss(c[f'{first}_mean'])})" for c in ranked)
         agrees = [c["kv_init"] for c in ranked] == list(PAPER_KV_INIT_ORDER)
         best = min(records, key=lambda c: c[f"{last}_mean"])
-        gap = best[f"{last}_mean"] - scratch["val_loss_mean"]
+        value = best[f"{last}_mean"]
         lines.append(
-            f"- **{scratch['label']}** (from the baseline's {loss(base['val_loss_mean'])}): right after conversion "
-            f"{after}. After {results['uptrain_fractions'][0]:.0%} uptraining (the paper's setting) the order is "
-            f"{order}, {'which is' if agrees else 'which is not'} the paper's order. After {last_label} the best is "
-            f"{KV_INIT_LABELS[best['kv_init']]} at {loss(best[f'{last}_mean'])}, {abs(gap):.4f} "
-            f"{'above' if gap > 0 else 'below'} the same architecture trained from scratch "
+            f"- **{scratch['label']}**: right after conversion {after} (the baseline: "
+            f"{loss(base['val_loss_mean'])}). After {fractions[0]:.0%} uptraining (the paper's setting) the order is "
+            f"{order}, {'which is' if agrees else 'which is not'} the paper's order. After {fractions[-1]:.0%} the "
+            f"best is {KV_INIT_LABELS[best['kv_init']]} at {loss(value)}, "
+            f"{versus(value, continued, 'the continued baseline')} and "
+            f"{versus(value, scratch['val_loss_mean'], 'the same architecture trained from scratch')} "
             f"({loss(scratch['val_loss_mean'])})."
         )
     return lines
@@ -771,6 +789,7 @@ def render_report(results: dict[str, Any]) -> str:
         "value heads, with its two ablations: keeping each group's first head, and initialising K/V at random "
         "(the paper found mean-pooling best, then the first head, then random; §3.3, Figure 4). "
         "Learned → RoPE, the swap the ancestor of this project attempted, drops the position table. "
+        f"`{results['baseline']}-continued` is the control: the baseline uptrained the same way, unconverted. "
         "\"From scratch\" is the grid's model of the same architecture, trained with the baseline's budget (the "
         "uptrained conversions have seen that budget plus the uptraining).",
         "",
@@ -781,7 +800,10 @@ def render_report(results: dict[str, Any]) -> str:
     ]
     for record in results["conversions"]:
         scratch = variants[record["target"]]
-        source = KV_INIT_LABELS[record["kv_init"]] if record["kv_init"] else "(position table dropped)"
+        if record["target"] == results["baseline"]:
+            source = "(no conversion: the control)"
+        else:
+            source = KV_INIT_LABELS[record["kv_init"]] if record["kv_init"] else "(position table dropped)"
         cells = [loss_pm(record[f"{key}_mean"], record[f"{key}_sd"]) for key in ["converted", *uptrain_keys]]
         out.append(
             f"| `{record['name']}` | {source} | "
