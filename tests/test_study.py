@@ -173,7 +173,7 @@ def test_uptraining_continues_from_the_converted_weights(study):
     for record in results["conversions"]:
         for seed, converted in record["converted"].items():
             assert record["uptrained_10pct"][seed] != converted, record["name"]
-            metrics = (runs / f"convert-{record['name']}-s{seed}" / "uptrain-10pct" / "metrics.jsonl").read_text()
+            metrics = (runs / f"convert-{record['name']}-s{seed}" / "uptrained_10pct" / "metrics.jsonl").read_text()
             first_loss = json.loads(metrics.splitlines()[0])["loss"]
             # its first batch scores like the converted model, not like a fresh one (uniform: log V nats)
             assert abs(first_loss - converted) < 0.25 < math.log(vocab_size) - first_loss, record["name"]

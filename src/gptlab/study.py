@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -437,6 +438,94 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+class _Progress:
+    """Trains runs one by one and prints a line for each."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.done, self.log = total, 0, log
+
+    def train(self, name: str, seed: int, job: JobConfig, eval_job: JobConfig | None = None) -> tuple[GPT, dict]:
+        """`run_training`, with the final validation loss measured on `eval_job`'s validation batches if given."""
+        model, figures = run_training(job)
+        if eval_job is not None:
+            figures["val_loss"] = validation_loss(model, eval_job)
+        self.done += 1
+        self.log(
+            f"[{self.done}/{self.total}] {name}, seed {seed}: {job.train.max_steps} steps in "
+            f"{figures['seconds']:.0f} s, validation loss {figures['val_loss']:.4f}"
+        )
+        return model, figures
+
+
+def train_grid(
+    configs: dict[str, GPTConfig], scale: StudyScale, runs: Path, jobs: Callable[..., JobConfig], progress: _Progress
+) -> tuple[list[dict[str, Any]], dict[int, tuple[GPT, JobConfig]]]:
+    """Every variant with every seed and the same recipe: a record per variant, and each seed's trained baseline
+    with its job."""
+    variants, baselines = [], {}
+    for variant in VARIANTS:
+        config = configs[variant.name]
+        per_seed = {}
+        for seed in scale.seeds:
+            job = jobs(config, out_dir=runs / f"{variant.name}-s{seed}", seed=seed)
+            model, per_seed[seed] = progress.train(variant.name, seed, job)
+            if variant.name == BASELINE:
+                baselines[seed] = (model, job)
+        val_mean, val_sd = _mean_sd([figures["val_loss"] for figures in per_seed.values()])
+        variants.append(
+            {
+                "name": variant.name,
+                "label": variant.label,
+                "config": {key: config.to_dict()[key] for key in ("pos_emb", "n_kv_head", "window")},
+                **size_figures(config),
+                "val_loss_mean": val_mean,
+                "val_loss_sd": val_sd,
+                "val_loss": {str(seed): figures["val_loss"] for seed, figures in per_seed.items()},
+                "curves": {str(seed): figures["curve"] for seed, figures in per_seed.items()},
+                "train_tokens_per_s": statistics.mean(figures["train_tokens_per_s"] for figures in per_seed.values()),
+            }
+        )
+    return variants, baselines
+
+
+def conversion_experiment(
+    configs: dict[str, GPTConfig],
+    baselines: dict[int, tuple[GPT, JobConfig]],
+    scale: StudyScale,
+    runs: Path,
+    jobs: Callable[..., JobConfig],
+    progress: _Progress,
+) -> list[dict[str, Any]]:
+    """Each seed's baseline converted (`CONVERSIONS`), evaluated right away on the baseline's own validation
+    batches, then uptrained for each of `UPTRAIN_FRACTIONS` of its steps and evaluated on the same batches."""
+    records = []
+    for conversion in CONVERSIONS:
+        per_seed = {}
+        for seed, (baseline, baseline_job) in baselines.items():
+            converted = convert_model(baseline, configs[conversion.target], conversion.kv_init or "mean", seed)
+            figures = {"converted": validation_loss(converted, baseline_job)}
+            run_dir = runs / f"convert-{conversion.name}-s{seed}"
+            converted.save_pretrained(run_dir / "init")
+            for fraction in UPTRAIN_FRACTIONS:
+                key = f"uptrained_{round(100 * fraction)}pct"
+                job = jobs(
+                    None,
+                    out_dir=run_dir / key,
+                    seed=seed + UPTRAIN_SEED_OFFSET,
+                    max_steps=_uptrain_steps(scale, fraction),
+                    init_from=str(run_dir / "init"),
+                )
+                _, uptrained = progress.train(f"{conversion.name} uptrained {fraction:.0%}", seed, job, baseline_job)
+                figures[key] = uptrained["val_loss"]
+            per_seed[seed] = figures
+        record: dict[str, Any] = {"name": conversion.name, "target": conversion.target, "kv_init": conversion.kv_init}
+        for key in per_seed[scale.seeds[0]]:
+            record[key] = {str(seed): figures[key] for seed, figures in per_seed.items()}
+            record[f"{key}_mean"], record[f"{key}_sd"] = _mean_sd(list(record[key].values()))
+        records.append(record)
+    return records
+
+
 def run_study(
     scale: StudyScale | str,
     runs: str | Path,
@@ -460,71 +549,10 @@ def run_study(
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
     configs = variant_configs(scale, meta["vocab_size"])
-    n_runs = len(scale.seeds) * (len(VARIANTS) + len(CONVERSIONS) * len(UPTRAIN_FRACTIONS))
-    done = 0
-
-    def logged(name: str, seed: int, job: JobConfig, eval_job: JobConfig | None = None) -> tuple[GPT, dict]:
-        """`run_training`, with the final validation loss measured on `eval_job`'s validation batches if given."""
-        nonlocal done
-        model, figures = run_training(job)
-        if eval_job is not None:
-            figures["val_loss"] = validation_loss(model, eval_job)
-        done += 1
-        log(
-            f"[{done}/{n_runs}] {name}, seed {seed}: {job.train.max_steps} steps in {figures['seconds']:.0f} s, "
-            f"validation loss {figures['val_loss']:.4f}"
-        )
-        return model, figures
-
-    # The grid: every variant, every seed, the same recipe.
-    variants, baselines = [], {}
-    for variant in VARIANTS:
-        config = configs[variant.name]
-        per_seed = {}
-        for seed in scale.seeds:
-            job = training_job(config, scale, data_dir, runs / f"{variant.name}-s{seed}", seed, device=device)
-            model, per_seed[seed] = logged(variant.name, seed, job)
-            if variant.name == BASELINE:
-                baselines[seed] = (model, job)
-        val_mean, val_sd = _mean_sd([figures["val_loss"] for figures in per_seed.values()])
-        variants.append(
-            {
-                "name": variant.name,
-                "label": variant.label,
-                "config": {key: config.to_dict()[key] for key in ("pos_emb", "n_kv_head", "window")},
-                **size_figures(config),
-                "val_loss_mean": val_mean,
-                "val_loss_sd": val_sd,
-                "val_loss": {str(seed): figures["val_loss"] for seed, figures in per_seed.items()},
-                "curves": {str(seed): figures["curve"] for seed, figures in per_seed.items()},
-                "train_tokens_per_s": statistics.mean(figures["train_tokens_per_s"] for figures in per_seed.values()),
-            }
-        )
-
-    # Conversion: each seed's baseline, converted, evaluated on its own validation batches, then uptrained.
-    conversions = []
-    for conversion in CONVERSIONS:
-        target = configs[conversion.target]
-        per_seed = {}
-        for seed, (baseline, baseline_job) in baselines.items():
-            converted = convert_model(baseline, target, conversion.kv_init or "mean", seed)
-            figures = {"converted": validation_loss(converted, baseline_job)}
-            init_dir = runs / f"convert-{conversion.name}-s{seed}" / "init"
-            converted.save_pretrained(init_dir)
-            for fraction in UPTRAIN_FRACTIONS:
-                steps = _uptrain_steps(scale, fraction)
-                out_dir = runs / f"convert-{conversion.name}-s{seed}" / f"uptrain-{round(100 * fraction)}pct"
-                job = training_job(
-                    None, scale, data_dir, out_dir, seed + UPTRAIN_SEED_OFFSET, steps, str(init_dir), device
-                )
-                _, uptrained = logged(f"{conversion.name} uptrained {fraction:.0%}", seed, job, baseline_job)
-                figures[f"uptrained_{round(100 * fraction)}pct"] = uptrained["val_loss"]
-            per_seed[seed] = figures
-        record: dict[str, Any] = {"name": conversion.name, "target": conversion.target, "kv_init": conversion.kv_init}
-        for key in per_seed[scale.seeds[0]]:
-            record[key] = {str(seed): figures[key] for seed, figures in per_seed.items()}
-            record[f"{key}_mean"], record[f"{key}_sd"] = _mean_sd(list(record[key].values()))
-        conversions.append(record)
+    progress = _Progress(len(scale.seeds) * (len(VARIANTS) + len(CONVERSIONS) * len(UPTRAIN_FRACTIONS)), log)
+    jobs = functools.partial(training_job, scale=scale, data_dir=data_dir, device=device)
+    variants, baselines = train_grid(configs, scale, runs, jobs, progress)
+    conversions = conversion_experiment(configs, baselines, scale, runs, jobs, progress)
 
     log("decoding speed ...")
     device_ = _device(device)
