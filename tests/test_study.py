@@ -195,6 +195,7 @@ def test_a_failed_report_leaves_the_previous_one(study, tmp_path):
         (["--scale", "huge"], "invalid choice: 'huge'"),
         (["--quick", "--scale", "tiny"], "--quick and --scale tiny contradict"),
         (["--out", "{file}"], "is a file"),
+        (["--out", "{runs}/report"], "is inside --runs"),
         (["--runs", "{full}"], "was not made by gptlab study"),
     ],
 )
@@ -202,7 +203,7 @@ def test_bad_arguments_stop_before_any_training(args, message, tmp_path, capsys)
     (tmp_path / "file").write_text("not a directory")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("someone's work")
-    args = [a.format(file=tmp_path / "file", full=tmp_path / "full") for a in args]
+    args = [a.format(file=tmp_path / "file", full=tmp_path / "full", runs=tmp_path / "runs") for a in args]
     with pytest.raises(SystemExit) as exit_info:
         main(["study", "--scale", "tiny", "--out", str(tmp_path / "report"), "--runs", str(tmp_path / "runs"), *args])
     assert exit_info.value.code == 2

@@ -330,8 +330,8 @@ def add_study_parser(subparsers) -> None:
     )
     p.add_argument("--quick", action="store_true", help="the smaller scale: about 15 minutes on 2 CPU cores")
     p.add_argument("--scale", choices=["full", "quick", "tiny"], default=None, help="tiny: seconds, for tests")
-    p.add_argument("--out", default="study", help="directory for the report (gptlab study --quick --out docs)")
-    p.add_argument("--runs", default="out/study", help="directory for the training runs (cleared first)")
+    p.add_argument("--out", default="out/study", help="directory for the report (gptlab study --quick --out docs)")
+    p.add_argument("--runs", default="out/study-runs", help="directory for the training runs (cleared first)")
     p.add_argument("--data", default=None, help="a prepared dataset (default: the embedded corpus, char level)")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     p.set_defaults(run=run_study)
@@ -342,7 +342,7 @@ def study_command(args: argparse.Namespace, scale: str) -> str:
     parts = ["gptlab", "study"]
     if scale != "full":
         parts.append("--quick" if scale == "quick" else f"--scale {scale}")
-    for flag, default in (("out", "study"), ("runs", "out/study"), ("data", None), ("device", "auto")):
+    for flag, default in (("out", "out/study"), ("runs", "out/study-runs"), ("data", None), ("device", "auto")):
         if getattr(args, flag) != default:
             parts.append(f"--{flag} {getattr(args, flag)}")
     return " ".join(parts)
@@ -354,7 +354,7 @@ def run_study(args: argparse.Namespace) -> None:
     if args.quick and args.scale not in (None, "quick"):
         raise GptlabError(f"--quick and --scale {args.scale} contradict each other; pass one of them")
     scale = "quick" if args.quick else args.scale or "full"
-    check_out_dir(Path(args.out))  # before the training, not after it
+    check_out_dir(Path(args.out), Path(args.runs))  # before the training, not after it
     results = run_study(scale, args.runs, args.data, args.device, command=study_command(args, scale))
     written = write_report(results, args.out)
     print(

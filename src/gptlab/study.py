@@ -399,9 +399,13 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------------- study
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, runs: Path | None = None) -> None:
+    """Refuse a report directory that is a file, or that lies in the runs directory (cleared at the start, so
+    an existing report there would be lost even if the new run failed)."""
     if out.exists() and not out.is_dir():
         raise GptlabError(f"--out {out} is a file; the report needs a directory")
+    if runs is not None and out.resolve().is_relative_to(runs.resolve()):
+        raise GptlabError(f"--out {out} is inside --runs {runs}, which is cleared when the study starts")
 
 
 def prepare_runs_dir(runs: Path) -> None:
@@ -945,6 +949,7 @@ def plot_figures(results: dict[str, Any], directory: Path) -> None:
     kv = results["kv_cache_vs_context"]
     for record in results["variants"]:
         ax.plot(kv["contexts"], [b / 2**20 for b in kv[record["name"]]], label=record["name"], marker=".")
+    ax.axvline(scale["block_size"], color="grey", linestyle=":", label="training context")
     ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="KV cache (MiB, fp32, batch 1)",
            title="KV cache against context length")  # fmt: skip
     ax.legend(fontsize="small")
