@@ -679,10 +679,22 @@ def variant_finding(record: dict[str, Any], base: dict[str, Any], short: str, lo
     )
     speeds = record["decode_tokens_per_s"], base["decode_tokens_per_s"]
     parts.append(
-        f"decoding at {ratio(speeds[0][short], speeds[1][short])} the baseline's speed with {short} tokens of "
-        f"context and {ratio(speeds[0][long], speeds[1][long])} with {long}"
+        f"training at {ratio(record['train_tokens_per_s'], base['train_tokens_per_s'])} the baseline's tokens/s, "
+        f"decoding at {ratio(speeds[0][short], speeds[1][short])} its speed with {short} tokens of context and "
+        f"{ratio(speeds[0][long], speeds[1][long])} with {long}"
     )
     return f"- **{record['label']}** (`{record['name']}`): " + "; ".join(parts) + "."
+
+
+def loss_extremes(results: dict[str, Any]) -> str:
+    """The lowest and highest mean validation loss of the grid, computed."""
+    ranked = sorted(results["variants"], key=lambda r: r["val_loss_mean"])
+    lowest, highest = ranked[0], ranked[-1]
+    return (
+        f"- Lowest mean validation loss: `{lowest['name']}` ({loss(lowest['val_loss_mean'])}); highest: "
+        f"`{highest['name']}` ({loss(highest['val_loss_mean'])}), a spread of "
+        f"{highest['val_loss_mean'] - lowest['val_loss_mean']:.4f} across the grid."
+    )
 
 
 def conversion_findings(results: dict[str, Any]) -> list[str]:
@@ -775,10 +787,10 @@ def render_report(results: dict[str, Any]) -> str:
         f"{scale['eval_steps']} fixed batches of held-out text, reported as mean ± standard deviation over the "
         "seeds.",
         "",
-        "Sizes are exact (`gptlab.sizes`; KV cache in fp32 for one sequence). Training tokens/s is the median "
-        "step time of each run, runs one after another; decoding tokens/s is a KV-cached greedy decode of "
+        "Sizes are exact (`gptlab.sizes`; KV cache in fp32 for one sequence). Training tokens/s comes from the "
+        "median step time of each run, the runs one after another; decoding tokens/s is a KV-cached greedy decode of "
         f"{scale['decode_tokens']} tokens, batch 1, after a prompt of the given length, the variants taking turns "
-        f"({scale['decode_repeats']} repeats, median) with random weights (speed does not depend on their values). "
+        f"(median of {scale['decode_repeats']} rounds) with random weights (speed does not depend on their values). "
         "On a shared machine absolute times drift; the ratios to the baseline are the robust figures.",
         "",
         "## The grid",
@@ -804,6 +816,7 @@ def render_report(results: dict[str, Any]) -> str:
         "Findings, each computed from the table (a loss difference counts only when it exceeds the sum of the two "
         "standard deviations over seeds):",
         "",
+        loss_extremes(results),
         *(variant_finding(r, base, short, long) for r in results["variants"] if r["name"] != results["baseline"]),
         "",
         f"![validation loss during training]({IMAGES['val_loss']})",
