@@ -197,6 +197,7 @@ CONVERSIONS = (
 
 
 def base_config(scale: StudyScale, vocab_size: int) -> GPTConfig:
+    """The baseline of a scale: GPT-2's architecture (learned positions, multi-head, full attention), no dropout."""
     return GPTConfig(
         block_size=scale.block_size,
         vocab_size=vocab_size,
@@ -430,6 +431,7 @@ def _cpu_name() -> str:
 
 
 def hardware() -> dict[str, Any]:
+    """What the report says the study ran on."""
     info = {
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -617,6 +619,7 @@ KV_INIT_LABELS = {"mean": "mean-pooled", "first": "first head of each group", "r
 PAPER_KV_INIT_ORDER = ("mean", "first", "random")
 
 
+# Number formats of the report: the tests rebuild the same strings from variants.json.
 def loss(value: float) -> str:
     return f"{value:.4f}"
 
