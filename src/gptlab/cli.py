@@ -343,6 +343,51 @@ def run_bench(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else format_report(result))
 
 
+# ----------------------------------------------------------------------------------------------- study
+
+
+def add_study_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "study",
+        help="train and measure the variant grid (RoPE, GQA/MQA, windows) and write the report (docs/variants.md)",
+        description="Trains every variant with the same recipe and seeds on the embedded corpus, measures sizes, "
+        "speeds and validation loss, runs the MHA -> GQA/MQA/RoPE conversion experiment, and writes "
+        "variants.md, variants.json, CSVs and img/*.png into --out.",
+    )
+    p.add_argument("--quick", action="store_true", help="the smaller scale: about 15 minutes on 2 CPU cores")
+    p.add_argument("--scale", choices=["full", "quick", "tiny"], default=None, help="tiny: seconds, for tests")
+    p.add_argument("--out", default="out/study", help="directory for the report (gptlab study --quick --out docs)")
+    p.add_argument("--runs", default="out/study-runs", help="directory for the training runs (cleared first)")
+    p.add_argument("--data", default=None, help="a prepared dataset (default: the embedded corpus, char level)")
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    p.set_defaults(run=run_study)
+
+
+def study_command(args: argparse.Namespace, scale: str) -> str:
+    """The command as one would type it, for the report to quote (flags at their defaults left out)."""
+    parts = ["gptlab", "study"]
+    if scale != "full":
+        parts.append("--quick" if scale == "quick" else f"--scale {scale}")
+    for flag, default in (("out", "out/study"), ("runs", "out/study-runs"), ("data", None), ("device", "auto")):
+        if getattr(args, flag) != default:
+            parts.append(f"--{flag} {getattr(args, flag)}")
+    return " ".join(parts)
+
+
+def run_study(args: argparse.Namespace) -> None:
+    from gptlab.study import check_out_dir, run_study, write_report
+
+    if args.quick and args.scale not in (None, "quick"):
+        raise GptlabError(f"--quick and --scale {args.scale} contradict each other; pass one of them")
+    scale = "quick" if args.quick else args.scale or "full"
+    check_out_dir(Path(args.out), Path(args.runs))  # before the training, not after it
+    results = run_study(scale, args.runs, args.data, args.device, command=study_command(args, scale))
+    written = write_report(results, args.out)
+    print(
+        f"wrote {len(written)} files into {args.out} in {results['runtime_s']:.0f} s: {Path(args.out) / 'variants.md'}"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -357,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(subparsers)
     add_inspect_parser(subparsers)
     add_bench_parser(subparsers)
+    add_study_parser(subparsers)
     return parser
 
 

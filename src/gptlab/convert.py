@@ -3,6 +3,7 @@
 - Multi-head -> grouped-query (or multi-query) attention: each group's key and value projection, weights and
   biases, is the mean of the original heads in that group (Ainslie et al. 2023, "GQA", §2.1: mean-pooling
   beat keeping the first head or random initialisation). Query head h joins group h // (n_head // n_kv_head).
+  The paper's two ablations are there too (`kv_init="first"`, `"random"`), for `gptlab study` to compare.
 - Learned -> rotary positions: the position table is dropped. The rest of the network was trained to read
   absolute positions from it, so quality falls until the model is uptrained (see the README).
 - A sliding window changes no weight.
@@ -12,8 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from gptlab.errors import CheckpointError
+from gptlab.errors import CheckpointError, ConfigError
 from gptlab.model import GPTConfig
+
+# How a group's key/value head is made from the group's heads (Ainslie et al. 2023, §2.1 and Figure 4).
+KV_INITS = ("mean", "first", "random")
+# The random ablation starts K/V afresh the way `GPT.init_weights` does: weights N(0, 0.02), zero biases.
+INIT_STD = 0.02
 
 
 def mean_pool_kv_heads(projection: torch.Tensor, n_kv_head: int, head_dim: int) -> torch.Tensor:
@@ -26,12 +32,40 @@ def mean_pool_kv_heads(projection: torch.Tensor, n_kv_head: int, head_dim: int) 
     return grouped.mean(dim=1).reshape(n_kv_head * head_dim, *projection.shape[1:]).to(projection.dtype)
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], source: GPTConfig, target: GPTConfig) -> dict[str, torch.Tensor]:
+def init_kv_heads(
+    projection: torch.Tensor, n_kv_head: int, head_dim: int, kv_init: str = "mean", generator=None
+) -> torch.Tensor:
+    """Key or value heads for a smaller `n_kv_head`: (n_src * head_dim, ...) -> (n_kv_head * head_dim, ...).
+
+    `kv_init`: "mean" pools each group (the GQA paper's method), "first" keeps each group's first head, and
+    "random" discards the heads for a fresh initialisation (weights N(0, INIT_STD) drawn from `generator`,
+    zero biases): the paper's two ablations.
+    """
+    if kv_init == "mean":
+        return mean_pool_kv_heads(projection, n_kv_head, head_dim)
+    n_src = projection.size(0) // head_dim
+    rest = projection.shape[1:]
+    if kv_init == "first":
+        grouped = projection.view(n_kv_head, n_src // n_kv_head, head_dim, *rest)
+        return grouped[:, 0].reshape(n_kv_head * head_dim, *rest).clone()
+    if kv_init == "random":
+        shape = (n_kv_head * head_dim, *rest)
+        if projection.dim() == 1:  # a bias
+            return torch.zeros(shape, dtype=projection.dtype)
+        return (torch.randn(shape, generator=generator) * INIT_STD).to(projection.dtype)
+    raise ConfigError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
+
+
+def convert_state_dict(
+    state: dict[str, torch.Tensor], source: GPTConfig, target: GPTConfig, kv_init: str = "mean", generator=None
+) -> dict[str, torch.Tensor]:
     """Weights of a `source`-config model (gptlab names) turned into weights for `target`.
 
-    Only position embedding and key/value heads are converted; a field that changes other shapes is caught by
-    the loader's shape check, naming the tensor.
+    Only position embedding and key/value heads are converted (`kv_init`: see `init_kv_heads`); a field that
+    changes other shapes is caught by the loader's shape check, naming the tensor.
     """
+    if kv_init not in KV_INITS:
+        raise ConfigError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
     state = dict(state)
     if source.pos_emb != target.pos_emb:
         if target.pos_emb != "rope":
@@ -53,7 +87,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], source: GPTConfig, target
                 if key not in state:
                     continue  # bias=False; the loader reports anything really missing
                 q, k, v = state[key].split([q_dim, kv_dim, kv_dim], dim=0)
-                k = mean_pool_kv_heads(k, target.kv_heads, source.head_dim)
-                v = mean_pool_kv_heads(v, target.kv_heads, source.head_dim)
+                k = init_kv_heads(k, target.kv_heads, source.head_dim, kv_init, generator)
+                v = init_kv_heads(v, target.kv_heads, source.head_dim, kv_init, generator)
                 state[key] = torch.cat([q, k, v], dim=0)
     return state

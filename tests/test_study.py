@@ -1,0 +1,219 @@
+"""The variant study on its tiny scale: every variant and conversion measured, the report equal to its JSON, sizes
+equal to an independent count, conversions that reduce to the base case, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab import GPT, ConfigError
+from gptlab.cli import main
+from gptlab.convert import init_kv_heads
+from gptlab.study import (
+    CONVERSIONS,
+    IMAGES,
+    RUNS_MARKER,
+    SCALES,
+    VARIANTS,
+    convert_model,
+    prepare_runs_dir,
+    training_job,
+    validation_loss,
+    variant_configs,
+    write_report,
+)
+
+
+@pytest.fixture(scope="module")
+def study(char_data, tmp_path_factory) -> tuple[dict, Path, Path]:
+    """`gptlab study --scale tiny` on the test corpus: (the results from variants.json, the report dir, the runs)."""
+    root = tmp_path_factory.mktemp("study")
+    out, runs = root / "report", root / "runs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and robust to a busy machine
+    try:
+        assert main(["study", "--scale", "tiny", "--out", str(out), "--runs", str(runs), "--data", str(char_data)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "variants.json").read_text()), out, runs
+
+
+def table_rows(markdown: str, section: str) -> dict[str, list[str]]:
+    """Cells of every table row of a section whose first cell is a `name`, by name."""
+    rows = {}
+    for line in markdown.split(f"\n## {section}")[1].split("\n## ")[0].splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_every_variant_and_conversion_is_measured(study):
+    results, _, _ = study
+    scale = SCALES["tiny"]
+    assert [v["name"] for v in results["variants"]] == [v.name for v in VARIANTS]
+    for record in results["variants"]:
+        assert set(record["val_loss"]) == {str(s) for s in scale.seeds}
+        assert all(math.isfinite(v) and 0 < v < 6 for v in record["val_loss"].values())
+        for curve in record["curves"].values():
+            assert [step for step, _ in curve] == [4, 8]
+        assert set(record["decode_tokens_per_s"]) == {str(c) for c in scale.decode_contexts}
+        assert all(speed > 0 for speed in record["decode_tokens_per_s"].values())
+        assert record["train_tokens_per_s"] > 0
+    assert [c["name"] for c in results["conversions"]] == [c.name for c in CONVERSIONS]
+    for record in results["conversions"]:
+        for key in ("converted", "uptrained_5pct", "uptrained_10pct"):
+            assert set(record[key]) == {str(s) for s in scale.seeds}
+            assert record[f"{key}_mean"] == pytest.approx(sum(record[key].values()) / len(scale.seeds))
+
+
+def test_report_files_hold_the_numbers_of_the_json(study):
+    results, out, _ = study
+    for image in IMAGES.values():
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".variants-*"))  # the staging folder is gone
+    markdown = (out / "variants.md").read_text()
+    assert f"gptlab study --scale tiny --out {out}" in markdown
+    rows = table_rows(markdown, "The grid")
+    csv_rows = {row["variant"]: row for row in csv.DictReader((out / "variants.csv").open())}
+    for record in results["variants"]:
+        cells = rows[record["name"]]
+        assert cells[4] == f"{record['params']:,}"
+        assert cells[5] == f"{record['kv_bytes_per_token']:,} B"
+        assert cells[-1] == f"{record['val_loss_mean']:.4f} ± {record['val_loss_sd']:.4f}"
+        assert int(csv_rows[record["name"]]["params"]) == record["params"]
+        assert float(csv_rows[record["name"]]["val_loss_mean"]) == pytest.approx(record["val_loss_mean"], abs=1e-6)
+    rows = table_rows(markdown, "Converting")
+    for record in results["conversions"]:
+        cells = rows[record["name"]]
+        assert cells[2] == f"{record['converted_mean']:.4f} ± {record['converted_sd']:.4f}"
+        assert cells[4] == f"{record['uptrained_10pct_mean']:.4f} ± {record['uptrained_10pct_sd']:.4f}"
+
+
+def test_sizes_equal_an_independent_count(study):
+    results, _, _ = study
+    variants = {record["name"]: record for record in results["variants"]}
+    configs = variant_configs(SCALES["tiny"], results["data"]["vocab_size"])
+    base = variants["mha"]
+    for name, config in configs.items():
+        assert variants[name]["params"] == GPT(config).num_params()
+        # K and V, n_kv_head heads of head_dim, fp32, in every layer
+        assert variants[name]["kv_bytes_per_token"] == 2 * config.kv_heads * config.head_dim * 4 * config.n_layer
+    n_head, block = configs["mha"].n_head, configs["mha"].block_size
+    assert variants["mqa"]["kv_bytes_full_context"] * n_head == base["kv_bytes_full_context"]
+    assert variants["gqa-quarter"]["kv_bytes_full_context"] * 4 == base["kv_bytes_full_context"]
+    assert variants["window-8"]["kv_bytes_full_context"] * 8 == base["kv_bytes_full_context"]
+    # half the layers keep block/4 positions, half all of them
+    assert variants["local-global"]["kv_bytes_full_context"] == base["kv_bytes_full_context"] * (1 / 4 + 1) / 2
+    assert variants["rope"]["params"] == base["params"] - block * configs["mha"].n_embd  # the position table
+    assert results["kv_cache_vs_context"]["mha"][-1] == base["kv_bytes_per_token"] * 16 * block
+
+
+def test_every_variant_trains_with_the_same_recipe(char_data, tmp_path):
+    scale = SCALES["tiny"]
+    jobs = [
+        training_job(config, scale, char_data, tmp_path / name, seed=3)
+        for name, config in variant_configs(scale, 83).items()
+    ]
+    recipes = {json.dumps(job.train.model_dump(exclude={"out_dir"}), sort_keys=True) for job in jobs}
+    assert len(recipes) == 1 and jobs[0].train.seed == 3 and jobs[0].train.max_steps == scale.max_steps
+
+
+def test_conversion_with_every_head_kept_is_the_baseline(study, char_data):
+    results, _, runs = study
+    baseline = GPT.from_pretrained(runs / "mha-s0")
+    converted = convert_model(baseline, baseline.config.replace(n_kv_head=baseline.config.n_head), "mean")
+    idx = torch.randint(0, baseline.config.vocab_size, (2, baseline.config.block_size))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(idx), baseline(idx), rtol=0, atol=0)
+    job = training_job(baseline.config, SCALES["tiny"], char_data, runs / "unused", seed=0)
+    assert validation_loss(converted, job) == results["variants"][0]["val_loss"]["0"]
+    # the study's control is that same identity conversion, on every seed
+    control = next(c for c in results["conversions"] if c["target"] == "mha")
+    assert control["name"] == "mha-continued" and control["converted"] == results["variants"][0]["val_loss"]
+
+
+def test_first_head_and_random_ablations_differ_from_mean_pooling(study):
+    results, _, runs = study
+    baseline = GPT.from_pretrained(runs / "mha-s0")
+    config = baseline.config
+    target = config.replace(n_kv_head=2)
+    models = {kv_init: convert_model(baseline, target, kv_init, seed=0) for kv_init in ("mean", "first", "random")}
+    group, head_dim, kv_dim = config.n_head // 2, config.head_dim, config.n_embd
+    source_k = baseline.transformer.h[0].attn.c_attn.weight[kv_dim : 2 * kv_dim].view(config.n_head, head_dim, -1)
+    k = {name: m.transformer.h[0].attn.c_attn.weight[kv_dim : kv_dim + 2 * head_dim] for name, m in models.items()}
+    torch.testing.assert_close(k["mean"].view(2, head_dim, -1), source_k.view(2, group, head_dim, -1).mean(dim=1))
+    torch.testing.assert_close(k["first"].view(2, head_dim, -1), source_k[::group])
+    assert not torch.allclose(k["random"], k["mean"]) and not torch.allclose(k["random"], k["first"])
+    # queries, MLPs and embeddings are the baseline's in all three
+    torch.testing.assert_close(
+        models["random"].transformer.h[1].mlp.c_fc.weight, baseline.transformer.h[1].mlp.c_fc.weight
+    )
+    losses = {c["kv_init"]: c["converted"]["0"] for c in results["conversions"] if c["target"] == "mqa"}
+    assert len(set(losses.values())) == 3
+
+
+def test_init_kv_heads_random_is_fresh_and_unknown_methods_are_named():
+    weight, bias = torch.randn(8 * 4, 16), torch.randn(8 * 4)
+    fresh = init_kv_heads(weight, 2, 4, "random", torch.Generator().manual_seed(0))
+    assert fresh.shape == (2 * 4, 16) and 0.01 < fresh.std().item() < 0.03  # GPT-2's N(0, 0.02)
+    assert torch.equal(init_kv_heads(bias, 2, 4, "random"), torch.zeros(8))
+    with pytest.raises(ConfigError, match="kv_init"):
+        init_kv_heads(weight, 2, 4, "median")
+
+
+def test_uptraining_continues_from_the_converted_weights(study):
+    results, _, runs = study
+    vocab_size = results["data"]["vocab_size"]
+    for record in results["conversions"]:
+        for seed, converted in record["converted"].items():
+            assert record["uptrained_10pct"][seed] != converted, record["name"]
+            metrics = (runs / f"convert-{record['name']}-s{seed}" / "uptrained_10pct" / "metrics.jsonl").read_text()
+            first_loss = json.loads(metrics.splitlines()[0])["loss"]
+            # its first batch scores like the converted model, not like a fresh one (uniform: log V nats)
+            assert abs(first_loss - converted) < 0.25 < math.log(vocab_size) - first_loss, record["name"]
+
+
+def test_a_failed_report_leaves_the_previous_one(study, tmp_path):
+    results, _, _ = study
+    write_report(results, tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    broken = {**results, "kv_cache_vs_context": {"contexts": [1]}}  # no variant's figures: the plot fails
+    with pytest.raises(KeyError):
+        write_report(broken, tmp_path)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--scale", "huge"], "invalid choice: 'huge'"),
+        (["--quick", "--scale", "tiny"], "--quick and --scale tiny contradict"),
+        (["--out", "{file}"], "is a file"),
+        (["--out", "{runs}/report"], "is inside --runs"),
+        (["--runs", "{full}"], "was not made by gptlab study"),
+    ],
+)
+def test_bad_arguments_stop_before_any_training(args, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("someone's work")
+    args = [a.format(file=tmp_path / "file", full=tmp_path / "full", runs=tmp_path / "runs") for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "--scale", "tiny", "--out", str(tmp_path / "report"), "--runs", str(tmp_path / "runs"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "full" / "notes.txt").exists() and not (tmp_path / "report").exists()
+
+
+def test_a_rerun_starts_from_an_empty_runs_directory(tmp_path):
+    runs = tmp_path / "runs"
+    prepare_runs_dir(runs)
+    (runs / "mha-s0").mkdir()  # an earlier study's run: train() would resume it instead of training afresh
+    prepare_runs_dir(runs)
+    assert sorted(p.name for p in runs.iterdir()) == [RUNS_MARKER]
