@@ -19,18 +19,19 @@ DEFAULT_CHUNK_ROWS = 512  # 512 x 50257 float32 logits = 103 MB; fewer rows meas
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        # x is in the compute dtype; weight in its own (float32 under autocast): cast once here, and its gradient
+        # is summed over chunks and returned in float32, with no round trip through the low-precision dtype.
         N = x.size(0)
         with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        if with_grad:
-            grad_x = torch.empty_like(x)
-            grad_w = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in float32
-            grad_w_chunk = torch.empty_like(weight) if weight.dtype != torch.float32 else None
+        w = weight.to(x.dtype)
+        grad_x = torch.empty_like(x) if with_grad else None
+        grad_w = None
         logits_buffer = x.new_empty(min(chunk_rows, N), weight.size(0))
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, N, chunk_rows):
             xs, ts = x[start : start + chunk_rows], targets[start : start + chunk_rows]
             n = xs.size(0)
-            logits = torch.mm(xs, weight.t(), out=logits_buffer[:n]).float()  # a view unless x is low precision
+            logits = torch.mm(xs, w.t(), out=logits_buffer[:n]).float()  # a view unless x is low precision
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits.gather(1, ts[:, None]).squeeze(1)).sum()
             if not with_grad:
@@ -38,13 +39,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
             grad_logits[torch.arange(n, device=x.device), ts] -= 1.0
             grad_logits = grad_logits.div_(N).to(x.dtype)
-            torch.mm(grad_logits, weight, out=grad_x[start : start + n])
-            if grad_w_chunk is None:
+            torch.mm(grad_logits, w, out=grad_x[start : start + n])
+            if grad_w is None:
+                grad_w = torch.mm(grad_logits.t(), xs).to(weight.dtype)
+            elif grad_w.dtype == x.dtype:
                 grad_w.addmm_(grad_logits.t(), xs)
             else:
-                grad_w.add_(torch.mm(grad_logits.t(), xs, out=grad_w_chunk))
+                grad_w.add_(torch.mm(grad_logits.t(), xs))
         if with_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_x, grad_w)
         return total / N
 
     @staticmethod
@@ -70,5 +73,5 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return _LinearCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, chunk_rows)
-    return _LinearCrossEntropy.apply(x, weight.to(x.dtype), targets, chunk_rows)
+            return _LinearCrossEntropy.apply(x.to(dtype), weight, targets, chunk_rows)
+    return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
