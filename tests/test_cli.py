@@ -162,7 +162,7 @@ def test_bench_runs_every_suite_on_a_tiny_preset_against_hf():
         assert ("prefill", impl, "float32", None) in cases
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])
     assert all(r["peak_memory_bytes"] > 0 for r in result["rows"] if r["suite"] == "train")
-    assert set(result["matmul_peak_flops"]) == {"float32", "bfloat16"}
+    assert set(result["matmul_peak_flops"]) == set(result["matvec_bytes_per_s"]) == {"float32", "bfloat16"}
     assert result["window"]["attention_speedup"] > 0 and result["window"]["model_speedup"] > 0
 
 

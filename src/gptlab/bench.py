@@ -2,7 +2,8 @@
 them hold on a shared, noisy machine even when absolute times drift.
 
 Suites (`gptlab bench [suite ...]`):
-- matmul: the machine's measured matmul peak (float32 and bfloat16), the denominator of MFU;
+- matmul: the machine's measured matmul peak (float32 and bfloat16), the denominator of MFU, and the bytes/s
+  of weights a matrix-vector product reads (what bounds decoding at batch 1);
 - train: a training step (forward, loss, backward, AdamW) in float32 and under bfloat16 autocast: tokens/s,
   MFU and peak memory;
 - decode: greedy generation of `new_tokens` tokens at batch 1 and 8, float32 and bfloat16 weights;
@@ -114,6 +115,21 @@ def matmul_peak(device: torch.device, repeats: int, n: int | None = None) -> dic
         repeats,
     )
     return {dtype: 2 * n**3 / seconds for dtype, seconds in times.items()}
+
+
+def matvec_bandwidth(device: torch.device, repeats: int, rows: int = 50257, cols: int = 768) -> dict[str, float]:
+    """Bytes/s of weights read by one token's matrix-vector product (GPT-2's LM head shape), float32 and bfloat16:
+    the speed limit of decoding at batch 1, where every weight is read once per token."""
+    w32, x32 = torch.randn(rows, cols, device=device), torch.randn(1, cols, device=device)
+    w16, x16 = w32.bfloat16(), x32.bfloat16()
+    times = interleaved_medians(
+        {
+            "float32": _synced(lambda: F.linear(x32, w32), device),
+            "bfloat16": _synced(lambda: F.linear(x16, w16), device),
+        },
+        max(repeats, 5),
+    )
+    return {dtype: rows * cols * (4 if dtype == "float32" else 2) / seconds for dtype, seconds in times.items()}
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
@@ -383,6 +399,7 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
     for suite in suites:
         if suite == "matmul":
             result["matmul_peak_flops"] = matmul_peak(device, opts.repeats)
+            result["matvec_bytes_per_s"] = matvec_bandwidth(device, opts.repeats)
             result["published_bf16_peak_flops"] = published_peak(device)
         elif suite == "window":
             result["window"] = window_benchmark(opts.window_seq_len, opts.window, repeats=opts.repeats, device=device)
@@ -431,6 +448,11 @@ def format_report(result: dict) -> str:
         lines.append(
             "matmul peak (measured): "
             + ", ".join(f"{dtype} {flops / 1e9:,.0f} GFLOP/s" for dtype, flops in peaks.items())
+        )
+    if result.get("matvec_bytes_per_s"):
+        lines.append(
+            "matrix-vector product, weights read (the batch-1 decoding limit): "
+            + ", ".join(f"{dtype} {speed / 1e9:,.1f} GB/s" for dtype, speed in result["matvec_bytes_per_s"].items())
         )
     if result.get("published_bf16_peak_flops"):
         lines.append(f"published bf16 dense peak: {result['published_bf16_peak_flops'] / 1e12:,.0f} TFLOP/s")

@@ -54,6 +54,10 @@ UPTRAIN_FRACTIONS = (0.05, 0.10)  # of the baseline's steps (the GQA paper uptra
 # Uptraining draws its batches with seed + UPTRAIN_SEED_OFFSET: fresh text rather than a replay of the first
 # batches of pre-training. Its losses are measured on the baseline's own validation batches.
 UPTRAIN_SEED_OFFSET = 1000
+# Uptraining continues at the learning rate the baseline's schedule ended with (its min_lr), decaying to a tenth
+# of that. Re-warming to the original peak was tried first: it set the unconverted control back by 0.05-0.08 in
+# validation loss (2.49 -> 2.57 after 5%, `gptlab study --quick`), so it measured the disruption, not the recovery.
+UPTRAIN_LR = "the baseline's final learning rate (min_lr), decaying to a tenth of it"
 
 
 @dataclass(frozen=True)
@@ -229,11 +233,13 @@ def training_job(
     init_from: str = "scratch",
     device: str = "auto",
 ) -> JobConfig:
-    """The shared recipe as a training job. `max_steps` shortens it (uptraining: a fresh warmup + cosine schedule
-    of that many steps, warmup the same fraction as the baseline's); `init_from` starts from saved weights, whose
-    config is then the model's (`config` None)."""
+    """The shared recipe as a training job. `max_steps` shortens it for uptraining: a fresh warmup + cosine schedule
+    of that many steps (warmup the same fraction as the baseline's) that peaks at the learning rate the baseline
+    ended with and decays to a tenth of it (`UPTRAIN_LR`); `init_from` starts from saved weights, whose config is
+    then the model's (`config` None)."""
     steps = max_steps or scale.max_steps
     warmup = round(scale.warmup_steps * steps / scale.max_steps)
+    lr, min_lr = (scale.lr, scale.min_lr) if max_steps is None else (scale.min_lr, scale.min_lr / 10)
     model = {} if config is None else config.to_dict()
     return JobConfig.model_validate(
         {
@@ -244,8 +250,8 @@ def training_job(
                 "init_from": init_from,
                 "batch_size": scale.batch_size,
                 "max_steps": steps,
-                "lr": scale.lr,
-                "min_lr": scale.min_lr,
+                "lr": lr,
+                "min_lr": min_lr,
                 "warmup_steps": warmup,
                 "eval_interval": scale.eval_interval if max_steps is None else steps,
                 "eval_steps": scale.eval_steps,
@@ -830,11 +836,12 @@ def render_report(results: dict[str, Any]) -> str:
         "## Converting the trained baseline (Ainslie et al. 2023)",
         "",
         "Each seed's trained baseline is converted (`gptlab.convert`) and evaluated on that seed's validation "
-        "batches right away, then uptrained with the same recipe for "
+        "batches right away, then uptrained with the same batch size for "
         + " and ".join(f"{f:.0%}" for f in fractions)
-        + " of the original steps (a fresh warmup + cosine schedule of that length, on batches the baseline did "
-        "not start with). Multi-head → GQA/MQA compares the paper's method, mean-pooling each group's key and "
-        "value heads, with its two ablations: keeping each group's first head, and initialising K/V at random "
+        + f" of the original steps (a fresh warmup + cosine schedule of that length peaking at {UPTRAIN_LR}, on "
+        "batches the baseline did not start with). Multi-head → GQA/MQA compares the paper's method, "
+        "mean-pooling each group's key and value heads, with its two ablations: keeping each group's first head, "
+        "and initialising K/V at random "
         "(the paper found mean-pooling best, then the first head, then random; §3.3, Figure 4). "
         "Learned → RoPE, the swap the ancestor of this project attempted, drops the position table. "
         f"`{results['baseline']}-continued` is the control: the baseline uptrained the same way, unconverted. "
