@@ -62,7 +62,7 @@ class BenchOptions:
     window_seq_len: int = 8192
     window: int = 256
     repeats: int = 3
-    compile: bool = False  # torch.compile our model's blocks (GPU runs; on CPU it measured no faster)
+    compile: bool = False  # torch.compile our blocks in the train suite
     compare_hf: bool = False
 
 
@@ -177,8 +177,10 @@ def _hf(config: GPTConfig, device: torch.device):
     return GPT2LMHeadModel(hf_config).to(device)
 
 
-def _models(config: GPTConfig, opts: BenchOptions, device: torch.device) -> dict[str, torch.nn.Module]:
-    models = {"gptlab": _ours(config, device, opts.compile)}
+def _models(
+    config: GPTConfig, opts: BenchOptions, device: torch.device, compile_blocks: bool = False
+) -> dict[str, torch.nn.Module]:
+    models = {"gptlab": _ours(config, device, compile_blocks)}
     if opts.compare_hf:
         models["hf"] = _hf(config, device)
     return models
@@ -213,7 +215,7 @@ def _peak_memory(run: Callable[[], object], device: torch.device) -> int:
 def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
     """One training step per call: forward with the loss, backward, AdamW (fused, as `gptlab train` and the
     transformers Trainer's default use), gradients dropped."""
-    models = _models(config, opts, device)
+    models = _models(config, opts, device, compile_blocks=opts.compile)  # decoding stays eager: new shapes each step
     for model in models.values():
         model.train()
     idx = torch.randint(0, config.vocab_size, (opts.batch_size, opts.seq_len + 1), device=device)
@@ -302,7 +304,7 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
 
 
 def _copy_to_bf16(model: torch.nn.Module, config: GPTConfig, opts: BenchOptions, device: torch.device, name: str):
-    copy = _ours(config, device, opts.compile) if name == "gptlab" else _hf(config, device)
+    copy = _ours(config, device, False) if name == "gptlab" else _hf(config, device)
     copy.load_state_dict(model.state_dict())
     return copy.to(torch.bfloat16).eval()
 

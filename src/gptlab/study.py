@@ -23,6 +23,7 @@ import contextlib
 import csv
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -745,6 +746,13 @@ def conversion_findings(results: dict[str, Any]) -> list[str]:
         ranked = sorted(records, key=lambda c: c[f"{first}_mean"])
         order = ", then ".join(f"{KV_INIT_LABELS[c['kv_init']]} ({loss(c[f'{first}_mean'])})" for c in ranked)
         agrees = [c["kv_init"] for c in ranked] == list(PAPER_KV_INIT_ORDER)
+        ties = [
+            f"{KV_INIT_LABELS[a['kv_init']]} and {KV_INIT_LABELS[b['kv_init']]}"
+            for a, b in itertools.pairwise(ranked)
+            if b[f"{first}_mean"] - a[f"{first}_mean"] <= a[f"{first}_sd"] + b[f"{first}_sd"]
+        ]
+        if ties:
+            order += f" ({'; '.join(ties)} are within the seed spread of each other)"
         best = min(records, key=lambda c: c[f"{last}_mean"])
         value = best[f"{last}_mean"]
         lines.append(

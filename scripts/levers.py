@@ -1,0 +1,94 @@
+"""What each speed lever of gptlab gives, each measured against the plain alternative side by side.
+
+    python scripts/levers.py [--repeats 5]
+
+Levers (GPT-2 124M shapes, batch 4 x 256 tokens, this machine's threads):
+- loss: the fused, chunked LM-head cross-entropy (`model(x, targets=y)`, gptlab.loss) against logits +
+  F.cross_entropy, in a whole training step, float32 and under bfloat16 autocast;
+- gelu: the tanh GELU kernel (nn.GELU(approximate="tanh"), gptlab) against the same formula written as seven
+  elementwise operations (what transformers' GPT-2 runs for "gelu_new"), forward + backward;
+- adamw: the fused AdamW kernel against the foreach and for-loop implementations, one step over 124M parameters;
+- prefill: logits for the last position only (`last_only=True`) against all positions, a 512-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.bench import interleaved_medians
+from gptlab.model import GPT, GPTConfig
+
+
+def report(lever: str, times: dict[str, float], baseline: str) -> None:
+    for name, seconds in times.items():
+        print(f"{lever:<8} {name:<48} {seconds * 1e3:9.1f} ms  {times[baseline] / seconds:5.2f}x")
+
+
+def main(repeats: int) -> None:
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("gpt2")
+    model = GPT(config).train()
+    idx = torch.randint(0, config.vocab_size, (4, 257))
+    x, y = idx[:, :-1], idx[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step(fused_loss: bool, dtype: torch.dtype | None):
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                if fused_loss:
+                    loss = model(x, targets=y)
+                else:
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    for label, dtype in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+        times = {
+            f"step, logits + F.cross_entropy, {label}": step(False, dtype),
+            f"step, fused LM-head loss, {label}": step(True, dtype),
+        }
+        report("loss", interleaved_medians(times, repeats), f"step, logits + F.cross_entropy, {label}")
+
+    h = torch.randn(4, 256, 3072, requires_grad=True)
+
+    def formula(t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * t * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * torch.pow(t, 3.0))))
+
+    kernel = nn.GELU(approximate="tanh")
+    times = {
+        "tanh GELU as 7 elementwise ops": lambda: formula(h).sum().backward(),
+        "nn.GELU(approximate='tanh')": lambda: kernel(h).sum().backward(),
+    }
+    report("gelu", interleaved_medians(times, repeats), "tanh GELU as 7 elementwise ops")
+
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizers = {kind: torch.optim.AdamW(params, lr=1e-5, **{kind: True}) for kind in ("foreach", "fused")}
+    optimizers["for-loop"] = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    times = {f"AdamW {kind}": opt.step for kind, opt in optimizers.items()}
+    report("adamw", interleaved_medians(times, repeats), "AdamW for-loop")
+
+    model.eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 512))
+    with torch.inference_mode():
+        times = {
+            "prefill, logits at every position": lambda: model(prompt),
+            "prefill, last position only": lambda: model(prompt, last_only=True),
+        }
+        report("prefill", interleaved_medians(times, repeats), "prefill, logits at every position")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    main(parser.parse_args().repeats)
