@@ -167,7 +167,8 @@ def test_bench_runs_every_suite_on_a_tiny_preset_against_hf():
 
 
 @pytest.mark.parametrize("args, named", [(["nope"], "nope"), (["--repeats", "0"], "--repeats"),
-                                         (["train", "--preset", "gpt9"], "gpt9")])  # fmt: skip
+                                         (["train", "--preset", "gpt9"], "gpt9"),
+                                         (["train", "--device", "cuda:7"], "cuda")])  # fmt: skip
 def test_bench_bad_arguments_exit_2(args, named):
     result = gptlab("bench", *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr and named in result.stderr

@@ -394,7 +394,7 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
     """Run the chosen suites; returns {"machine": ..., "rows": [...], "window": {...}} (JSON-ready)."""
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError("--device cuda: no CUDA device is available")
+        raise GptlabError(f"--device {opts.device}: no CUDA device is available")
     config = GPTConfig.from_preset(opts.preset).replace(dropout=0.0)
     result: dict = {"machine": machine_info(device), "options": {**opts.__dict__, "suites": suites}, "rows": []}
     result["flops_per_token"] = flops_per_token(config, opts.seq_len)
