@@ -354,7 +354,7 @@ def add_study_parser(subparsers) -> None:
         "speeds and validation loss, runs the MHA -> GQA/MQA/RoPE conversion experiment, and writes "
         "variants.md, variants.json, CSVs and img/*.png into --out.",
     )
-    p.add_argument("--quick", action="store_true", help="the smaller scale: about 15 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="the smaller scale: about 12 minutes on 2 idle CPU cores")
     p.add_argument("--scale", choices=["full", "quick", "tiny"], default=None, help="tiny: seconds, for tests")
     p.add_argument("--out", default="out/study", help="directory for the report (gptlab study --quick --out docs)")
     p.add_argument("--runs", default="out/study-runs", help="directory for the training runs (cleared first)")

@@ -1,6 +1,6 @@
 """The variant study: what RoPE, GQA/MQA and sliding windows change in size, speed and quality, from one run.
 
-    gptlab study --quick --out docs     # ~15 minutes on 2 CPU cores; writes docs/variants.md and its figures
+    gptlab study --quick --out docs     # ~12 minutes on 2 idle CPU cores; writes docs/variants.md and its figures
 
 Every variant of `VARIANTS` is a set of `GPTConfig` fields on top of one base model. Each trains with the real
 training loop (`gptlab.train.train`) on the embedded Shakespeare corpus at character level, with the same recipe,
@@ -107,7 +107,7 @@ SCALES = {
         decode_tokens=64,
         decode_repeats=7,
     ),
-    # The same model with a tenth of the tokens per run and two seeds: about 15 minutes on 2 idle CPU cores.
+    # The same model with a tenth of the tokens per run and two seeds: 11-12 minutes on 2 idle CPU cores (measured).
     "quick": StudyScale(
         name="quick",
         n_layer=4,
