@@ -8,7 +8,10 @@ Levers (GPT-2 124M shapes, batch 4 x 256 tokens, this machine's threads):
 - gelu: the tanh GELU kernel (nn.GELU(approximate="tanh"), gptlab) against the same formula written as seven
   elementwise operations (what transformers' GPT-2 runs for "gelu_new"), forward + backward;
 - adamw: the fused AdamW kernel against the foreach and for-loop implementations, one step over 124M parameters;
-- prefill: logits for the last position only (`last_only=True`) against all positions, a 512-token prompt.
+- prefill: logits for the last position only (`last_only=True`) against all positions, a 512-token prompt;
+- overhead: greedy decoding per token of GPT-2's 12 layers and 12 heads at a tiny width (C = 96, vocabulary 256),
+  where the matmuls cost next to nothing: the per-token cost that is not reading weights, gptlab against
+  transformers' `generate` (needs transformers).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from gptlab.model import GPT, GPTConfig
 
 def report(lever: str, times: dict[str, float], baseline: str) -> None:
     for name, seconds in times.items():
-        print(f"{lever:<8} {name:<48} {seconds * 1e3:9.1f} ms  {times[baseline] / seconds:5.2f}x")
+        print(f"{lever:<9} {name:<48} {seconds * 1e3:9.1f} ms  {times[baseline] / seconds:5.2f}x")
 
 
 def main(repeats: int) -> None:
@@ -86,6 +89,26 @@ def main(repeats: int) -> None:
             "prefill, last position only": lambda: model(prompt, last_only=True),
         }
         report("prefill", interleaved_medians(times, repeats), "prefill, logits at every position")
+
+    from gptlab.bench import _hf
+    from gptlab.generate import generate
+
+    narrow = GPTConfig(block_size=1024, vocab_size=256, n_layer=12, n_head=12, n_embd=96, dropout=0.0)
+    ours, theirs = GPT(narrow).eval(), _hf(narrow, torch.device("cpu")).eval()
+    prompt, new = torch.randint(0, 256, (1, 16)), 128
+
+    @torch.inference_mode()
+    def hf_generate() -> None:
+        theirs.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+
+    times = {
+        "decode 128 tokens, C=96: transformers": hf_generate,
+        "decode 128 tokens, C=96: gptlab": lambda: generate(ours, prompt, new, temperature=0.0),
+    }
+    report("overhead", interleaved_medians(times, repeats), "decode 128 tokens, C=96: transformers")
 
 
 if __name__ == "__main__":
