@@ -468,9 +468,9 @@ def format_report(result: dict) -> str:
         ours, hf = impls["gptlab"], impls.get("hf")
         row = f"{case:<42}{ours['tokens_per_s']:>13,.1f}"
         row += f"{hf['tokens_per_s']:>10,.1f}{ours['tokens_per_s'] / hf['tokens_per_s']:>7.2f}x" if hf else " " * 18
-        if "flops_per_s" in ours and ours["dtype"] in peaks:
-            mfu = [f"{r['flops_per_s'] / peaks[r['dtype']]:.0%}" for r in (ours, hf) if r]
-            row += f"{' / '.join(mfu):>13}"
+        if ours["suite"] == "train":
+            mfu = [f"{r['flops_per_s'] / peaks[r['dtype']]:.0%}" for r in (ours, hf) if r and r["dtype"] in peaks]
+            row += f"{' / '.join(mfu) or '(no matmul)':>13}"
             memory = [f"{r['peak_memory_bytes'] / 2**20:,.0f}" for r in (ours, hf) if r]
             row += f"{' / '.join(memory):>15}"
         lines.append(row)
@@ -496,7 +496,9 @@ def format_report(result: dict) -> str:
             f"  1-layer RoPE model, C=128, step  {w['model_full_s'] * 1e3:8.1f} ms -> "
             f"{w['model_window_s'] * 1e3:8.1f} ms  {w['model_speedup']:.2f}x"
         )
-    if peaks or by_case:
+    if any(row["suite"] == "train" for row in result["rows"]):
         lines.append("")
         lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")
+        if not peaks:
+            lines.append("(run the matmul suite too, e.g. `gptlab bench train matmul`, for MFU)")
     return "\n".join(lines)
