@@ -164,6 +164,16 @@ def test_bench_runs_every_suite_on_a_tiny_preset_against_hf():
     assert all(r["peak_memory_bytes"] > 0 for r in result["rows"] if r["suite"] == "train")
     assert set(result["matmul_peak_flops"]) == set(result["matvec_bytes_per_s"]) == {"float32", "bfloat16"}
     assert result["window"]["attention_speedup"] > 0 and result["window"]["model_speedup"] > 0
+    # The table repeats the JSON: each train row's gptlab/HF ratio, computed here from the JSON's figures.
+    from gptlab.bench import format_report
+
+    table = format_report(result)
+    for dtype in ("float32", "bfloat16"):
+        ours, hf = (next(r for r in result["rows"] if (r["suite"], r["impl"], r["dtype"]) == ("train", impl, dtype))
+                    for impl in ("gptlab", "hf"))  # fmt: skip
+        line = next(line for line in table.splitlines() if line.startswith(f"train {dtype}"))
+        assert f"{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x" in line
+        assert f"{ours['peak_memory_bytes'] / 2**20:,.0f} / {hf['peak_memory_bytes'] / 2**20:,.0f}" in line
 
 
 @pytest.mark.parametrize("args, named", [(["nope"], "nope"), (["--repeats", "0"], "--repeats"),
