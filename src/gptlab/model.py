@@ -251,9 +251,11 @@ class KVCache(nn.Module):
         if start_pos + T > self.size and not self.rolling:
             raise ValueError(f"KV cache holds {self.size} positions; position {start_pos + T - 1} does not fit")
         keep = min(T, self.size)
-        slots = torch.arange(start_pos + T - keep, start_pos + T, device=k.device) % self.size
-        self.k.index_copy_(2, slots, k[:, :, T - keep :])
-        self.v.index_copy_(2, slots, v[:, :, T - keep :])
+        first = (start_pos + T - keep) % self.size  # the kept positions fill slots first.. and wrap to 0 at most once
+        head = min(keep, self.size - first)
+        for cache, new in ((self.k, k[:, :, T - keep :]), (self.v, v[:, :, T - keep :])):
+            cache[:, :, first : first + head] = new[:, :, :head]
+            cache[:, :, : keep - head] = new[:, :, head:]
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Append k, v at start_pos and return the keys/values the new queries may need, in position order,
