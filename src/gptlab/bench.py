@@ -16,6 +16,7 @@ the same inputs, interleaved with ours.
 from __future__ import annotations
 
 import contextlib
+import copy
 import platform
 import statistics
 import time
@@ -265,7 +266,7 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
     for name, model in _models(config, opts, device).items():
         model.eval()
         models[(name, "float32")] = model
-        models[(name, "bfloat16")] = _copy_to_bf16(model, config, opts, device, name)
+        models[(name, "bfloat16")] = copy.deepcopy(model).to(torch.bfloat16)
     rows = []
     for batch in opts.decode_batches:
         prompt = torch.randint(0, config.vocab_size, (batch, opts.prompt_len), device=device)
@@ -301,12 +302,6 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
                 }
             )
     return rows
-
-
-def _copy_to_bf16(model: torch.nn.Module, config: GPTConfig, opts: BenchOptions, device: torch.device, name: str):
-    copy = _ours(config, device, False) if name == "gptlab" else _hf(config, device)
-    copy.load_state_dict(model.state_dict())
-    return copy.to(torch.bfloat16).eval()
 
 
 def prefill_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:

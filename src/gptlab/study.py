@@ -33,7 +33,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gptlab.bench import interleaved_medians
+from gptlab.bench import device_name, interleaved_medians
 from gptlab.config import JobConfig
 from gptlab.convert import KV_INITS, convert_state_dict
 from gptlab.data import load_meta, load_tokens, prepare
@@ -87,37 +87,33 @@ class StudyScale:
         return self.max_steps * self.batch_size * self.block_size
 
 
+# The `make demo` model (configs/shakespeare_char.toml, 8 heads instead of 4) and recipe, three seeds.
+FULL = StudyScale(
+    name="full",
+    n_layer=4,
+    n_head=8,
+    n_embd=128,
+    block_size=128,
+    batch_size=32,
+    max_steps=1200,
+    lr=2e-3,
+    min_lr=2e-4,
+    warmup_steps=100,
+    eval_interval=50,
+    eval_steps=20,
+    seeds=(0, 1, 2),
+    decode_contexts=(32, 128, 512, 2048, 8192),
+    decode_tokens=64,
+    decode_repeats=7,
+)
 SCALES = {
-    # The `make demo` model (configs/shakespeare_char.toml, 8 heads instead of 4) and recipe, three seeds.
-    "full": StudyScale(
-        name="full",
-        n_layer=4,
-        n_head=8,
-        n_embd=128,
-        block_size=128,
-        batch_size=32,
-        max_steps=1200,
-        lr=2e-3,
-        min_lr=2e-4,
-        warmup_steps=100,
-        eval_interval=50,
-        eval_steps=20,
-        seeds=(0, 1, 2),
-        decode_contexts=(32, 128, 512, 2048, 8192),
-        decode_tokens=64,
-        decode_repeats=7,
-    ),
+    "full": FULL,
     # The same model with a tenth of the tokens per run and two seeds: 11-12 minutes on 2 idle CPU cores (measured).
-    "quick": StudyScale(
+    "quick": replace(
+        FULL,
         name="quick",
-        n_layer=4,
-        n_head=8,
-        n_embd=128,
-        block_size=128,
         batch_size=16,
         max_steps=250,
-        lr=2e-3,
-        min_lr=2e-4,
         warmup_steps=25,
         eval_interval=25,
         eval_steps=8,
@@ -127,10 +123,10 @@ SCALES = {
         decode_repeats=5,
     ),
     # Seconds, for the tests: every code path, numbers that mean nothing.
-    "tiny": StudyScale(
+    "tiny": replace(
+        FULL,
         name="tiny",
         n_layer=2,
-        n_head=8,
         n_embd=32,
         block_size=32,
         batch_size=4,
@@ -428,19 +424,10 @@ def prepare_runs_dir(runs: Path) -> None:
     (runs / RUNS_MARKER).write_text("training runs of `gptlab study`; cleared by the next study run\n")
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux reports it in /proc/cpuinfo; `platform` often only says x86_64)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def hardware() -> dict[str, Any]:
     """What the report says the study ran on."""
     info = {
-        "cpu": _cpu_name(),
+        "cpu": device_name(torch.device("cpu")),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
