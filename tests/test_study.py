@@ -122,6 +122,9 @@ def test_every_variant_trains_with_the_same_recipe(char_data, tmp_path):
     ]
     recipes = {json.dumps(job.train.model_dump(exclude={"out_dir"}), sort_keys=True) for job in jobs}
     assert len(recipes) == 1 and jobs[0].train.seed == 3 and jobs[0].train.max_steps == scale.max_steps
+    # uptraining: a short schedule that starts where the baseline's ended (its min_lr), not at its peak
+    uptrain = training_job(None, scale, char_data, tmp_path / "up", seed=3, max_steps=2, init_from=str(tmp_path))
+    assert (uptrain.train.lr, uptrain.train.min_lr, uptrain.train.max_steps) == (scale.min_lr, scale.min_lr / 10, 2)
 
 
 def test_conversion_with_every_head_kept_is_the_baseline(study, char_data):
