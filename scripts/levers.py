@@ -9,6 +9,9 @@ Levers (GPT-2 124M shapes, batch 4 x 256 tokens, this machine's threads):
   elementwise operations (what transformers' GPT-2 runs for "gelu_new"), forward + backward;
 - adamw: the fused AdamW kernel against the foreach and for-loop implementations, one step over 124M parameters;
 - prefill: logits for the last position only (`last_only=True`) against all positions, a 512-token prompt;
+- greedy: picking the greedy token from bfloat16 logits (vocabulary 50257), argmax against max(-1).indices;
+- gemv: gptlab's bfloat16 matrix-vector kernel (gptlab.gemv) against F.linear on one block's matrices at 1, 2, 4
+  and 8 activation rows (where the kernel stops paying: gemv.MAX_ROWS), and GPT-2 bf16 decoding with each;
 - overhead: greedy decoding per token of GPT-2's 12 layers and 12 heads at a tiny width (C = 96, vocabulary 256),
   where the matmuls cost next to nothing: the per-token cost that is not reading weights, gptlab against
   transformers' `generate` (needs transformers).
@@ -90,8 +93,43 @@ def main(repeats: int) -> None:
         }
         report("prefill", interleaved_medians(times, repeats), "prefill, logits at every position")
 
+    from gptlab import gemv
     from gptlab.bench import _hf
     from gptlab.generate import generate
+
+    logits = torch.randn(1, config.vocab_size).bfloat16()
+    times = {
+        "greedy pick, bf16 logits: argmax": lambda: [logits.argmax(-1) for _ in range(10)],
+        "greedy pick, bf16 logits: max(-1).indices": lambda: [logits.max(-1).indices for _ in range(10)],
+    }
+    report("greedy", interleaved_medians(times, repeats), "greedy pick, bf16 logits: argmax")
+
+    if gemv.unavailable_reason() is None:
+        # one transformer block's four matrices, multiplied as a decoding step at batch `rows` does
+        block = [torch.randn(n, k).bfloat16() for n, k in ((2304, 768), (768, 768), (3072, 768), (768, 3072))]
+
+        def matvecs(linear, xs: dict) -> callable:
+            return lambda: [linear(xs[w.size(1)], w) for w in block]
+
+        for rows in (1, 2, 4, 8):
+            xs = {k: torch.randn(rows, k).bfloat16() for k in (768, 3072)}
+            times = {
+                f"block matvecs, bf16, {rows} rows: F.linear": matvecs(F.linear, xs),
+                f"block matvecs, bf16, {rows} rows: gptlab.gemv": matvecs(gemv.linear_bf16, xs),
+            }
+            report("gemv", interleaved_medians(times, repeats), f"block matvecs, bf16, {rows} rows: F.linear")
+        bf16 = GPT(config).eval().to(torch.bfloat16)
+        swapped = GPT(config).eval().to(torch.bfloat16)
+        swapped.load_state_dict(bf16.state_dict())
+        gemv.use_gemv(swapped)
+        prompt = torch.randint(0, config.vocab_size, (1, 16))
+        times = {
+            "decode 64 tokens, gpt2 bf16 weights: F.linear": lambda: generate(bf16, prompt, 64, temperature=0.0),
+            "decode 64 tokens, gpt2 bf16 weights: gptlab.gemv": lambda: generate(swapped, prompt, 64, temperature=0.0),
+        }
+        report("gemv", interleaved_medians(times, repeats), "decode 64 tokens, gpt2 bf16 weights: F.linear")
+    else:
+        print(f"gemv      skipped: {gemv.unavailable_reason()}")
 
     narrow = GPTConfig(block_size=1024, vocab_size=256, n_layer=12, n_head=12, n_embd=96, dropout=0.0)
     ours, theirs = GPT(narrow).eval(), _hf(narrow, torch.device("cpu")).eval()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gptlab import GPT, GPTConfig, load_tokenizer
+from gptlab import GPT, GPTConfig, gemv, load_tokenizer
 from gptlab.sizes import parameter_breakdown
 
 
@@ -23,10 +23,12 @@ def gptlab(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return result
 
 
-def greedy_sample_text(model_dir, prompt: str, max_new_tokens: int, **variant) -> str:
+def greedy_sample_text(model_dir, prompt: str, max_new_tokens: int, use_gemv: bool = False, **variant) -> str:
     """What `gptlab sample --temperature 0` must print: the library's greedy continuation, decoded."""
     tokenizer = load_tokenizer("gpt2")
     model = GPT.from_pretrained(model_dir, **variant)
+    if use_gemv:
+        gemv.use_gemv(model)
     ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), max_new_tokens, temperature=0.0)[0].tolist()
     return tokenizer.decode(ids) + "\n"
 
@@ -52,6 +54,19 @@ def test_sample_streams_the_greedy_continuation(bpe_model_dir, prompt, max_new_t
     args = ["--prompt", prompt, "--max_new_tokens", str(max_new_tokens), "--temperature", "0"]
     out = gptlab("sample", "--model", str(bpe_model_dir), *args, check=True).stdout
     assert out == greedy_sample_text(bpe_model_dir, prompt, max_new_tokens)
+
+
+def test_sample_in_bfloat16_decodes_on_the_gemv_kernel_or_says_why_not(bpe_model_dir):
+    args = ["sample", "--model", str(bpe_model_dir), "--prompt", "The quick", "--max_new_tokens", "12",
+            "--temperature", "0", "--dtype", "bfloat16"]  # fmt: skip
+    plain = greedy_sample_text(bpe_model_dir, "The quick", 12, dtype=torch.bfloat16)
+    assert gptlab(*args, "--no-gemv", check=True).stdout == plain
+    result = gptlab(*args, check=True)
+    if gemv.unavailable_reason() is None:
+        assert result.stdout == greedy_sample_text(bpe_model_dir, "The quick", 12, use_gemv=True, dtype=torch.bfloat16)
+        env = {**os.environ, "CXX": "no-such-compiler"}  # a machine that cannot build it: a note, then PyTorch's path
+        result = subprocess.run([sys.executable, "-m", "gptlab", *args], env=env, capture_output=True, text=True)
+    assert result.stdout == plain and "note: decoding without the bfloat16 matrix-vector kernel" in result.stderr
 
 
 def test_sample_is_reproducible_by_seed(bpe_model_dir):
@@ -162,7 +177,14 @@ def test_bench_runs_every_suite_on_a_tiny_preset_against_hf():
         assert ("prefill", impl, "float32", None) in cases
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])
     assert all(r["peak_memory_bytes"] > 0 for r in result["rows"] if r["suite"] == "train")
-    assert set(result["matmul_peak_flops"]) == set(result["matvec_bytes_per_s"]) == {"float32", "bfloat16"}
+    assert set(result["matmul_peak_flops"]) == {"float32", "bfloat16"}
+    from gptlab import gemv
+
+    kernel = gemv.unavailable_reason() is None  # then gptlab's bf16 decoding (batch 1 and 2) runs on gptlab.gemv
+    matvec = {"float32", "bfloat16"} | ({"bfloat16, gptlab kernel"} if kernel else set())
+    assert set(result["matvec_bytes_per_s"]) == matvec
+    assert all(r["gemv_kernel"] == (kernel and (r["impl"], r["dtype"]) == ("gptlab", "bfloat16"))
+               for r in result["rows"] if r["suite"] == "decode")  # fmt: skip
     assert result["window"]["attention_speedup"] > 0 and result["window"]["model_speedup"] > 0
     # The table repeats the JSON: each train row's gptlab/HF ratio, computed here from the JSON's figures.
     from gptlab.bench import format_report

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab import gemv
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig, causal_attention
 
@@ -123,14 +124,14 @@ def matvec_bandwidth(device: torch.device, repeats: int, rows: int = 50257, cols
     the speed limit of decoding at batch 1, where every weight is read once per token."""
     w32, x32 = torch.randn(rows, cols, device=device), torch.randn(1, cols, device=device)
     w16, x16 = w32.bfloat16(), x32.bfloat16()
-    times = interleaved_medians(
-        {
-            "float32": _synced(lambda: F.linear(x32, w32), device),
-            "bfloat16": _synced(lambda: F.linear(x16, w16), device),
-        },
-        max(repeats, 5),
-    )
-    return {dtype: rows * cols * (4 if dtype == "float32" else 2) / seconds for dtype, seconds in times.items()}
+    cases = {
+        "float32": _synced(lambda: F.linear(x32, w32), device),
+        "bfloat16": _synced(lambda: F.linear(x16, w16), device),
+    }
+    if device.type == "cpu" and gemv.unavailable_reason() is None:
+        cases["bfloat16, gptlab kernel"] = lambda: gemv.linear_bf16(x16, w16)
+    times = interleaved_medians(cases, max(repeats, 5))
+    return {case: rows * cols * (4 if case == "float32" else 2) / seconds for case, seconds in times.items()}
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
@@ -259,7 +260,9 @@ def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> 
 
 def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
     """Greedy generation of `new_tokens` tokens after a `prompt_len`-token prompt, KV cache on; float32 weights
-    and bfloat16 weights (no autocast: the weights themselves are bf16, halving the bytes read per token)."""
+    and bfloat16 weights (no autocast: the weights themselves are bf16, halving the bytes read per token).
+    On a CPU, gptlab's bfloat16 model decodes on its own matrix-vector kernel (gptlab.gemv), as `gptlab sample`
+    does, where the machine can build it; the row says whether it did."""
     from gptlab.generate import generate
 
     models = {}
@@ -267,6 +270,9 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
         model.eval()
         models[(name, "float32")] = model
         models[(name, "bfloat16")] = copy.deepcopy(model).to(torch.bfloat16)
+    kernel = device.type == "cpu" and gemv.unavailable_reason() is None
+    if kernel:
+        gemv.use_gemv(models[("gptlab", "bfloat16")])
     rows = []
     for batch in opts.decode_batches:
         prompt = torch.randint(0, config.vocab_size, (batch, opts.prompt_len), device=device)
@@ -299,6 +305,7 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
                     "new_tokens": opts.new_tokens,
                     "seconds": seconds,
                     "tokens_per_s": batch * opts.new_tokens / seconds,
+                    "gemv_kernel": kernel and name == "gptlab" and dtype == "bfloat16" and batch <= gemv.MAX_ROWS,
                 }
             )
     return rows
@@ -477,6 +484,11 @@ def format_report(result: dict) -> str:
     if ("gptlab", "bfloat16") in decode and ("hf", "float32") in decode:
         ratio = decode[("gptlab", "bfloat16")]["tokens_per_s"] / decode[("hf", "float32")]["tokens_per_s"]
         lines.append(f"decode batch 1, gptlab bf16 weights vs HF fp32 weights: {ratio:.2f}x")
+    if ("gptlab", "bfloat16") in decode:
+        if decode[("gptlab", "bfloat16")]["gemv_kernel"]:
+            lines.append(f"gptlab bf16 decoding at batch <= {gemv.MAX_ROWS}: gptlab.gemv's AVX512-BF16 kernel")
+        elif result["options"]["device"].startswith("cpu"):
+            lines.append(f"gptlab bf16 decoding: PyTorch's kernels ({gemv.unavailable_reason()})")
     if "window" in result:
         w, o = result["window"], result["options"]
         lines.append("")

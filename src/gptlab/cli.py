@@ -69,6 +69,12 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--device", default=_default_device())
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence each step (slow)")
+    p.add_argument(
+        "--gemv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 on a CPU: decode with gptlab's AVX512-BF16 matrix-vector kernel (compiled on first use)",
+    )
     add_variant_flags(p)
     p.set_defaults(run=run_sample)
 
@@ -95,6 +101,14 @@ def run_sample(args: argparse.Namespace) -> None:
     directory = resolve_checkpoint_dir(args.model)
     tokenizer = load_run_tokenizer(directory, args.tokenizer)
     model = GPT.from_pretrained(directory, dtype=DTYPES[args.dtype], **variant_overrides(args)).to(args.device)
+    if args.gemv and args.dtype == "bfloat16" and torch.device(args.device).type == "cpu":
+        from gptlab import gemv
+
+        reason = gemv.unavailable_reason()
+        if reason is None:
+            gemv.use_gemv(model)
+        else:  # PyTorch's own kernels still decode, just slower
+            print(f"note: decoding without the bfloat16 matrix-vector kernel: {reason}", file=sys.stderr)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GptlabError(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but model {args.model} only "
