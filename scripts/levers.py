@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ def main(repeats: int) -> None:
         # one transformer block's four matrices, multiplied as a decoding step at batch `rows` does
         block = [torch.randn(n, k).bfloat16() for n, k in ((2304, 768), (768, 768), (3072, 768), (768, 3072))]
 
-        def matvecs(linear, xs: dict) -> callable:
+        def matvecs(linear: Callable, xs: dict) -> Callable[[], list]:
             return lambda: [linear(xs[w.size(1)], w) for w in block]
 
         for rows in (1, 2, 4, 8):

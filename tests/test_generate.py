@@ -31,6 +31,35 @@ def test_cached_generation_equals_uncached(model, options):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_model_decodes_like_the_eager_one(dtype):
+    """torch.compile through the prefill and the KV-cache steps (in-place cache writes, a cache length that grows
+    every step, in bfloat16 the gemv kernel's operator where it builds): the logits of the eager model, up to
+    rounding (Inductor keeps bfloat16 intermediates in float32), and in float32 the same greedy tokens."""
+    from gptlab import gemv
+
+    config = GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=2, n_embd=32, pos_emb="rope", n_kv_head=1)
+    eager, compiled = random_gpt(config).to(dtype), random_gpt(config).to(dtype)
+    compiled.load_state_dict(eager.state_dict())
+    if dtype == torch.bfloat16 and gemv.unavailable_reason() is None:
+        gemv.use_gemv(eager), gemv.use_gemv(compiled)
+    compiled.compile()
+    idx = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for m in (eager, compiled):
+        m.setup_kv_cache(1, 20)
+        with torch.inference_mode():
+            steps = [m(idx[:, :9], start_pos=0)[:, -1]]  # prefill, then one token at a time
+            steps += [m(idx[:, t : t + 1], start_pos=t)[:, -1] for t in range(9, 20)]
+        m.clear_kv_cache()
+        logits.append(torch.stack(steps).float())
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(logits[1], logits[0], rtol=tolerance, atol=tolerance * logits[0].abs().max().item())
+    if dtype == torch.float32:
+        runs = [generate(m, idx[:, :9], 12, temperature=0.0) for m in (eager, compiled)]
+        assert torch.equal(runs[0], runs[1])
+
+
 def test_greedy_equals_transformers_generate(tmp_path, tokens):
     hf = make_hf_gpt2(seed=3)
     hf.save_pretrained(tmp_path)

@@ -64,7 +64,7 @@ class BenchOptions:
     window_seq_len: int = 8192
     window: int = 256
     repeats: int = 3
-    compile: bool = False  # torch.compile our blocks in the train suite
+    compile: bool = False  # torch.compile gptlab's blocks (train suite) and whole model (decode suite)
     compare_hf: bool = False
 
 
@@ -217,7 +217,7 @@ def _peak_memory(run: Callable[[], object], device: torch.device) -> int:
 def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
     """One training step per call: forward with the loss, backward, AdamW (fused, as `gptlab train` and the
     transformers Trainer's default use), gradients dropped."""
-    models = _models(config, opts, device, compile_blocks=opts.compile)  # decoding stays eager: new shapes each step
+    models = _models(config, opts, device, compile_blocks=opts.compile)
     for model in models.values():
         model.train()
     idx = torch.randint(0, config.vocab_size, (opts.batch_size, opts.seq_len + 1), device=device)
@@ -262,7 +262,8 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
     """Greedy generation of `new_tokens` tokens after a `prompt_len`-token prompt, KV cache on; float32 weights
     and bfloat16 weights (no autocast: the weights themselves are bf16, halving the bytes read per token).
     On a CPU, gptlab's bfloat16 model decodes on its own matrix-vector kernel (gptlab.gemv), as `gptlab sample`
-    does, where the machine can build it; the row says whether it did."""
+    does, where the machine can build it; the row says whether it did. With `compile`, gptlab's models are
+    torch.compile'd whole (transformers' generate runs as it comes, eager)."""
     from gptlab.generate import generate
 
     models = {}
@@ -273,6 +274,9 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
     kernel = device.type == "cpu" and gemv.unavailable_reason() is None
     if kernel:
         gemv.use_gemv(models[("gptlab", "bfloat16")])
+    if opts.compile:  # the first (warm-up) run compiles; the cache length grows each step, so shapes are dynamic
+        for dtype in ("float32", "bfloat16"):
+            models[("gptlab", dtype)].compile()
     rows = []
     for batch in opts.decode_batches:
         prompt = torch.randint(0, config.vocab_size, (batch, opts.prompt_len), device=device)
@@ -446,6 +450,7 @@ def format_report(result: dict) -> str:
     lines = [
         f"gptlab bench: {result['options']['preset']} on {m['device']}, {m['threads']} threads, torch {m['torch']}"
         + (f", transformers {m['transformers']}" if "transformers" in m else "")
+        + (" (gptlab torch.compile'd)" if result["options"].get("compile") else "")
     ]
     peaks = result.get("matmul_peak_flops", {})
     if peaks:

@@ -75,6 +75,7 @@ def add_sample_parser(subparsers) -> None:
         default=True,
         help="bfloat16 on a CPU: decode with gptlab's AVX512-BF16 matrix-vector kernel (compiled on first use)",
     )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the first tokens wait for it)")
     add_variant_flags(p)
     p.set_defaults(run=run_sample)
 
@@ -109,6 +110,8 @@ def run_sample(args: argparse.Namespace) -> None:
             gemv.use_gemv(model)
         else:  # PyTorch's own kernels still decode, just slower
             print(f"note: decoding without the bfloat16 matrix-vector kernel: {reason}", file=sys.stderr)
+    if args.compile:
+        model.compile()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GptlabError(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but model {args.model} only "
@@ -321,7 +324,9 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--window_seq_len", type=int, default=d.window_seq_len)
     p.add_argument("--window", type=int, default=d.window)
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds per case (default: %(default)s)")
-    p.add_argument("--compile", action="store_true", help="torch.compile gptlab's blocks")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile gptlab's blocks (train) and whole model (decode)"
+    )
     p.add_argument("--compare", choices=["hf"], help="also run transformers' GPT2LMHeadModel, interleaved")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     p.set_defaults(run=run_bench)
