@@ -59,6 +59,15 @@ def test_without_grad_only_the_loss_is_computed():
     torch.testing.assert_close(loss, _plain(x, w, t).detach(), rtol=0, atol=1e-5)
 
 
+def test_a_second_backward_through_one_forward_is_refused():
+    """backward scales the gradients it stored in place, so a second pass (retain_graph) would be wrong: it raises."""
+    x, w, t = _inputs()
+    loss = linear_cross_entropy(x, w, t, chunk_rows=8)
+    (loss * 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_bad_shapes_are_named():
     x, w, t = _inputs()
     with pytest.raises(ValueError, match="targets"):

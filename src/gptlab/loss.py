@@ -38,7 +38,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
             grad_logits[torch.arange(n, device=x.device), ts] -= 1.0
-            grad_logits = grad_logits.div_(N).to(x.dtype)
+            # / N, written in the compute dtype into the logits buffer (free again): no fresh 50-100 MB tensor
+            grad_logits = torch.mul(grad_logits, 1.0 / N, out=logits_buffer[:n])
             torch.mm(grad_logits, w, out=grad_x[start : start + n])
             if grad_w is None:
                 grad_w = torch.mm(grad_logits.t(), xs).to(weight.dtype)
@@ -52,8 +53,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        # The stored gradients are scaled in place (as Liger-Kernel does): a copy would be one more pass and
+        # allocation of the (vocab, C) weight gradient. So they can be used once: no retain_graph.
+        if getattr(ctx, "used", False):
+            raise RuntimeError("linear_cross_entropy: backward ran twice through one forward (retain_graph=True)")
+        ctx.used = True
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+        return grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None
 
 
 def linear_cross_entropy(
