@@ -9,6 +9,8 @@ Levers (GPT-2 124M shapes, batch 4 x 256 tokens, this machine's threads):
   elementwise operations (what transformers' GPT-2 runs for "gelu_new"), forward + backward;
 - adamw: the fused AdamW kernel against the foreach and for-loop implementations, one step over 124M parameters;
 - prefill: logits for the last position only (`last_only=True`) against all positions, a 512-token prompt;
+- malloc: training steps of gptlab and transformers with glibc's default treatment of large blocks (a fresh
+  mmap each time, page-faulted in again every step) against freed memory kept for reuse (glibc);
 - greedy: picking the greedy token from bfloat16 logits (vocabulary 50257), argmax against max(-1).indices;
 - gemv: gptlab's bfloat16 matrix-vector kernel (gptlab.gemv) against F.linear on one block's matrices at 1, 2, 4
   and 8 activation rows (where the kernel stops paying: gemv.MAX_ROWS), and GPT-2 bf16 decoding with each;
@@ -34,6 +36,52 @@ from gptlab.model import GPT, GPTConfig
 def report(lever: str, times: dict[str, float], baseline: str) -> None:
     for name, seconds in times.items():
         print(f"{lever:<9} {name:<48} {seconds * 1e3:9.1f} ms  {times[baseline] / seconds:5.2f}x")
+
+
+def allocator(model: GPT, optimizer: torch.optim.Optimizer, idx: torch.Tensor, repeats: int) -> None:
+    """Training steps of gptlab and transformers with glibc's default allocation of large blocks (each a fresh
+    mmap, returned to the kernel when freed and page-faulted in again on the next step) and with freed memory
+    kept for reuse (what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set; here set by mallopt, per case)."""
+    import ctypes
+
+    from gptlab.bench import _hf
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+    def keep_freed_memory(keep: bool) -> None:
+        threshold = 1 << 30 if keep else 128 * 1024  # 128 KiB: glibc's default mmap threshold
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+        libc.mallopt(M_TRIM_THRESHOLD, threshold)
+        if not keep:
+            libc.malloc_trim(0)
+
+    hf = _hf(model.config, torch.device("cpu")).train()
+    hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def step(name: str, keep: bool, dtype: torch.dtype | None):
+        def run() -> None:
+            keep_freed_memory(keep)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                loss = model(x, targets=y) if name == "gptlab" else hf(input_ids=x, labels=x).loss  # HF shifts inside
+            loss.backward()
+            opt = optimizer if name == "gptlab" else hf_optimizer
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return run
+
+    for label, dtype in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+        times = {
+            f"step {label}, {name}, {'freed memory kept' if keep else 'glibc default'}": step(name, keep, dtype)
+            for name in ("gptlab", "transformers")
+            for keep in (False, True)
+        }
+        times = interleaved_medians(times, repeats)
+        for name in ("gptlab", "transformers"):
+            report("malloc", {k: v for k, v in times.items() if name in k}, f"step {label}, {name}, glibc default")
+    keep_freed_memory(False)
 
 
 def main(repeats: int) -> None:
@@ -64,6 +112,8 @@ def main(repeats: int) -> None:
             f"step, fused LM-head loss, {label}": step(True, dtype),
         }
         report("loss", interleaved_medians(times, repeats), f"step, logits + F.cross_entropy, {label}")
+
+    allocator(model, optimizer, idx, repeats)
 
     h = torch.randn(4, 256, 3072, requires_grad=True)
 
