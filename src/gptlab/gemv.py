@@ -2,7 +2,7 @@
 
 Decoding at batch 1 streams every weight once per token, so bfloat16 weights should decode about twice as fast
 as float32 ones. With PyTorch's own CPU kernels they do not: its bfloat16 path for one activation row reads
-weights at less than half the bytes per second of its float32 path (docs/benchmarks.md, `gptlab bench matmul`).
+weights at about half the bytes per second of its float32 path (docs/benchmarks.md, `gptlab bench matmul`).
 `csrc/gemv_bf16.cpp` streams them at the float32 rate. It is compiled on first use by
 `torch.utils.cpp_extension` (a C++ compiler and ninja are needed; the build is cached) and registered as the
 operator `torch.ops.gptlab.linear_bf16`, with a shape function so that `torch.compile` can trace through it.

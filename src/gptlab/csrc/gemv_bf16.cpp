@@ -2,8 +2,8 @@
 // with AVX512-BF16.
 //
 // Decoding one token multiplies one activation row per sequence by every weight matrix, so its speed is the rate
-// at which the weights stream from memory. PyTorch's CPU bfloat16 path for this shape reads well under half as
-// many bytes per second as its float32 path (docs/benchmarks.md), which left bfloat16 weights barely faster than
+// at which the weights stream from memory. PyTorch's CPU bfloat16 path for this shape reads about half as many
+// bytes per second as its float32 path (docs/benchmarks.md), which left bfloat16 weights barely faster than
 // float32 ones. This kernel reads each weight row once, front to back, with four independent accumulators so the
 // loads never wait on one chain of adds, prefetches ahead of the stream, and splits the rows across threads.
 // Sums are float32 and rounded to bfloat16 once, as PyTorch's own bfloat16 matmul does.
