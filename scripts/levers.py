@@ -9,14 +9,14 @@ Levers (GPT-2 124M shapes, batch 4 x 256 tokens, this machine's threads):
   elementwise operations (what transformers' GPT-2 runs for "gelu_new"), forward + backward;
 - adamw: the fused AdamW kernel against the foreach and for-loop implementations, one step over 124M parameters;
 - prefill: logits for the last position only (`last_only=True`) against all positions, a 512-token prompt;
-- malloc: training steps of gptlab and transformers with glibc's default treatment of large blocks (a fresh
-  mmap each time, page-faulted in again every step) against freed memory kept for reuse (glibc);
 - greedy: picking the greedy token from bfloat16 logits (vocabulary 50257), argmax against max(-1).indices;
 - gemv: gptlab's bfloat16 matrix-vector kernel (gptlab.gemv) against F.linear on one block's matrices at 1, 2, 4
   and 8 activation rows (where the kernel stops paying: gemv.MAX_ROWS), and GPT-2 bf16 decoding with each;
 - overhead: greedy decoding per token of GPT-2's 12 layers and 12 heads at a tiny width (C = 96, vocabulary 256),
   where the matmuls cost next to nothing: the per-token cost that is not reading weights, gptlab against
-  transformers' `generate` (needs transformers).
+  transformers' `generate` (needs transformers);
+- malloc: training steps of gptlab and transformers with glibc's default treatment of large blocks (above 32 MiB a
+  fresh mmap each time, page-faulted in again every step) against freed memory kept for reuse (run last).
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def report(lever: str, times: dict[str, float], baseline: str) -> None:
 
 
 def allocator(model: GPT, optimizer: torch.optim.Optimizer, idx: torch.Tensor, repeats: int) -> None:
-    """Training steps of gptlab and transformers with glibc's default allocation of large blocks (each a fresh
-    mmap, returned to the kernel when freed and page-faulted in again on the next step) and with freed memory
-    kept for reuse (what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set; here set by mallopt, per case)."""
+    """Training steps of gptlab and transformers with glibc's default allocation of large blocks (above 32 MiB each a
+    fresh mmap, returned to the kernel when freed and page-faulted in again on the next step) and with freed memory
+    kept for reuse (what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set; here set by mallopt, per case).
+    Run last: the process keeps the last setting."""
     import ctypes
 
     from gptlab.bench import _hf
@@ -50,9 +51,12 @@ def allocator(model: GPT, optimizer: torch.optim.Optimizer, idx: torch.Tensor, r
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
     def keep_freed_memory(keep: bool) -> None:
-        threshold = 1 << 30 if keep else 128 * 1024  # 128 KiB: glibc's default mmap threshold
-        libc.mallopt(M_MMAP_THRESHOLD, threshold)
-        libc.mallopt(M_TRIM_THRESHOLD, threshold)
+        # glibc's default threshold is dynamic: it rises as mmapped blocks are freed, to at most 32 MiB (trim: twice
+        # that), and setting it by hand stops that. So the default is modelled by its steady state, 32/64 MiB:
+        # blocks up to 32 MiB reuse heap memory, larger ones are fresh mappings.
+        mmap, trim = (1 << 30, 1 << 30) if keep else (32 << 20, 64 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, mmap)
+        libc.mallopt(M_TRIM_THRESHOLD, trim)
         if not keep:
             libc.malloc_trim(0)
 
@@ -81,7 +85,6 @@ def allocator(model: GPT, optimizer: torch.optim.Optimizer, idx: torch.Tensor, r
         times = interleaved_medians(times, repeats)
         for name in ("gptlab", "transformers"):
             report("malloc", {k: v for k, v in times.items() if name in k}, f"step {label}, {name}, glibc default")
-    keep_freed_memory(False)
 
 
 def main(repeats: int) -> None:
@@ -112,8 +115,6 @@ def main(repeats: int) -> None:
             f"step, fused LM-head loss, {label}": step(True, dtype),
         }
         report("loss", interleaved_medians(times, repeats), f"step, logits + F.cross_entropy, {label}")
-
-    allocator(model, optimizer, idx, repeats)
 
     h = torch.randn(4, 256, 3072, requires_grad=True)
 
@@ -198,6 +199,9 @@ def main(repeats: int) -> None:
         "decode 128 tokens, C=96: gptlab": lambda: generate(ours, prompt, new, temperature=0.0),
     }
     report("overhead", interleaved_medians(times, repeats), "decode 128 tokens, C=96: transformers")
+
+    model.train()
+    allocator(model, optimizer, idx, repeats)
 
 
 if __name__ == "__main__":
