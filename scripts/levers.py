@@ -38,14 +38,14 @@ def report(lever: str, times: dict[str, float], baseline: str) -> None:
         print(f"{lever:<9} {name:<48} {seconds * 1e3:9.1f} ms  {times[baseline] / seconds:5.2f}x")
 
 
-def allocator(model: GPT, optimizer: torch.optim.Optimizer, idx: torch.Tensor, repeats: int) -> None:
+def allocator(model: GPT, idx: torch.Tensor, repeats: int) -> None:
     """Training steps of gptlab and transformers with glibc's default allocation of large blocks (above 32 MiB each a
     fresh mmap, returned to the kernel when freed and page-faulted in again on the next step) and with freed memory
     kept for reuse (what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set; here set by mallopt, per case).
     Run last: the process keeps the last setting."""
     import ctypes
 
-    from gptlab.bench import _hf
+    from gptlab.bench import _hf, training_step
 
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -60,30 +60,26 @@ def allocator(model: GPT, optimizer: torch.optim.Optimizer, idx: torch.Tensor, r
         if not keep:
             libc.malloc_trim(0)
 
-    hf = _hf(model.config, torch.device("cpu")).train()
-    hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)
-    x, y = idx[:, :-1], idx[:, 1:]
+    cpu = torch.device("cpu")
+    models = {"gptlab": model.train(), "transformers": _hf(model.config, cpu).train()}
 
-    def step(name: str, keep: bool, dtype: torch.dtype | None):
+    def step(name: str, keep: bool, dtype: str) -> Callable[[], None]:
+        train = training_step("gptlab" if name == "gptlab" else "hf", models[name], idx, dtype, cpu)
+
         def run() -> None:
             keep_freed_memory(keep)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                loss = model(x, targets=y) if name == "gptlab" else hf(input_ids=x, labels=x).loss  # HF shifts inside
-            loss.backward()
-            opt = optimizer if name == "gptlab" else hf_optimizer
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train()
 
         return run
 
-    for label, dtype in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+    for label, dtype in (("float32", "float32"), ("bf16 autocast", "bfloat16")):
         times = {
             f"step {label}, {name}, {'freed memory kept' if keep else 'glibc default'}": step(name, keep, dtype)
-            for name in ("gptlab", "transformers")
+            for name in models
             for keep in (False, True)
         }
         times = interleaved_medians(times, repeats)
-        for name in ("gptlab", "transformers"):
+        for name in models:
             report("malloc", {k: v for k, v in times.items() if name in k}, f"step {label}, {name}, glibc default")
 
 
@@ -200,8 +196,7 @@ def main(repeats: int) -> None:
     }
     report("overhead", interleaved_medians(times, repeats), "decode 128 tokens, C=96: transformers")
 
-    model.train()
-    allocator(model, optimizer, idx, repeats)
+    allocator(model, idx, repeats)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,25 @@ def _peak_memory(run: Callable[[], object], device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------------- suites
 
 
+def training_step(
+    impl: str, model: torch.nn.Module, idx: torch.Tensor, dtype: str, device: torch.device
+) -> Callable[[], None]:
+    """One training step of `model` ("gptlab", or "hf" for transformers) on the tokens `idx` (B, T + 1) per call:
+    forward with the loss (in float32, or under bfloat16 autocast), backward, a fused AdamW step of its own."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def run() -> None:
+        with _autocast(device, dtype):
+            # transformers shifts `labels` by one inside; gptlab takes the next-token targets
+            loss = model(x, targets=y) if impl == "gptlab" else model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return _synced(run, device)
+
+
 def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
     """One training step per call: forward with the loss, backward, AdamW (fused, as `gptlab train` and the
     transformers Trainer's default use), gradients dropped."""
@@ -226,22 +245,11 @@ def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> 
     for model in models.values():
         model.train()
     idx = torch.randint(0, config.vocab_size, (opts.batch_size, opts.seq_len + 1), device=device)
-    x, y = idx[:, :-1], idx[:, 1:]
-
-    def step(name: str, model: torch.nn.Module, dtype: str) -> Callable[[], None]:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-
-        def run() -> None:
-            with _autocast(device, dtype):
-                # transformers shifts `labels` by one inside; gptlab takes the next-token targets
-                loss = model(x, targets=y) if name == "gptlab" else model(input_ids=x, labels=idx[:, :-1]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return _synced(run, device)
-
-    cases = {(name, dtype): step(name, m, dtype) for dtype in ("float32", "bfloat16") for name, m in models.items()}
+    cases = {
+        (name, dtype): training_step(name, m, idx, dtype, device)
+        for dtype in ("float32", "bfloat16")
+        for name, m in models.items()
+    }
     times = interleaved_medians(cases, opts.repeats)
     tokens = opts.batch_size * opts.seq_len
     flops = flops_per_token(config, opts.seq_len) * tokens

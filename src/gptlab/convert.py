@@ -41,6 +41,7 @@ def init_kv_heads(
     "random" discards the heads for a fresh initialisation (weights N(0, INIT_STD) drawn from `generator`,
     zero biases): the paper's two ablations.
     """
+    check_kv_init(kv_init)
     if kv_init == "mean":
         return mean_pool_kv_heads(projection, n_kv_head, head_dim)
     n_src = projection.size(0) // head_dim
@@ -48,12 +49,15 @@ def init_kv_heads(
     if kv_init == "first":
         grouped = projection.view(n_kv_head, n_src // n_kv_head, head_dim, *rest)
         return grouped[:, 0].reshape(n_kv_head * head_dim, *rest).clone()
-    if kv_init == "random":
-        shape = (n_kv_head * head_dim, *rest)
-        if projection.dim() == 1:  # a bias
-            return torch.zeros(shape, dtype=projection.dtype)
-        return (torch.randn(shape, generator=generator) * INIT_STD).to(projection.dtype)
-    raise ConfigError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
+    shape = (n_kv_head * head_dim, *rest)  # "random"
+    if projection.dim() == 1:  # a bias
+        return torch.zeros(shape, dtype=projection.dtype)
+    return (torch.randn(shape, generator=generator) * INIT_STD).to(projection.dtype)
+
+
+def check_kv_init(kv_init: str) -> None:
+    if kv_init not in KV_INITS:
+        raise ConfigError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
 
 
 def convert_state_dict(
@@ -64,8 +68,7 @@ def convert_state_dict(
     Only position embedding and key/value heads are converted (`kv_init`: see `init_kv_heads`); a field that
     changes other shapes is caught by the loader's shape check, naming the tensor.
     """
-    if kv_init not in KV_INITS:
-        raise ConfigError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
+    check_kv_init(kv_init)  # also when no K/V head changes, so a typo never passes unnoticed
     state = dict(state)
     if source.pos_emb != target.pos_emb:
         if target.pos_emb != "rope":
