@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_gpt
+from helpers import random_gpt
 from gptlab import gemv
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig

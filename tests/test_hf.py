@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_hf_gpt2
+from helpers import make_hf_gpt2
 from gptlab import GPT, CheckpointError, GPTConfig
 from gptlab.hf import load_config
 

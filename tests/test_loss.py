@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_gpt
+from helpers import random_gpt
 from gptlab.loss import linear_cross_entropy
 from gptlab.model import GPTConfig
 

@@ -17,7 +17,7 @@ import torch
 
 from gptlab import GPT, CheckpointError, ConfigError, GPTConfig
 from gptlab.config import TrainConfig, load_job_config
-from gptlab.hf import run_checkpoints
+from gptlab.rundir import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
 from gptlab.train import NonFiniteLossError, lr_at, train
 

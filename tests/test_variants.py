@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
+from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 from gptlab import GPT, CheckpointError, ConfigError, GPTConfig
 from gptlab.generate import generate
 

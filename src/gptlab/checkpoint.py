@@ -40,16 +40,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptlab.errors import CheckpointError, GptlabError
-from gptlab.hf import (
-    CHECKPOINT_PREFIX,
-    config_to_hf,
-    latest_run_checkpoint,
-    read_config,
-    run_checkpoints,
-    save_pretrained,
-)
+from gptlab.hf import config_to_hf, read_config, save_pretrained
 from gptlab.model import GPT
 from gptlab.parallel import World, barrier, broadcast_object
+from gptlab.rundir import LOCK_FILE, TMP_PREFIX, checkpoint_dir, latest_checkpoint, run_checkpoints
 
 SHARDS, STATE = "train", "state.json"
 
@@ -67,11 +61,11 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` (optimizer steps completed); a collective call when distributed."""
-    final = out_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    final = checkpoint_dir(out_dir, step)
     tmp = None
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{final.name}-")
+        tmp = tempfile.mkdtemp(dir=out_dir, prefix=f"{TMP_PREFIX}{final.name}-")
     tmp = Path(broadcast_object(tmp, world))
     try:
         model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -121,7 +115,7 @@ def run_lock(out_dir: Path, enabled: bool = True):
         yield
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "a+") as lock:
+    with open(out_dir / LOCK_FILE, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -173,7 +167,7 @@ def export_checkpoint(run_or_checkpoint: Path, destination: Path) -> str:
     """Gather a (possibly sharded) training checkpoint into one `save_pretrained` directory; returns its format."""
     checkpoint = run_or_checkpoint
     if not (checkpoint / STATE).exists():
-        checkpoint = latest_run_checkpoint(run_or_checkpoint)
+        checkpoint = latest_checkpoint(run_or_checkpoint)
         if checkpoint is None:
             raise CheckpointError(f"{run_or_checkpoint} holds no training checkpoint (ckpt-NNNNNNN/state.json)")
     config, _ = read_config(checkpoint)

@@ -40,12 +40,12 @@ import torch
 from gptlab.convert import convert_state_dict
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.model import GPT, GPTConfig
+from gptlab.rundir import latest_checkpoint
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _MASK_BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # `gpt2`, `openai-community/gpt2`
 
-CHECKPOINT_PREFIX = "ckpt-"  # training checkpoints: <run dir>/ckpt-0000500/, one per saved step
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
@@ -214,7 +214,7 @@ def resolve_checkpoint_dir(
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists() and (latest := latest_run_checkpoint(path)) is not None:
+        if not (path / "config.json").exists() and (latest := latest_checkpoint(path)) is not None:
             return latest
         return path
     if path.exists():
@@ -223,22 +223,6 @@ def resolve_checkpoint_dir(
     if not _REPO_ID.fullmatch(name):
         raise CheckpointError(f"checkpoint directory {name} does not exist")
     return _download_from_hub(name, revision, cache_dir, _HUB_PATTERNS if weights else (["config.json"],))
-
-
-def run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints of a training run directory, `(step, path)` by step. A checkpoint directory is
-    written under a temporary name and renamed when complete, so every `ckpt-NNNNNNN` here is whole."""
-    found = []
-    for path in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        step = path.name.removeprefix(CHECKPOINT_PREFIX)
-        if step.isdigit() and path.is_dir():
-            found.append((int(step), path))
-    return sorted(found)
-
-
-def latest_run_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = run_checkpoints(run_dir)
-    return checkpoints[-1][1] if checkpoints else None
 
 
 def _download_from_hub(repo_id: str, revision: str | None, cache_dir: str | None, pattern_sets) -> Path:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from gptlab.config import ParallelConfig
+from gptlab.device import resolve_device
 from gptlab.errors import ConfigError
 from gptlab.model import GPT
 
@@ -44,18 +45,6 @@ class World:
         return dist.is_available() and dist.is_initialized()
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {name!r}") from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
 def init_world(cfg: ParallelConfig, device_name: str) -> World:
     """Join the process group torchrun set up (or make a world of one) for `cfg.mode`."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -64,9 +53,9 @@ def init_world(cfg: ParallelConfig, device_name: str) -> World:
             raise ConfigError(
                 f"parallel.mode=single, but {launched} processes were launched; use parallel.mode=ddp or fsdp"
             )
-        return World(device=resolve_device(device_name))
+        return World(device=resolve_device(device_name, key="train.device"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, key="train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

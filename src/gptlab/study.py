@@ -48,7 +48,8 @@ from gptlab.data import load_meta, load_tokens, prepare
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.sizes import config_breakdown, kv_cache_bytes
-from gptlab.train import METRICS_FILE, autocast_context, evaluate, train
+from gptlab.rundir import METRICS_FILE
+from gptlab.train import autocast_context, evaluate, train
 
 RUNS_MARKER = ".gptlab-study"  # marks a runs directory as the study's own, so a rerun may clear it
 UPTRAIN_FRACTIONS = (0.05, 0.10)  # of the baseline's steps (the GQA paper uptrains with 5% of pre-training)

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ from gptlab.checkpoint import load_checkpoint, run_lock, save_checkpoint
 from gptlab.config import JobConfig, TrainConfig
 from gptlab.data import batch_starts, get_batch, load_meta, load_tokens, shard_starts
 from gptlab.errors import ConfigError, GptlabError
-from gptlab.hf import CHECKPOINT_PREFIX, latest_run_checkpoint, load_config, read_config
+from gptlab.hf import load_config, read_config
 from gptlab.model import GPT, GPTConfig
+from gptlab.rundir import METRICS_FILE, latest_checkpoint, remove_stale_tmp
 from gptlab.parallel import (
     World,
     apply_activation_checkpointing,
@@ -36,9 +36,6 @@ from gptlab.parallel import (
     init_world,
     mean_over_ranks,
 )
-
-METRICS_FILE = "metrics.jsonl"
-
 
 class NonFiniteLossError(GptlabError):
     """The loss became NaN or infinite; nothing from that step was saved."""
@@ -175,9 +172,8 @@ def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
 
     out_dir = Path(cfg.out_dir)
     if world.is_main:  # half-written checkpoints of a run that crashed (we hold the out_dir lock)
-        for stale in out_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    resume_from = latest_run_checkpoint(out_dir) if out_dir.is_dir() else None
+        remove_stale_tmp(out_dir)
+    resume_from = latest_checkpoint(out_dir)
     config = expected_model_config(job, meta["vocab_size"])
     if meta["vocab_size"] > config.vocab_size:
         raise ConfigError(

@@ -1,0 +1,44 @@
+"""Devices and autocast, one helper each, used by training, sampling, benchmarks and the study."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from gptlab.errors import ConfigError
+
+AUTOCAST_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0, key: str = "device") -> torch.device:
+    """`auto` is CUDA when there is a GPU, else the CPU; a bare `cuda` means this process's GPU (`local_rank`).
+    `key` names the setting in errors (`train.device`)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}: unknown device {name!r} (auto, cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def autocast(device: torch.device, dtype: str, key: str = "dtype"):
+    """A context that runs matmuls in `dtype` ("float32": none). Weights stay as they are: float32 master
+    weights in training. float16 is refused off CUDA: it trains with a gradient scaler, a CUDA recipe. `key`
+    names the setting in errors (`train.dtype`)."""
+    if dtype not in AUTOCAST_DTYPES:
+        raise ConfigError(f"{key} must be one of {', '.join(AUTOCAST_DTYPES)}, got {dtype!r}")
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype == "float16" and device.type != "cuda":
+        raise ConfigError(f"{key}=float16 needs CUDA (it trains with a gradient scaler); use bfloat16 on CPU")
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
