@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import TINY_HF, make_hf_gpt2
 
 # Tests never touch the network: the hub client must answer from local files only.

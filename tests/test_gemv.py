@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import random_gpt
 from gptlab import gemv
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig
+from helpers import random_gpt
 
 needs_kernel = pytest.mark.skipif(gemv.unavailable_reason() is not None, reason=str(gemv.unavailable_reason()))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 from gptlab import GPT, GPTConfig, GptlabError
 from gptlab.generate import generate, logits_to_probs
+from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 
 
 @pytest.fixture

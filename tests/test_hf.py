@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import make_hf_gpt2
 from gptlab import GPT, CheckpointError, GPTConfig
 from gptlab.hf import load_config
+from helpers import make_hf_gpt2
 
 
 def hf_logits(hf_model, tokens):

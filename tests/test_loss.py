@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import random_gpt
 from gptlab.loss import linear_cross_entropy
 from gptlab.model import GPTConfig
+from helpers import random_gpt
 
 
 def _inputs(n=37, c=16, v=101, seed=0):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 from gptlab import GPT, CheckpointError, ConfigError, GPTConfig
 from gptlab.generate import generate
+from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 
 # Longer than the 32-query chunks of the blockwise sliding-window path, so several chunks are exercised.
 T = 100

@@ -47,8 +47,8 @@ from gptlab.convert import KV_INITS, convert_state_dict
 from gptlab.data import load_meta, load_tokens, prepare
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
-from gptlab.sizes import config_breakdown, kv_cache_bytes
 from gptlab.rundir import METRICS_FILE
+from gptlab.sizes import config_breakdown, kv_cache_bytes
 from gptlab.train import autocast_context, evaluate, train
 
 RUNS_MARKER = ".gptlab-study"  # marks a runs directory as the study's own, so a rerun may clear it

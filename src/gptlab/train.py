@@ -25,7 +25,6 @@ from gptlab.data import batch_starts, get_batch, load_meta, load_tokens, shard_s
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.hf import load_config, read_config
 from gptlab.model import GPT, GPTConfig
-from gptlab.rundir import METRICS_FILE, latest_checkpoint, remove_stale_tmp
 from gptlab.parallel import (
     World,
     apply_activation_checkpointing,
@@ -36,6 +35,8 @@ from gptlab.parallel import (
     init_world,
     mean_over_ranks,
 )
+from gptlab.rundir import METRICS_FILE, latest_checkpoint, remove_stale_tmp
+
 
 class NonFiniteLossError(GptlabError):
     """The loss became NaN or infinite; nothing from that step was saved."""
