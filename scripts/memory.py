@@ -17,7 +17,7 @@ import torch
 
 from gptlab import GPT, GPTConfig
 from gptlab.config import ParallelConfig
-from gptlab.parallel import apply_ddp, apply_fsdp, close_world, init_world
+from gptlab.parallel import close_world, init_world, parallelize
 
 GIB = 2**30
 
@@ -31,9 +31,7 @@ def measure(preset: str, mode: str) -> None:
     world = init_world(ParallelConfig(mode=mode), "cpu")
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(preset))
-    if mode == "fsdp":
-        apply_fsdp(model, ParallelConfig(mode=mode), world.device)
-    wrapped = apply_ddp(model, world) if mode == "ddp" else model
+    wrapped = parallelize(model, ParallelConfig(mode=mode), world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx = torch.randint(0, model.config.vocab_size, (1, 64))
     wrapped(idx).float().logsumexp(-1).mean().backward()

@@ -48,19 +48,21 @@ from gptlab.rundir import LOCK_FILE, TMP_PREFIX, checkpoint_dir, latest_checkpoi
 SHARDS, STATE = "train", "state.json"
 
 
-def save_checkpoint(
+def write_checkpoint(
     out_dir: Path,
     step: int,
     model: GPT,
     optimizer: torch.optim.Optimizer,
     world: World,
+    *,
     mode: str,
     job: dict[str, Any],
     tokenizer: dict[str, Any],
     keep: int,
     extra_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` (optimizer steps completed); a collective call when distributed."""
+    """Write the checkpoint of `step` (optimizer steps completed) and keep the newest `keep`; a collective call
+    when distributed. `mode` is parallel.mode, `job` the job config, `extra_state` goes into state.json."""
     final = checkpoint_dir(out_dir, step)
     tmp = None
     if world.is_main:
@@ -86,15 +88,7 @@ def save_checkpoint(
             (tmp / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")
         barrier(world)
         if world.is_main:
-            for file in tmp.rglob("*"):
-                _fsync(file)
-            _fsync(tmp)
-            if final.exists():  # a checkpoint of this very step from an earlier attempt: replace it whole
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync(out_dir)
-            for _, old in run_checkpoints(out_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            _commit(tmp, final, keep)
         barrier(world)
     except (OSError, CheckpointException) as e:  # disk full, permissions, a lost mount (DCP wraps OSError)
         if world.is_main:
@@ -105,6 +99,19 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _commit(tmp: Path, final: Path, keep: int) -> None:
+    """Make the complete checkpoint in `tmp` durable, rename it to `final`, then drop all but the newest `keep`."""
+    for file in tmp.rglob("*"):
+        _fsync(file)
+    _fsync(tmp)
+    if final.exists():  # a checkpoint of this very step from an earlier attempt: replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    for _, old in run_checkpoints(final.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

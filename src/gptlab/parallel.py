@@ -7,6 +7,7 @@
   the tied head): parameters, gradients and optimizer state are sharded across ranks as DTensors, and each
   block's parameters are all-gathered just before they are used (Zhao et al. 2023; torchtitan's recipe).
 - `apply_activation_checkpointing`: blocks recompute their activations in backward instead of storing them.
+- `parallelize` applies them (and torch.compile) in the one order that works; the training loop calls it alone.
 """
 
 from __future__ import annotations
@@ -96,6 +97,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def parallelize(model: GPT, cfg: ParallelConfig, world: World, compile: bool = False) -> torch.nn.Module:
+    """Apply `cfg`'s parallelism to a plain `model`, in the one order that works (as torchtitan's
+    `parallelize_llama` fixes it), and return the module a training step calls:
+
+    1. activation checkpointing: wraps each block's forward, so it must come before FSDP hooks the blocks;
+    2. FSDP: shards each block, then the root, in place (`model` stays the module that owns the parameters);
+    3. materialise: a model built on the meta device (parallel.meta_init) gets real storage for its own shards
+       only, initialised in place; any other model moves to the device;
+    4. DDP: wraps the whole model (rank 0's weights are broadcast to all);
+    5. torch.compile, last, over whatever the step calls.
+    """
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.mode == "fsdp":
+        apply_fsdp(model, cfg, world.device)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=world.device)
+        model.init_weights()
+    model.to(world.device)
+    wrapped = apply_ddp(model, world) if cfg.mode == "ddp" else model
+    return torch.compile(wrapped) if compile else wrapped
+
+
 def apply_activation_checkpointing(model: GPT) -> None:
     """Recompute each block's activations in backward. Parameter names stay as they are (no wrapper module)."""
     for block in model.transformer.h:
@@ -128,15 +152,21 @@ def apply_ddp(model: GPT, world: World) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
-def gradient_sync(wrapped: torch.nn.Module, model: GPT, mode: str, sync: bool):
+def gradient_sync(module: torch.nn.Module, sync: bool):
     """A context in which backward does (or, on accumulation micro-steps, does not) synchronise gradients.
 
-    Decided before the micro-step's forward, as DDP's `no_sync` requires.
+    `module` is what `parallelize` returned: DDP skips its all-reduce under `no_sync()`, FSDP its reduce-scatter
+    with `set_requires_gradient_sync(False)`; a single process has nothing to skip. Enter it before the
+    micro-step's forward, as DDP's `no_sync` requires.
     """
-    if mode == "ddp" and not sync:
-        return wrapped.no_sync()
-    if mode == "fsdp":
-        model.set_requires_gradient_sync(sync)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: act on the module it compiled
+    if isinstance(module, DistributedDataParallel) and not sync:
+        return module.no_sync()
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 

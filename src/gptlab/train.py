@@ -1,6 +1,9 @@
 """The training loop: AdamW, warmup + cosine schedule, gradient accumulation, clipping, autocast, evaluation,
 atomic checkpoints and exact resume.
 
+In three pieces, as torchtitan's trainer: `setup_run` builds everything a run holds (`Run`), `train_step` takes
+one optimizer step, and `train` loops: step, log, maybe evaluate, maybe checkpoint.
+
 Every optimizer step's batch is a pure function of (seed, step) (`gptlab.data.batch_starts`), and the loss
 of a step is the mean over its `batch_size` sequences however they are split into micro-batches, so a run
 resumed from a checkpoint takes exactly the steps an uninterrupted run would.
@@ -8,7 +11,6 @@ resumed from a checkpoint takes exactly the steps an uninterrupted run would.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -17,24 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from gptlab.checkpoint import load_checkpoint, run_lock, save_checkpoint
+from gptlab.checkpoint import load_checkpoint, run_lock, write_checkpoint
 from gptlab.config import JobConfig, TrainConfig
 from gptlab.data import batch_starts, get_batch, load_meta, load_tokens, shard_starts
+from gptlab.device import autocast
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.hf import load_config, read_config
 from gptlab.model import GPT, GPTConfig
-from gptlab.parallel import (
-    World,
-    apply_activation_checkpointing,
-    apply_ddp,
-    apply_fsdp,
-    close_world,
-    gradient_sync,
-    init_world,
-    mean_over_ranks,
-)
+from gptlab.parallel import World, close_world, gradient_sync, init_world, mean_over_ranks, parallelize
 from gptlab.rundir import METRICS_FILE, latest_checkpoint, remove_stale_tmp
 
 
@@ -49,6 +44,66 @@ class TrainResult:
     seconds: float
     checkpoint: Path | None  # the newest checkpoint
     is_main: bool = True  # rank 0 (the process that reports)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps; built by `setup_run`."""
+
+    job: JobConfig
+    world: World
+    # The plain model (sharded in place under FSDP): parameters, state dicts and checkpoints come from it.
+    model: GPT
+    # What a step calls: the model, wrapped by DDP and/or compiled (see `parallel.parallelize`).
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    # float16 needs loss scaling to keep small gradients from flushing to zero; disabled for other dtypes.
+    scaler: torch.amp.GradScaler
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    tokenizer: dict[str, Any]  # the data's tokenizer, saved beside every checkpoint
+    micro_batch_size: int  # sequences per forward on each rank
+    accum_steps: int  # micro-batches per optimizer step on each rank
+    start_step: int  # optimizer steps already taken (from the checkpoint resumed)
+    nonfinite_skips: int  # steps dropped for a non-finite loss so far (train.on_nonfinite = "skip")
+    checkpoint: Path | None  # the newest checkpoint, resumed from or written
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.job.train
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.job.train.out_dir)
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def autocast(self):
+        return autocast(self.world.device, self.cfg.dtype, key="train.dtype")
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did."""
+
+    step: int  # optimizer steps completed, this one included
+    loss: float  # mean training loss over the step's batch, all ranks
+    lr: float
+    finite: bool  # False: the step was skipped (non-finite loss or gradient norm)
+    seconds: float
+
+    def record(self, run: Run) -> dict[str, Any]:
+        """The step's line in metrics.jsonl (strict JSON: a non-finite loss is written as null)."""
+        return {
+            "step": self.step,
+            "loss": self.loss if math.isfinite(self.loss) else None,
+            "lr": self.lr,
+            "tokens": self.step * run.cfg.batch_size * run.block_size,
+            "step_time": self.seconds,
+            **({} if self.finite else {"skipped": True, "nonfinite_skips": run.nonfinite_skips}),
+        }
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -71,17 +126,78 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
 
 
-def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch, in float32 whatever the autocast dtype."""
-    return model(x, targets=y)
+# ----------------------------------------------------------------------------------------------- set-up
 
 
-def autocast_context(cfg: TrainConfig, device: torch.device):
-    if cfg.dtype == "float32":
-        return contextlib.nullcontext()
-    if cfg.dtype == "float16" and device.type != "cuda":
-        raise ConfigError("train.dtype=float16 needs CUDA (it trains with a gradient scaler); use bfloat16 on CPU")
-    return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
+def train(job: JobConfig, progress: bool = True) -> TrainResult:
+    """Run (or resume) the job; returns the steps taken, the final validation loss and the last checkpoint.
+
+    The same loop runs on one process or many (parallel.mode ddp/fsdp under torchrun); only rank 0 logs and
+    writes metrics, and every rank takes part in checkpoints.
+    """
+    world = init_world(job.parallel, job.train.device)
+    try:
+        with run_lock(Path(job.train.out_dir), enabled=world.is_main):
+            run = setup_run(job, world)
+            return train_loop(run, progress and world.is_main)
+    finally:
+        close_world()
+
+
+def setup_run(job: JobConfig, world: World) -> Run:
+    """Everything a run needs before its first step: data, the batch split, the resume point, the model built
+    and parallelized, the optimizer, and (when resuming) their state from the newest checkpoint."""
+    cfg = job.train
+    autocast(world.device, cfg.dtype, key="train.dtype")  # refuse a dtype this device cannot train in, now
+    micro, accum = batch_split(cfg, world)
+    data_dir = Path(job.data.dir)
+    meta = load_meta(data_dir)
+    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+    out_dir = Path(cfg.out_dir)
+    if world.is_main:  # half-written checkpoints of a run that crashed (we hold the out_dir lock)
+        remove_stale_tmp(out_dir)
+    resume_from = latest_checkpoint(out_dir)
+    config = expected_model_config(job, meta["vocab_size"])
+    if meta["vocab_size"] > config.vocab_size:
+        raise ConfigError(
+            f"data {data_dir} has token ids up to {meta['vocab_size'] - 1}, beyond the model's "
+            f"vocab_size={config.vocab_size}"
+        )
+    if resume_from is not None:
+        check_resume_matches(resume_from, job, config)
+    torch.manual_seed(cfg.seed)
+    model = initial_model(job, config, resumed=resume_from is not None)
+    forward = parallelize(model, job.parallel, world, compile=cfg.compile)
+    run = Run(
+        job=job,
+        world=world,
+        model=model,
+        forward=forward,
+        optimizer=configure_optimizer(model, cfg, world.device),
+        scaler=torch.amp.GradScaler(world.device.type, enabled=cfg.dtype == "float16"),
+        train_tokens=train_tokens,
+        val_tokens=val_tokens,
+        tokenizer=meta["tokenizer"],
+        micro_batch_size=micro,
+        accum_steps=accum,
+        start_step=0,
+        nonfinite_skips=0,
+        checkpoint=resume_from,
+    )
+    if resume_from is not None:
+        resume(run, resume_from)
+    return run
+
+
+def batch_split(cfg: TrainConfig, world: World) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) that make up `batch_size` sequences over all ranks."""
+    micro = cfg.micro_batch_size or cfg.batch_size // world.world_size
+    if micro == 0 or cfg.batch_size % (micro * world.world_size):
+        raise ConfigError(
+            f"train.batch_size={cfg.batch_size} is not divisible by train.micro_batch_size={micro} x world size "
+            f"{world.world_size}"
+        )
+    return micro, cfg.batch_size // (micro * world.world_size)
 
 
 def expected_model_config(job: JobConfig, vocab_size: int) -> GPTConfig:
@@ -92,9 +208,17 @@ def expected_model_config(job: JobConfig, vocab_size: int) -> GPTConfig:
     return load_config(job.train.init_from).replace(**job.model.overrides())
 
 
-def build_model(job: JobConfig, vocab_size: int) -> GPT:
-    if job.train.init_from == "scratch":
-        return GPT(job.model.build(vocab_size))
+def initial_model(job: JobConfig, config: GPTConfig, resumed: bool) -> GPT:
+    """The model before parallelization: pretrained weights, or a fresh initialisation that is the same on
+    every rank (same seed); when resuming, any initialisation (the checkpoint overwrites it). With
+    parallel.meta_init (fsdp, from scratch) it is built on the meta device, without memory, and `parallelize`
+    initialises each rank's shards in place."""
+    scratch = job.train.init_from == "scratch"
+    if job.parallel.meta_init and job.parallel.mode == "fsdp" and scratch and not resumed:
+        with torch.device("meta"):
+            return GPT(config)
+    if scratch or resumed:
+        return GPT(config)
     return GPT.from_pretrained(job.train.init_from, **job.model.overrides()).train()
 
 
@@ -116,6 +240,18 @@ def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) ->
             )
 
 
+def resume(run: Run, checkpoint: Path) -> None:
+    """Restore the model, optimizer, scaler, step and skip count from `checkpoint`; drop the metrics of any
+    steps a crashed run logged after it."""
+    state = load_checkpoint(checkpoint, run.model, run.optimizer, run.world)
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.start_step = state["step"]
+    run.nonfinite_skips = state.get("nonfinite_skips", 0)
+    if run.world.is_main:
+        truncate_metrics(run.out_dir / METRICS_FILE, run.start_step)
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop records of steps after `step`: a crashed run may have logged steps its last checkpoint lacks."""
     if not path.exists():
@@ -124,6 +260,92 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+def train_loop(run: Run, progress: bool) -> TrainResult:
+    """Step, log, maybe evaluate, maybe checkpoint, from the run's start step to `max_steps`."""
+    cfg = run.cfg
+    logger = MetricsLogger(run, progress)
+    started, val_loss = time.perf_counter(), None
+    try:
+        for step in range(run.start_step, cfg.max_steps):
+            stats = train_step(run, step)
+            records = [stats.record(run)]
+            last = stats.step == cfg.max_steps
+            if stats.step % cfg.eval_interval == 0 or last:
+                val_loss = evaluate_run(run)
+                records.append({"step": stats.step, "val_loss": val_loss})
+                logger.write(f"step {stats.step}: train loss {stats.loss:.4f}, val loss {val_loss:.4f}")
+            logger.log(stats, records)
+            if stats.step % cfg.checkpoint_interval == 0 or last:
+                run.checkpoint = save_checkpoint(run, stats.step)
+    finally:
+        logger.close()
+    seconds = time.perf_counter() - started
+    return TrainResult(max(0, cfg.max_steps - run.start_step), val_loss, seconds, run.checkpoint, run.world.is_main)
+
+
+def train_step(run: Run, step: int) -> StepStats:
+    """Optimizer step `step` (0-based): its batch split into micro-batches whose gradients accumulate (synced
+    across ranks on the last one only), then clipping and the update, unless the loss or gradients are
+    non-finite (`train.on_nonfinite`)."""
+    cfg, world = run.cfg, run.world
+    started = time.perf_counter()
+    lr = lr_at(step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    starts = batch_starts(len(run.train_tokens), run.block_size, cfg.batch_size, cfg.seed, step)
+    loss_sum = torch.zeros((), device=world.device)
+    for micro_step in range(run.accum_steps):
+        shard = shard_starts(starts, world.rank, world.world_size, run.micro_batch_size, micro_step)
+        x, y = get_batch(run.train_tokens, shard, run.block_size, world.device)
+        with gradient_sync(run.forward, sync=micro_step == run.accum_steps - 1):
+            with run.autocast():
+                loss = run.forward(x, targets=y) / run.accum_steps
+            run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    loss_value = mean_over_ranks(loss_sum, world).item()  # one sync per step, not per micro-batch
+    finite = math.isfinite(loss_value) and clip_gradients(run)
+    if finite:
+        run.scaler.step(run.optimizer)  # (with float16, the scaler itself skips steps with inf/NaN gradients)
+        run.scaler.update()
+    else:
+        skip_step(run, step, loss_value)
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepStats(step + 1, loss_value, lr, finite, time.perf_counter() - started)
+
+
+def clip_gradients(run: Run) -> bool:
+    """Clip the global gradient norm to `train.grad_clip` (0: no clipping); False when the norm is non-finite."""
+    if run.cfg.grad_clip <= 0:
+        return True
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)  # sharded: a global norm
+    if run.cfg.dtype == "float16":  # float16 overflow is the scaler's business: it skips and rescales
+        return True
+    return math.isfinite(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+
+
+def skip_step(run: Run, step: int, loss_value: float) -> None:
+    """Count a step dropped for a non-finite loss or gradient, or stop the run (`train.on_nonfinite`)."""
+    cfg = run.cfg
+    run.nonfinite_skips += 1
+    if cfg.on_nonfinite == "stop" or run.nonfinite_skips > cfg.max_nonfinite_skips:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradients ({loss_value}) at step {step + 1}"
+            + (f", the {run.nonfinite_skips}th skipped step" if cfg.on_nonfinite == "skip" else "")
+            + f"; nothing from it was saved, the last good checkpoint is {run.checkpoint or 'none'}. "
+            "Lower train.lr or check the data"
+        )
+
+
+def evaluate_run(run: Run) -> float:
+    return evaluate(
+        run.model, run.val_tokens, run.block_size, run.cfg, run.micro_batch_size, run.world.device, run.autocast()
+    )
 
 
 @torch.no_grad()
@@ -137,180 +359,27 @@ def evaluate(model, tokens, block_size: int, cfg: TrainConfig, micro_batch_size:
         starts = batch_starts(len(tokens), block_size, micro_batch_size, cfg.seed, i, stream=1)
         x, y = get_batch(tokens, starts, block_size, device)
         with autocast:
-            losses.append(lm_loss(model, x, y).item())
+            losses.append(model(x, targets=y).item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
 
-def train(job: JobConfig, progress: bool = True) -> TrainResult:
-    """Run (or resume) the job; returns the steps taken, the final validation loss and the last checkpoint.
-
-    The same loop runs on one process or many (parallel.mode ddp/fsdp under torchrun); only rank 0 logs and
-    writes metrics, and every rank takes part in checkpoints.
-    """
-    world = init_world(job.parallel, job.train.device)
-    try:
-        with run_lock(Path(job.train.out_dir), enabled=world.is_main):
-            return _train(job, world, progress and world.is_main)
-    finally:
-        close_world()
-
-
-def _train(job: JobConfig, world: World, progress: bool) -> TrainResult:
-    cfg, mode = job.train, job.parallel.mode
-    device = world.device
-    autocast = autocast_context(cfg, device)
-    data_dir = Path(job.data.dir)
-    meta = load_meta(data_dir)
-    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
-    micro = cfg.micro_batch_size or cfg.batch_size // world.world_size
-    if cfg.batch_size % (micro * world.world_size):
-        raise ConfigError(
-            f"train.batch_size={cfg.batch_size} is not divisible by train.micro_batch_size={micro} x world size "
-            f"{world.world_size}"
-        )
-    accum = cfg.batch_size // (micro * world.world_size)
-
-    out_dir = Path(cfg.out_dir)
-    if world.is_main:  # half-written checkpoints of a run that crashed (we hold the out_dir lock)
-        remove_stale_tmp(out_dir)
-    resume_from = latest_checkpoint(out_dir)
-    config = expected_model_config(job, meta["vocab_size"])
-    if meta["vocab_size"] > config.vocab_size:
-        raise ConfigError(
-            f"data {data_dir} has token ids up to {meta['vocab_size'] - 1}, beyond the model's "
-            f"vocab_size={config.vocab_size}"
-        )
-    torch.manual_seed(cfg.seed)
-    if resume_from is not None:
-        check_resume_matches(resume_from, job, config)
-    # The model: pretrained weights, or a fresh initialisation that is the same on every rank (same seed); when
-    # resuming, any initialisation (the checkpoint overwrites it). With parallel.meta_init (fsdp, from scratch) it
-    # is built without memory and each rank initialises only its shards after fully_shard.
-    meta_init = job.parallel.meta_init and mode == "fsdp" and cfg.init_from == "scratch" and resume_from is None
-    if meta_init:
-        with torch.device("meta"):
-            model = GPT(config)
-    elif resume_from is not None:
-        model = GPT(config)
-    else:
-        model = build_model(job, meta["vocab_size"])
-    if job.parallel.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if mode == "fsdp":
-        apply_fsdp(model, job.parallel, device)
-    if meta_init:
-        model.to_empty(device=device)
-        model.init_weights()
-    model.to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    # float16 needs loss scaling to keep small gradients from flushing to zero; a no-op for other dtypes.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    start_step, skipped = 0, 0  # skipped: steps dropped for a non-finite loss (train.on_nonfinite = "skip")
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, world)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-        skipped = state.get("nonfinite_skips", 0)
-        if world.is_main:
-            truncate_metrics(out_dir / METRICS_FILE, start_step)
-    wrapped = apply_ddp(model, world) if mode == "ddp" else model
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
-    block_size = model.config.block_size
-    job_record = job.model_dump()
-    wandb_run = _start_wandb(job, out_dir) if cfg.wandb_project and world.is_main else None
-    if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(out_dir / METRICS_FILE, "a") if world.is_main else None
-
-    bar = _progress_bar(cfg.max_steps, start_step, progress)
-    started = time.perf_counter()
-    val_loss, checkpoint = None, resume_from
-    try:
-        for step in range(start_step, cfg.max_steps):
-            step_start = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            starts = batch_starts(len(train_tokens), block_size, cfg.batch_size, cfg.seed, step)
-            loss_sum = torch.zeros((), device=device)
-            for micro_step in range(accum):
-                shard = shard_starts(starts, world.rank, world.world_size, micro, micro_step)
-                x, y = get_batch(train_tokens, shard, block_size, device)
-                with gradient_sync(wrapped, model, mode, sync=micro_step == accum - 1):
-                    with autocast:
-                        loss = lm_loss(forward, x, y) / accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            loss_value = mean_over_ranks(loss_sum, world).item()  # one sync per step, not per micro-batch
-            finite = math.isfinite(loss_value)
-            if finite and cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # sharded: a global norm
-                if cfg.dtype != "float16":  # float16 overflow is the scaler's business: it skips and rescales
-                    finite = math.isfinite(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-            if finite:
-                scaler.step(optimizer)  # (with float16, the scaler itself skips steps with inf/NaN gradients)
-                scaler.update()
-            else:
-                skipped += 1
-                if cfg.on_nonfinite == "stop" or skipped > cfg.max_nonfinite_skips:
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradients ({loss_value}) at step {step + 1}"
-                        + (f", the {skipped}th skipped step" if cfg.on_nonfinite == "skip" else "")
-                        + f"; nothing from it was saved, the last good checkpoint is {checkpoint or 'none'}. "
-                        "Lower train.lr or check the data"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-
-            done = step + 1
-            records = [
-                {
-                    "step": done,
-                    "loss": loss_value if math.isfinite(loss_value) else None,  # strict JSON has no NaN
-                    "lr": lr,
-                    "tokens": done * cfg.batch_size * block_size,
-                    "step_time": time.perf_counter() - step_start,
-                    **({} if finite else {"skipped": True, "nonfinite_skips": skipped}),
-                }
-            ]
-            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-                val_loss = evaluate(model, val_tokens, block_size, cfg, micro, device, autocast)
-                records.append({"step": done, "val_loss": val_loss})
-                if world.is_main:
-                    bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
-            if metrics is not None:
-                _log(metrics, wandb_run, *records)
-            bar.set_postfix(
-                loss=f"{loss_value:.4f}",
-                lr=f"{lr:.2e}",
-                tok_s=f"{cfg.batch_size * block_size / records[0]['step_time']:,.0f}",
-            )
-            bar.update()
-            if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
-                if not weights_are_finite(model, world):
-                    raise NonFiniteLossError(f"weights became non-finite by step {done}; not saving them")
-                checkpoint = save_checkpoint(
-                    out_dir,
-                    done,
-                    model,
-                    optimizer,
-                    world,
-                    mode,
-                    job_record,
-                    meta["tokenizer"],
-                    cfg.keep_checkpoints,
-                    extra_state={"scaler": scaler.state_dict(), "nonfinite_skips": skipped},
-                )
-    finally:
-        if metrics is not None:
-            metrics.close()
-        bar.close()
-        if wandb_run is not None:
-            wandb_run.finish()
-    seconds = time.perf_counter() - started
-    return TrainResult(max(0, cfg.max_steps - start_step), val_loss, seconds, checkpoint, world.is_main)
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Write the checkpoint of `step` (a collective call when distributed); never one with non-finite weights."""
+    if not weights_are_finite(run.model, run.world):
+        raise NonFiniteLossError(f"weights became non-finite by step {step}; not saving them")
+    return write_checkpoint(
+        run.out_dir,
+        step,
+        run.model,
+        run.optimizer,
+        run.world,
+        mode=run.job.parallel.mode,
+        job=run.job.model_dump(),
+        tokenizer=run.tokenizer,
+        keep=run.cfg.keep_checkpoints,
+        extra_state={"scaler": run.scaler.state_dict(), "nonfinite_skips": run.nonfinite_skips},
+    )
 
 
 def weights_are_finite(model: torch.nn.Module, world: World) -> bool:
@@ -319,18 +388,52 @@ def weights_are_finite(model: torch.nn.Module, world: World) -> bool:
     return mean_over_ranks(torch.tensor(float(local), device=world.device), world).item() == 1.0
 
 
-def _log(metrics, wandb_run, *records: dict[str, Any]) -> None:
-    for record in records:
-        metrics.write(json.dumps(record) + "\n")
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-    metrics.flush()
+# ------------------------------------------------------------------------------------------------ logging
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
+class MetricsLogger:
+    """Rank 0's records: metrics.jsonl (appended; a resumed run continues it), wandb when configured, and the
+    progress bar. On other ranks every method does nothing."""
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    def __init__(self, run: Run, progress: bool) -> None:
+        from tqdm import tqdm
+
+        main = run.world.is_main
+        self.tokens_per_step = run.cfg.batch_size * run.block_size
+        self.wandb = _start_wandb(run.job, run.out_dir) if run.cfg.wandb_project and main else None
+        if main:
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = open(run.out_dir / METRICS_FILE, "a") if main else None
+        self.bar = tqdm(
+            total=run.cfg.max_steps,
+            initial=run.start_step,
+            desc="train",
+            unit="step",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+
+    def log(self, stats: StepStats, records: list[dict[str, Any]]) -> None:
+        if self.metrics is not None:
+            for record in records:
+                self.metrics.write(json.dumps(record) + "\n")
+                if self.wandb is not None:
+                    self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.metrics.flush()
+        tok_s = self.tokens_per_step / stats.seconds
+        self.bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        self.bar.update()
+
+    def write(self, line: str) -> None:
+        if self.metrics is not None:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _start_wandb(job: JobConfig, out_dir: Path):
