@@ -73,69 +73,83 @@ def _field(hf: dict[str, Any], key: str, source: str) -> Any:
     return hf[key]
 
 
+def _gpt2_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """GPTConfig fields of a `GPT2LMHeadModel` config.json (absent keys take GPT2Config's defaults)."""
+    n_embd = hf.get("n_embd", 768)
+    _require(
+        hf,
+        source,
+        {
+            "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
+            "n_inner": (None, (None, 4 * n_embd)),
+            "scale_attn_weights": (True, (True,)),
+            "scale_attn_by_inverse_layer_idx": (False, (False,)),
+            "add_cross_attention": (False, (False,)),
+            "tie_word_embeddings": (True, (True,)),
+        },
+    )
+    return dict(
+        block_size=hf.get("n_positions", 1024),
+        vocab_size=hf.get("vocab_size", 50257),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=n_embd,
+        dropout=float(hf.get("resid_pdrop", 0.1)),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+    )
+
+
+def _starcoder2_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """GPTConfig fields of a `Starcoder2ForCausalLM` config.json (the shape keys are required)."""
+    n_embd, n_head = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
+    _require(
+        {**hf, "rope_type": rope.get("rope_type", "default")},
+        source,
+        {
+            "hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh", "gelu_new")),
+            "intermediate_size": (None, (4 * n_embd,)),
+            "use_bias": (True, (True,)),
+            "tie_word_embeddings": (True, (True,)),
+            "head_dim": (None, (None, n_embd // n_head)),
+            "rope_type": ("default", ("default",)),
+        },
+    )
+    n_kv_head = hf.get("num_key_value_heads") or n_head
+    return dict(
+        block_size=_field(hf, "max_position_embeddings", source),
+        vocab_size=_field(hf, "vocab_size", source),
+        n_layer=_field(hf, "num_hidden_layers", source),
+        n_head=n_head,
+        n_embd=n_embd,
+        dropout=float(hf.get("residual_dropout", 0.0)),
+        norm_eps=float(hf.get("norm_epsilon", 1e-5)),
+        pos_emb="rope",
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        n_kv_head=None if n_kv_head == n_head else n_kv_head,
+        window=hf.get("sliding_window"),
+    )
+
+
+def _gptlab_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """gptlab's own format: the GPTConfig itself, under the `gptlab` key."""
+    config = hf.get("gptlab")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: model_type 'gptlab' needs a 'gptlab' object with the GPTConfig")
+    return config
+
+
+_CONFIG_READERS = {"gpt2": _gpt2_fields, "starcoder2": _starcoder2_fields, "gptlab": _gptlab_fields}
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> tuple[GPTConfig, str]:
     """Translate a `config.json` dict into a `GPTConfig` and the checkpoint's format (gpt2, starcoder2, gptlab)."""
     model_type = hf.get("model_type")
-    if model_type == "gpt2":
-        n_embd = hf.get("n_embd", 768)
-        _require(
-            hf,
-            source,
-            {
-                "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
-                "n_inner": (None, (None, 4 * n_embd)),
-                "scale_attn_weights": (True, (True,)),
-                "scale_attn_by_inverse_layer_idx": (False, (False,)),
-                "add_cross_attention": (False, (False,)),
-                "tie_word_embeddings": (True, (True,)),
-            },
-        )
-        config = dict(
-            block_size=hf.get("n_positions", 1024),
-            vocab_size=hf.get("vocab_size", 50257),
-            n_layer=hf.get("n_layer", 12),
-            n_head=hf.get("n_head", 12),
-            n_embd=n_embd,
-            dropout=float(hf.get("resid_pdrop", 0.1)),
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        )
-    elif model_type == "starcoder2":
-        n_embd, n_head = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
-        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
-        _require(
-            {**hf, "rope_type": rope.get("rope_type", "default")},
-            source,
-            {
-                "hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh", "gelu_new")),
-                "intermediate_size": (None, (4 * n_embd,)),
-                "use_bias": (True, (True,)),
-                "tie_word_embeddings": (True, (True,)),
-                "head_dim": (None, (None, n_embd // n_head)),
-                "rope_type": ("default", ("default",)),
-            },
-        )
-        n_kv_head = hf.get("num_key_value_heads") or n_head
-        config = dict(
-            block_size=_field(hf, "max_position_embeddings", source),
-            vocab_size=_field(hf, "vocab_size", source),
-            n_layer=_field(hf, "num_hidden_layers", source),
-            n_head=n_head,
-            n_embd=n_embd,
-            dropout=float(hf.get("residual_dropout", 0.0)),
-            norm_eps=float(hf.get("norm_epsilon", 1e-5)),
-            pos_emb="rope",
-            rope_theta=float(rope.get("rope_theta", 10000.0)),
-            n_kv_head=None if n_kv_head == n_head else n_kv_head,
-            window=hf.get("sliding_window"),
-        )
-    elif model_type == "gptlab":
-        config = hf.get("gptlab")
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{source}: model_type 'gptlab' needs a 'gptlab' object with the GPTConfig")
-    else:
+    if model_type not in _CONFIG_READERS:
         raise CheckpointError(
             f"{source}: model_type is {model_type!r}; gptlab loads 'gpt2', 'starcoder2' and its own 'gptlab'"
         )
+    config = _CONFIG_READERS[model_type](hf, source)
     try:
         return GPTConfig.from_dict(config), model_type
     except ConfigError as e:
