@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def test_inspect_preset_needs_no_download():
         (["sample", "--model", "./no/such/dir", "--prompt", "hi"], "checkpoint directory ./no/such/dir does not exist"),
         (["sample", "--model", "not-cached-model"], "'not-cached-model' is not a local directory"),
         (["inspect", "./missing"], "./missing does not exist"),
+        (["sample", "--model", "gpt2", "--device", "gpu"], "--device: unknown device 'gpu'"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(args, culprit):
@@ -224,3 +226,46 @@ def test_prepare_and_export_errors_exit_2(tmp_path, args, culprit):
     result = gptlab(*[str(tmp_path / "out") if a == "OUT" else a for a in args])
     assert result.returncode == 2 and result.stderr.startswith("gptlab: error: ") and culprit in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def _as_typed(value) -> str:
+    """A default as `--help` must show it: TOML spelling for booleans, "unset" for None."""
+    return "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def test_train_help_lists_every_key_with_type_default_and_meaning(capsys):
+    from gptlab.cli import main
+    from gptlab.config import JobConfig
+    from gptlab.model import PRESETS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "see gptlab/config.py" not in out and max(len(line) for line in out.splitlines()) <= 120
+    lines = out.splitlines()
+    preset = PRESETS[JobConfig().model.preset]
+    for section, section_field in JobConfig.model_fields.items():
+        assert f"[{section}]" in out
+        for name, field in section_field.annotation.model_fields.items():
+            start = next(i for i, line in enumerate(lines) if line.startswith(f"  --{section}.{name} "))
+            # the key's line and the indented lines that continue its description
+            entry = [lines[start], *itertools.takewhile(lambda line: line.startswith(" " * 8), lines[start + 1 :])]
+            text = " ".join(" ".join(entry).split())
+            assert " ".join(field.description.split()) in text, f"{section}.{name}"
+            if section == "model" and name == "vocab_size":
+                assert "(default: the data's)" in text
+            elif section == "model" and name != "preset":
+                assert f"(preset: {_as_typed(getattr(preset, name))})" in text, f"{section}.{name}"
+            else:
+                assert f"(default {_as_typed(field.default)})" in text, f"{section}.{name}"
+    examples = [
+        "--train.lr FLOAT (default 0.001)",
+        "--train.compile BOOL (default false)",
+        "--train.on_nonfinite {stop,skip} (default stop)",
+        "--model.n_layer INT (preset: 6)",
+        "--model.window INT|LIST (preset: unset)",
+        "--data.dir TEXT (default data/shakespeare-char)",
+    ]
+    for line in examples:
+        assert f"\n  {line}" in out

@@ -10,6 +10,7 @@ import argparse
 import codecs
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -17,10 +18,6 @@ import torch
 from gptlab.errors import GptlabError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # -------------------------------------------------------------------------------------------- variants
@@ -66,7 +63,7 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--tokenizer", default=None, choices=["gpt2"], help="default: the run's own, else gpt2")
-    p.add_argument("--device", default=_default_device())
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence each step (slow)")
     p.add_argument(
@@ -93,25 +90,15 @@ def load_run_tokenizer(directory: Path, name: str | None):
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from gptlab.generate import stream_tokens
+    from gptlab.device import resolve_device
     from gptlab.hf import resolve_checkpoint_dir
-    from gptlab.model import GPT
 
     if args.num_samples < 1:
         raise GptlabError(f"--num_samples must be >= 1, got {args.num_samples}")
+    device = resolve_device(args.device, key="--device")
     directory = resolve_checkpoint_dir(args.model)
     tokenizer = load_run_tokenizer(directory, args.tokenizer)
-    model = GPT.from_pretrained(directory, dtype=DTYPES[args.dtype], **variant_overrides(args)).to(args.device)
-    if args.gemv and args.dtype == "bfloat16" and torch.device(args.device).type == "cpu":
-        from gptlab import gemv
-
-        reason = gemv.unavailable_reason()
-        if reason is None:
-            gemv.use_gemv(model)
-        else:  # PyTorch's own kernels still decode, just slower
-            print(f"note: decoding without the bfloat16 matrix-vector kernel: {reason}", file=sys.stderr)
-    if args.compile:
-        model.compile()
+    model = load_sample_model(directory, args, device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GptlabError(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but model {args.model} only "
@@ -121,25 +108,51 @@ def run_sample(args: argparse.Namespace) -> None:
         ids = tokenizer.encode(args.prompt)
     else:  # unconditional: GPT-2 starts from <|endoftext|>, a character model from a newline
         ids = [tokenizer.eot_token] if tokenizer.eot_token is not None else tokenizer.encode("\n")
-    prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
         print(args.prompt, end="", flush=True)
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
-        for token in stream_tokens(
-            model,
-            prompt,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            use_cache=not args.no_cache,
-            generator=generator,
-        ):
-            print(utf8.decode(tokenizer.decode_bytes(token[0].tolist())), end="", flush=True)
-        print(utf8.decode(b"", final=True))
+        print_sample(model, tokenizer, prompt, args, generator)
+
+
+def load_sample_model(directory: Path, args: argparse.Namespace, device: torch.device):
+    """The checkpoint as the asked-for variant on `device`: on gptlab's bfloat16 matrix-vector kernel where it
+    applies (`--gemv`), compiled with `--compile`."""
+    from gptlab.model import GPT
+
+    model = GPT.from_pretrained(directory, dtype=DTYPES[args.dtype], **variant_overrides(args)).to(device)
+    if args.gemv and args.dtype == "bfloat16" and device.type == "cpu":
+        from gptlab import gemv
+
+        reason = gemv.unavailable_reason()
+        if reason is None:
+            gemv.use_gemv(model)
+        else:  # PyTorch's own kernels still decode, just slower
+            print(f"note: decoding without the bfloat16 matrix-vector kernel: {reason}", file=sys.stderr)
+    if args.compile:
+        model.compile()
+    return model
+
+
+def print_sample(model, tokenizer, prompt: torch.Tensor, args: argparse.Namespace, generator) -> None:
+    """Stream one continuation of `prompt` (1, T) to stdout as it is generated."""
+    from gptlab.generate import stream_tokens
+
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
+    for token in stream_tokens(
+        model,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        use_cache=not args.no_cache,
+        generator=generator,
+    ):
+        print(utf8.decode(tokenizer.decode_bytes(token[0].tolist())), end="", flush=True)
+    print(utf8.decode(b"", final=True))
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -275,11 +288,20 @@ def run_prepare(args: argparse.Namespace) -> None:
 
 
 def add_train_parser(subparsers) -> None:
+    from gptlab.config import keys_help
+
     p = subparsers.add_parser(
         "train",
         help="train or fine-tune; resumes from out_dir's latest checkpoint",
-        description="Settings come from defaults, then --config FILE.toml, then --section.key=value flags "
-        "(sections: model, data, train, parallel; see gptlab/config.py).",
+        description=textwrap.fill(
+            "Settings come from defaults, then --config FILE.toml, then --section.key=value flags (or "
+            '--section.key value). Values are TOML literals (3e-4, true, [256, "none"]); TEXT keys take the value '
+            "as written.",
+            110,
+        ),
+        epilog="keys (--section.key=value on the command line, key = value under [section] in the TOML file):\n\n"
+        + keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default=None, help="TOML file with [model], [data], [train], [parallel] sections")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")

@@ -6,12 +6,17 @@ Each section is a pydantic model with `extra="forbid"` and strict types, so a mi
 wrong type fails before any work starts, with the key named (`train.lr: Input should be a valid number`).
 Command-line values are TOML literals (`3e-4`, `true`, `[256, "none"]`); text fields (paths, names) take the
 value as written (`--train.out_dir=out/run`, even `--train.out_dir=0`). Each function receives only the
-section it needs.
+section it needs. Each key's meaning is its `Field(description=...)`; `keys_help()` lists them all, with types and
+defaults, for `gptlab train --help`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import textwrap
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -33,9 +38,40 @@ def _window_from_toml(value: Any) -> Any:
     return value
 
 
+# The meaning of each GPTConfig field, for the model section's `--help` (model.py stays a leaf that knows
+# nothing of the command line). Checked against GPTConfig below, so a new field cannot go undocumented.
+MODEL_FIELD_DOCS: dict[str, str] = {
+    "block_size": "training context in tokens; rows of the learned position table",
+    "vocab_size": "vocabulary size; unset: the prepared data's (meta.json). GPT-2's BPE has 50257: 256 byte "
+    "tokens + 50,000 merges + <|endoftext|>",
+    "n_layer": "transformer blocks",
+    "n_head": "attention (query) heads; n_embd must be divisible by it",
+    "n_embd": "width of the residual stream (C); head_dim is n_embd / n_head",
+    "dropout": "embedding, attention-probability and residual dropout (GPT-2 trained with 0.1)",
+    "bias": "biases in every Linear and LayerNorm, as GPT-2 has",
+    "norm_eps": "LayerNorm epsilon (1e-5 in the GPT-2 checkpoints)",
+    "pos_emb": "position encoding: learned (GPT-2's position table) or rope (rotary, RoFormer)",
+    "rope_theta": "RoPE base (RoFormer §3.2.2)",
+    "n_kv_head": "key/value heads, dividing n_head: grouped-query attention, 1 is multi-query; unset: n_head "
+    "(plain multi-head attention)",
+    "window": 'sliding-window attention span in tokens, or a list with one entry per layer ("none": a full '
+    "layer); unset: full causal attention",
+}
+
+_undocumented = {f.name for f in dataclasses.fields(GPTConfig)} ^ set(MODEL_FIELD_DOCS)
+if _undocumented:
+    raise RuntimeError(f"MODEL_FIELD_DOCS and GPTConfig disagree on: {', '.join(sorted(_undocumented))}")
+
+
 class _ModelBase(BaseModel):
+    """The model: a preset with any GPTConfig field set on top. A key left unset takes the preset's value
+    (with train.init_from a checkpoint, the checkpoint's)."""
+
     model_config = _STRICT
-    preset: str = "shakespeare-char"
+    preset: str = Field(
+        "shakespeare-char",
+        description=f"named base configuration when train.init_from=scratch: {', '.join(PRESETS)}",
+    )
 
     _window = field_validator("window", mode="before", check_fields=False)(_window_from_toml)
 
@@ -58,50 +94,84 @@ class _ModelBase(BaseModel):
 ModelConfig = create_model(
     "ModelConfig",
     __base__=_ModelBase,
-    **{name: (hint | None, None) for name, hint in typing.get_type_hints(GPTConfig).items()},
+    __doc__=_ModelBase.__doc__,
+    **{
+        name: (hint | None, Field(None, description=MODEL_FIELD_DOCS[name]))
+        for name, hint in typing.get_type_hints(GPTConfig).items()
+    },
 )
 
 
 class DataConfig(BaseModel):
+    """The training data."""
+
     model_config = _STRICT
-    dir: str = "data/shakespeare-char"  # written by `gptlab prepare`
+    dir: str = Field(
+        "data/shakespeare-char", description="directory with train.bin, val.bin and meta.json (gptlab prepare)"
+    )
 
 
 class TrainConfig(BaseModel):
+    """The optimisation: AdamW, warmup then cosine decay, evaluation and checkpoints."""
+
     model_config = _STRICT
-    out_dir: str = "out/shakespeare-char"
-    init_from: str = "scratch"  # scratch, a hub id, or a checkpoint / run directory
-    batch_size: int = Field(64, gt=0)  # sequences per optimizer step, all processes together
-    micro_batch_size: int | None = Field(None, gt=0)  # sequences per forward per process; None: no accumulation
-    max_steps: int = Field(2000, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, gt=0, lt=1)
-    beta2: float = Field(0.99, gt=0, lt=1)  # 0.99 rather than 0.999 for small models and batches (nanoGPT)
-    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 disables clipping
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the step
-    max_nonfinite_skips: int = Field(10, ge=0)  # with "skip": stop after this many skipped steps
-    eval_interval: int = Field(250, gt=0)
-    eval_steps: int = Field(20, gt=0)  # validation batches per evaluation
-    checkpoint_interval: int = Field(500, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    seed: int = 1337
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype; weights stay float32
-    compile: bool = False
-    device: str = "auto"  # auto: cuda if available, else cpu
-    wandb_project: str | None = None
+    out_dir: str = Field(
+        "out/shakespeare-char", description="run directory: checkpoints and metrics; a run resumes from its latest"
+    )
+    init_from: str = Field("scratch", description="scratch (model.preset), a hub id, or a checkpoint / run directory")
+    batch_size: int = Field(64, gt=0, description="sequences per optimizer step, all processes together")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="sequences per forward per process; unset: no gradient accumulation"
+    )
+    max_steps: int = Field(2000, gt=0, description="optimizer steps of the whole run (resumed steps count)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate, reached at the end of warmup")
+    min_lr: float = Field(1e-4, ge=0, description="learning rate the cosine decay reaches at the last step")
+    warmup_steps: int = Field(100, ge=0, description="steps of linear warmup from 0 to lr")
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW weight decay of matrices and embeddings (not biases, gains)"
+    )
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW first-moment decay")
+    beta2: float = Field(
+        0.99, gt=0, lt=1, description="AdamW second-moment decay; 0.99 rather than 0.999 for small models (nanoGPT)"
+    )
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient: stop the run, or skip the step"
+    )
+    max_nonfinite_skips: int = Field(10, ge=0, description='with "skip": stop after this many skipped steps')
+    eval_interval: int = Field(250, gt=0, description="steps between validation-loss evaluations (and at the end)")
+    eval_steps: int = Field(20, gt=0, description="validation batches per evaluation (the same ones each time)")
+    checkpoint_interval: int = Field(500, gt=0, description="steps between checkpoints (and at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="latest checkpoints kept in out_dir; older ones are deleted")
+    seed: int = Field(1337, description="seeds the weights and the batches (a function of seed and step)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="autocast dtype; weights stay float32 (float16 needs CUDA: a gradient scaler)"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, ...")
+    wandb_project: str | None = Field(None, description="Weights & Biases project to log to; unset: no wandb")
 
 
 class ParallelConfig(BaseModel):
+    """Data parallelism across processes; ddp and fsdp are launched with torchrun (docs/distributed.md)."""
+
     model_config = _STRICT
-    mode: Literal["single", "ddp", "fsdp"] = "single"  # ddp/fsdp: launch with torchrun (see docs/distributed.md)
-    reshard_after_forward: bool = True  # fsdp: free gathered block parameters after forward (ZeRO-3) or keep them
-    mixed_precision: Literal["none", "bf16"] = "none"  # fsdp on CUDA: bf16 parameters, fp32 gradient reduction
-    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
-    cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
-    meta_init: bool = False  # fsdp, from scratch: build on the meta device and initialise each shard in place
+    mode: Literal["single", "ddp", "fsdp"] = Field("single", description="one process, DDP, or FSDP (fully_shard)")
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free gathered block parameters after forward (ZeRO-3) or keep them for backward"
+    )
+    mixed_precision: Literal["none", "bf16"] = Field(
+        "none", description="fsdp on CUDA: bf16 parameters, fp32 gradient reduction"
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute block activations in backward: less memory, ~1/3 more compute"
+    )
+    cpu_offload: bool = Field(
+        False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory"
+    )
+    meta_init: bool = Field(
+        False, description="fsdp, from scratch: build on the meta device and initialise each shard in place"
+    )
 
 
 class JobConfig(BaseModel):
@@ -181,3 +251,71 @@ def _describe(errors: list[dict[str, Any]]) -> list[str]:
         else:
             messages.setdefault(key, f"{key}: {error['msg']} (got {error['input']!r})")
     return list(messages.values())
+
+
+# ------------------------------------------------------------------------------------- the keys, for --help
+
+
+def keys_help(width: int = 110) -> str:
+    """Every `--section.key` with its type, default and meaning, grouped by section (`gptlab train --help`)."""
+    return "\n\n".join(
+        _section_help(section, field.annotation, width) for section, field in JobConfig.model_fields.items()
+    )
+
+
+def _section_help(section: str, model: type[BaseModel], width: int, column: int = 46) -> str:
+    """The section's docstring, then one entry per key: the flag, type and default, then the meaning beside it
+    (below it when the flag is too long for the column)."""
+    about = inspect.cleandoc(model.__doc__ or "")
+    if section == "model":
+        about += f" (preset: X) is the value in the default preset, {_default_preset()}."
+    lines = textwrap.wrap(about, width, initial_indent=f"[{section}] ", subsequent_indent="  ")
+    indent = " " * column
+    for name, field in model.model_fields.items():
+        head = f"  --{section}.{name} {_type_name(field.annotation)} ({_default_text(section, name, field.default)})"
+        if len(head) + 2 > column:
+            lines.append(head)
+            head = ""
+        lines += textwrap.wrap(
+            field.description or "",
+            width,
+            initial_indent=head.ljust(column),
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    """A key's type as `--help` shows it: `FLOAT`, `TEXT`, `INT|LIST`, `{stop,skip}` (None, unset, left out)."""
+    if typing.get_origin(annotation) is Literal:
+        return "{" + ",".join(str(choice) for choice in typing.get_args(annotation)) + "}"
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    names = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT", tuple: "LIST", list: "LIST"}
+    alternatives = typing.get_args(annotation) if union else (annotation,)
+    return "|".join(names[typing.get_origin(a) or a] for a in alternatives if a is not type(None))
+
+
+def _default_text(section: str, name: str, default: Any) -> str:
+    """`default 0.001`; a model key shows the default preset's value, and vocab_size comes from the data."""
+    if section == "model" and name == "vocab_size":
+        return "default: the data's"
+    if section == "model" and name in MODEL_FIELD_DOCS:
+        return f"preset: {_as_literal(getattr(PRESETS[_default_preset()], name))}"
+    return f"default {_as_literal(default)}"
+
+
+def _default_preset() -> str:
+    return ModelConfig.model_fields["preset"].default
+
+
+def _as_literal(value: Any) -> str:
+    """A value as one writes it on the command line: `0.001`, `true`, `out/run`, `[256, "none"]`; None is unset."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join('"none"' if v is None else _as_literal(v) for v in value) + "]"
+    return str(value)

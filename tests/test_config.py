@@ -1,0 +1,56 @@
+"""The job config: every key documented where the parser sees it, and the parser's behaviour kept."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gptlab import ConfigError, GPTConfig
+from gptlab.config import MODEL_FIELD_DOCS, JobConfig, ModelConfig, load_job_config
+
+
+def test_every_gpt_config_field_has_a_description():
+    assert set(MODEL_FIELD_DOCS) == {f.name for f in dataclasses.fields(GPTConfig)}
+    for name, text in MODEL_FIELD_DOCS.items():
+        assert ModelConfig.model_fields[name].description == text
+
+
+@pytest.mark.parametrize("section", list(JobConfig.model_fields))
+def test_every_key_has_a_description_and_its_section_a_docstring(section):
+    model = JobConfig.model_fields[section].annotation
+    assert model.__doc__ and model.__doc__.strip()
+    for name, field in model.model_fields.items():
+        assert field.description and len(field.description) > 10, f"{section}.{name}"
+
+
+@pytest.mark.parametrize(
+    "arg, culprit",
+    [
+        ("--train.batch_size=0", "train.batch_size: Input should be greater than 0"),
+        ("--train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than 0"),
+        ("--train.min_lr=-1e-4", "train.min_lr: Input should be greater than or equal to 0"),
+        ("--train.beta2=1.0", "train.beta2: Input should be less than 1"),
+        ("--train.grad_clip=-0.5", "train.grad_clip: Input should be greater than or equal to 0"),
+        ("--train.on_nonfinite=retry", "train.on_nonfinite: Input should be 'stop' or 'skip'"),
+        ("--train.compile=1", "train.compile: Input should be a valid boolean"),
+        ("--parallel.mode=tp", "parallel.mode: Input should be 'single', 'ddp' or 'fsdp'"),
+        ("--model.n_layer=2.5", "model.n_layer: Input should be a valid integer"),
+        ("--model.colour=red", "unknown key model.colour"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(arg, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        load_job_config(None, [arg])
+
+
+def test_values_are_toml_literals_and_text_is_taken_as_written():
+    job = load_job_config(
+        None,
+        ["--model.window=[4, \"none\"]", "--model.pos_emb=rope", "--train.lr=3e-4", "--train.wandb_project=0",
+         "--train.out_dir", "out/1e3", "--parallel.meta_init=true"],
+    )  # fmt: skip
+    assert job.model.window == (4, None) and job.model.pos_emb == "rope" and job.train.lr == 3e-4
+    assert job.train.wandb_project == "0" and job.train.out_dir == "out/1e3" and job.parallel.meta_init is True
+    assert load_job_config(None, ["--model.window=none"]).model.window is None
+    assert job.model.overrides() == {"window": (4, None), "pos_emb": "rope"}
