@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import GPT, ConfigError
+from gptlab import GPT, ConfigError, GPTConfig
 from gptlab.config import ParallelConfig, load_job_config
 from gptlab.data import load_tokens
-from gptlab.parallel import init_world
+from gptlab.parallel import close_world, gradient_sync, init_world, parallelize
 from gptlab.train import evaluate, train
 
 STEPS = 40
@@ -194,6 +194,40 @@ def test_activation_checkpointing_changes_no_loss(reference_runs, char_data, tmp
     out = tmp_path / "run"
     train(load_job_config(None, job_args(char_data, out, "--parallel.activation_checkpointing=true")), progress=False)
     assert losses(out) == pytest.approx(losses(reference_runs / "single"), abs=1e-6)
+
+
+@pytest.fixture
+def world_of_one(monkeypatch, request):
+    """A gloo process group of one, in this process, for parallel.mode `request.param`."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    yield init_world(ParallelConfig(mode=request.param), "cpu")
+    close_world()
+
+
+@pytest.mark.parametrize("world_of_one", ["ddp"], indirect=True)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradient_sync_turns_the_ddp_all_reduce_off_through_compile(world_of_one, compiled):
+    module = parallelize(GPT(GPTConfig.from_preset("tiny")), ParallelConfig(mode="ddp"), world_of_one, compiled)
+    ddp = getattr(module, "_orig_mod", module)  # torch.compile's wrapper holds the DDP module
+    with gradient_sync(module, sync=False):
+        assert not ddp.require_backward_grad_sync  # DDP's own flag: whether backward all-reduces
+    with gradient_sync(module, sync=True):
+        assert ddp.require_backward_grad_sync
+
+
+@pytest.mark.parametrize("world_of_one", ["fsdp"], indirect=True)
+def test_gradient_sync_leaves_fsdp_micro_step_gradients_unreduced(world_of_one):
+    model = GPT(GPTConfig.from_preset("tiny"))
+    module = parallelize(model, ParallelConfig(mode="fsdp"), world_of_one)
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    weight = model.transformer.h[0].attn.c_attn.weight  # a sharded parameter
+    with gradient_sync(module, sync=False):
+        module(idx[:, :-1], targets=idx[:, 1:]).backward()
+    assert weight.grad is None  # kept unsharded, not reduce-scattered onto the shard
+    with gradient_sync(module, sync=True):
+        module(idx[:, :-1], targets=idx[:, 1:]).backward()
+    assert weight.grad is not None
 
 
 def kill_all(process: subprocess.Popen) -> None:
