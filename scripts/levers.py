@@ -64,7 +64,7 @@ def allocator(model: GPT, idx: torch.Tensor, repeats: int) -> None:
     models = {"gptlab": model.train(), "transformers": _hf(model.config, cpu).train()}
 
     def step(name: str, keep: bool, dtype: str) -> Callable[[], None]:
-        train = training_step("gptlab" if name == "gptlab" else "hf", models[name], idx, dtype, cpu)
+        train = training_step(models[name], idx, cpu, dtype=dtype, impl="gptlab" if name == "gptlab" else "hf")
 
         def run() -> None:
             keep_freed_memory(keep)

@@ -2,7 +2,7 @@
 
 import torch
 
-from gptlab.bench import _peak_memory, flops_per_token
+from gptlab.bench import flops_per_token, peak_memory
 from gptlab.model import GPTConfig
 
 
@@ -24,5 +24,5 @@ def test_cpu_peak_memory_sees_a_temporary_tensor():
         b = torch.ones(2**20)  # 4 MiB
         return b.sum()
 
-    peak = _peak_memory(run, torch.device("cpu"))
+    peak = peak_memory(run, torch.device("cpu"))
     assert 8 * 2**20 <= peak < 9 * 2**20

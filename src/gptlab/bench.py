@@ -28,8 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab import gemv
+from gptlab.config import TrainConfig
+from gptlab.device import autocast, resolve_device, synchronize
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig, causal_attention
+from gptlab.train import configure_optimizer
 
 SUITES = ("matmul", "train", "decode", "prefill", "window")
 
@@ -71,23 +74,12 @@ class BenchOptions:
     compare_hf: bool = False
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _synced(run: Callable[[], object], device: torch.device) -> Callable[[], None]:
     def call() -> None:
         run()
-        _sync(device)
+        synchronize(device)
 
     return call
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def device_name(device: torch.device) -> str:
@@ -193,14 +185,16 @@ def _models(
     return models
 
 
-def _peak_memory(run: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated by tensors while `run` runs, above what was allocated before it."""
+def peak_memory(run: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by tensors while `run` runs, above what was allocated before it (the train suite's
+    "peak MiB"). On CUDA the allocator's own statistics; on the CPU the profiler's record of every allocation and
+    free, replayed in order."""
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         run()
-        _sync(device)
+        synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     # CPU: the profiler records every allocation and free; replay them in order and keep the high-water mark.
     from torch.profiler import ProfilerActivity, profile
@@ -220,18 +214,42 @@ def _peak_memory(run: Callable[[], object], device: torch.device) -> int:
 
 
 def training_step(
-    impl: str, model: torch.nn.Module, idx: torch.Tensor, dtype: str, device: torch.device
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    device: torch.device,
+    cfg: TrainConfig | None = None,
+    *,
+    dtype: str | None = None,
+    impl: str = "gptlab",
 ) -> Callable[[], None]:
-    """One training step of `model` ("gptlab", or "hf" for transformers) on the tokens `idx` (B, T + 1) per call:
-    forward with the loss (in float32, or under bfloat16 autocast), backward, a fused AdamW step of its own."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    """One timed training step: a function that, per call, runs `model` ("gptlab", or "hf" for transformers'
+    GPT2LMHeadModel: `impl`) forward with the loss on the tokens `idx` (B, T + 1) under autocast, backward, an
+    optimizer step and `zero_grad`, then waits for the device. The one helper for timing a step: the bench, the
+    levers script and the study's runtime estimate use it.
+
+    With `cfg` (a `TrainConfig`), the step the training loop takes: the optimizer of
+    `gptlab.train.configure_optimizer(model, cfg, device)`, autocast in `cfg.dtype`, and the global gradient norm
+    clipped at `cfg.grad_clip` when it is > 0 (the loop's float16 gradient scaler and non-finite checks are left
+    out). Without it, the bench's own step: autocast in `dtype` (default float32, i.e. none) and a fused AdamW
+    (lr 1e-5) over all parameters, no clipping. Pass one of the two."""
+    if cfg is not None and dtype is not None:
+        raise ValueError("training_step: pass cfg (the training loop's step) or dtype (the bench's step), not both")
+    if cfg is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        dtype, grad_clip, key = dtype or "float32", 0.0, "dtype"
+    else:
+        optimizer = configure_optimizer(model, cfg, device)
+        dtype, grad_clip, key = cfg.dtype, cfg.grad_clip, "train.dtype"
+    context = autocast(device, dtype, key=key)
     x, y = idx[:, :-1], idx[:, 1:]
 
     def run() -> None:
-        with _autocast(device, dtype):
+        with context:
             # transformers shifts `labels` by one inside; gptlab takes the next-token targets
             loss = model(x, targets=y) if impl == "gptlab" else model(input_ids=x, labels=x).loss
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -246,7 +264,7 @@ def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> 
         model.train()
     idx = torch.randint(0, config.vocab_size, (opts.batch_size, opts.seq_len + 1), device=device)
     cases = {
-        (name, dtype): training_step(name, m, idx, dtype, device)
+        (name, dtype): training_step(m, idx, device, dtype=dtype, impl=name)
         for dtype in ("float32", "bfloat16")
         for name, m in models.items()
     }
@@ -265,7 +283,7 @@ def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> 
                 "seconds": seconds,
                 "tokens_per_s": tokens / seconds,
                 "flops_per_s": flops / seconds,
-                "peak_memory_bytes": _peak_memory(cases[(name, dtype)], device),
+                "peak_memory_bytes": peak_memory(cases[(name, dtype)], device),
             }
         )
     return rows
@@ -411,7 +429,7 @@ def window_benchmark(
 
 def run_suites(suites: list[str], opts: BenchOptions) -> dict:
     """Run the chosen suites; returns {"machine": ..., "rows": [...], "window": {...}} (JSON-ready)."""
-    device = torch.device(opts.device)
+    device = resolve_device(opts.device, key="--device")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptlabError(f"--device {opts.device}: no CUDA device is available")
     config = GPTConfig.from_preset(opts.preset).replace(dropout=0.0)
@@ -459,6 +477,22 @@ def _case(row: dict) -> str:
 
 def format_report(result: dict) -> str:
     """The figures as a plain-text table, with the ratios gptlab/HF of cases measured side by side."""
+    lines = [
+        *_machine_lines(result),
+        *_case_table(result),
+        *_decode_notes(result),
+        *_window_lines(result),
+    ]
+    if any(row["suite"] == "train" for row in result["rows"]):
+        lines.append("")
+        lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")
+        if not result.get("matmul_peak_flops"):
+            lines.append("(run the matmul suite too, e.g. `gptlab bench train matmul`, for MFU)")
+    return "\n".join(lines)
+
+
+def _machine_lines(result: dict) -> list[str]:
+    """What ran where, and the machine's measured (and published) peaks."""
     m = result["machine"]
     lines = [
         f"gptlab bench: {result['options']['preset']} on {m['device']}, {m['threads']} threads, torch {m['torch']}"
@@ -478,9 +512,16 @@ def format_report(result: dict) -> str:
         )
     if result.get("published_bf16_peak_flops"):
         lines.append(f"published bf16 dense peak: {result['published_bf16_peak_flops'] / 1e12:,.0f} TFLOP/s")
+    return lines
+
+
+def _case_table(result: dict) -> list[str]:
+    """One line per case: gptlab's tokens/s, transformers' and their ratio; MFU and peak memory for training."""
+    peaks = result.get("matmul_peak_flops", {})
     by_case: dict[str, dict[str, dict]] = {}
     for row in result["rows"]:
         by_case.setdefault(_case(row), {})[row["impl"]] = row
+    lines = []
     if by_case:
         lines.append("")
         lines.append(f"{'case':<42}{'gptlab tok/s':>13}{'HF tok/s':>10}{'ratio':>8}{'MFU':>13}{'peak MiB':>15}")
@@ -498,7 +539,13 @@ def format_report(result: dict) -> str:
     for row in result["rows"]:
         if published and row["suite"] == "train" and row["dtype"] == "bfloat16":
             lines.append(f"MFU vs published bf16 peak, {row['impl']}: {row['flops_per_s'] / published:.1%}")
+    return lines
+
+
+def _decode_notes(result: dict) -> list[str]:
+    """Batch-1 decoding: gptlab's bf16 weights against transformers' fp32, and which kernel decoded."""
     decode = {(r["impl"], r["dtype"]): r for r in result["rows"] if r["suite"] == "decode" and r["batch_size"] == 1}
+    lines = []
     if ("gptlab", "bfloat16") in decode and ("hf", "float32") in decode:
         ratio = decode[("gptlab", "bfloat16")]["tokens_per_s"] / decode[("hf", "float32")]["tokens_per_s"]
         lines.append(f"decode batch 1, gptlab bf16 weights vs HF fp32 weights: {ratio:.2f}x")
@@ -507,23 +554,19 @@ def format_report(result: dict) -> str:
             lines.append(f"gptlab bf16 decoding at batch <= {gemv.MAX_ROWS}: gptlab.gemv's AVX512-BF16 kernel")
         elif result["options"]["device"].startswith("cpu"):
             lines.append(f"gptlab bf16 decoding: PyTorch's kernels ({gemv.unavailable_reason()})")
-    if "window" in result:
-        w, o = result["window"], result["options"]
-        lines.append("")
-        lines.append(
-            f"sliding window W={o['window']} vs full causal attention, T={o['window_seq_len']}, forward+backward:"
-        )
-        lines.append(
-            f"  attention op (2 heads of 64)     {w['attention_full_s'] * 1e3:8.1f} ms -> "
-            f"{w['attention_window_s'] * 1e3:8.1f} ms  {w['attention_speedup']:.2f}x"
-        )
-        lines.append(
-            f"  1-layer RoPE model, C=128, step  {w['model_full_s'] * 1e3:8.1f} ms -> "
-            f"{w['model_window_s'] * 1e3:8.1f} ms  {w['model_speedup']:.2f}x"
-        )
-    if any(row["suite"] == "train" for row in result["rows"]):
-        lines.append("")
-        lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")
-        if not peaks:
-            lines.append("(run the matmul suite too, e.g. `gptlab bench train matmul`, for MFU)")
-    return "\n".join(lines)
+    return lines
+
+
+def _window_lines(result: dict) -> list[str]:
+    """The sliding-window suite: the attention op alone and a whole 1-layer model, full against windowed."""
+    if "window" not in result:
+        return []
+    w, o = result["window"], result["options"]
+    return [
+        "",
+        f"sliding window W={o['window']} vs full causal attention, T={o['window_seq_len']}, forward+backward:",
+        f"  attention op (2 heads of 64)     {w['attention_full_s'] * 1e3:8.1f} ms -> "
+        f"{w['attention_window_s'] * 1e3:8.1f} ms  {w['attention_speedup']:.2f}x",
+        f"  1-layer RoPE model, C=128, step  {w['model_full_s'] * 1e3:8.1f} ms -> "
+        f"{w['model_window_s'] * 1e3:8.1f} ms  {w['model_speedup']:.2f}x",
+    ]
