@@ -168,7 +168,7 @@ def test_bench_runs_every_suite_on_a_tiny_preset_against_hf():
     out = gptlab(
         "bench", "--preset", "tiny", "--compare", "hf", "--repeats", "1", "--batch_size", "2", "--seq_len", "16",
         "--new_tokens", "3", "--decode_batches", "1", "2", "--prefill_len", "8", "--window_seq_len", "64",
-        "--window", "8", "--json", check=True,
+        "--window", "8", "--matmul_size", "128", "--json", check=True,
     ).stdout  # fmt: skip
     result = json.loads(out)
     cases = {(r["suite"], r["impl"], r["dtype"], r.get("batch_size")) for r in result["rows"]}

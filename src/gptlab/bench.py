@@ -70,6 +70,9 @@ class BenchOptions:
     window_seq_len: int = 8192
     window: int = 256
     repeats: int = 3
+    # matmul: the side of the square matmuls that measure the peak (None: 8192 on CUDA, 2048 on a CPU). On a CPU
+    # without native bf16 (no AVX512-BF16/AMX) a 2048 bf16 matmul takes about a minute: pick a smaller one there.
+    matmul_size: int | None = None
     compile: bool = False  # torch.compile gptlab's blocks (train suite) and whole model (decode suite)
     compare_hf: bool = False
 
@@ -437,7 +440,7 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
     result["flops_per_token"] = flops_per_token(config, opts.seq_len)
     for suite in suites:
         if suite == "matmul":
-            result["matmul_peak_flops"] = matmul_peak(device, opts.repeats)
+            result["matmul_peak_flops"] = matmul_peak(device, opts.repeats, opts.matmul_size)
             result["matvec_bytes_per_s"] = matvec_bandwidth(device, opts.repeats)
             result["published_bf16_peak_flops"] = published_peak(device)
         elif suite == "window":

@@ -345,6 +345,12 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--prefill_len", type=int, default=d.prefill_len)
     p.add_argument("--window_seq_len", type=int, default=d.window_seq_len)
     p.add_argument("--window", type=int, default=d.window)
+    p.add_argument(
+        "--matmul_size",
+        type=int,
+        default=None,
+        help="side of the matmuls that measure the peak (default: 2048 on CPU, 8192 on CUDA)",
+    )
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds per case (default: %(default)s)")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile gptlab's blocks (train) and whole model (decode)"
@@ -363,6 +369,8 @@ def run_bench(args: argparse.Namespace) -> None:
         name: getattr(args, name)
         for name in ("batch_size", "seq_len", "new_tokens", "prefill_len", "window_seq_len", "window", "repeats")
     }
+    if args.matmul_size is not None:
+        sizes["matmul_size"] = args.matmul_size
     for name, value in [*sizes.items(), *(("decode_batches", b) for b in args.decode_batches)]:
         if value < 1:
             raise GptlabError(f"--{name} must be >= 1, got {value}")
