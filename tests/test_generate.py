@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptlab import GPT, GPTConfig, GptlabError
-from gptlab.generate import generate, logits_to_probs
+from gptlab.generate import decode_n_tokens, decode_one, generate, logits_to_probs, prefill
 from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 
 
@@ -31,10 +31,22 @@ def test_cached_generation_equals_uncached(model, options):
     assert torch.equal(runs[0], runs[1])
 
 
+def test_prefill_then_decode_n_tokens_equals_generate(model):
+    """The pieces `stream_tokens` is made of, called as the study calls them: a cache set up for the whole
+    sequence, the prompt prefilled, then n greedy steps from the first token."""
+    prompt = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        first = prefill(model, prompt, 6 + 20).argmax(dim=-1, keepdim=True)
+        rest = decode_n_tokens(model, first, 6, 19, temperature=0.0)
+    model.clear_kv_cache()
+    assert rest.shape == (2, 19)
+    assert torch.equal(torch.cat([prompt, first, rest], dim=1), generate(model, prompt, 20, temperature=0.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_compiled_model_decodes_like_the_eager_one(dtype):
-    """torch.compile through the prefill and the KV-cache steps (in-place cache writes, a cache length that grows
-    every step, in bfloat16 the gemv kernel's operator where it builds): the logits of the eager model, up to
+    """torch.compile through the prefill and the KV-cache steps (in-place cache writes, the position a symbolic
+    int, in bfloat16 the gemv kernel's operator where it builds): the logits of the eager model, up to
     rounding (Inductor keeps bfloat16 intermediates in float32), and in float32 the same greedy tokens."""
     from gptlab import gemv
 
@@ -58,6 +70,41 @@ def test_a_compiled_model_decodes_like_the_eager_one(dtype):
     if dtype == torch.float32:
         runs = [generate(m, idx[:, :9], 12, temperature=0.0) for m in (eager, compiled)]
         assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("fields", [{}, dict(pos_emb="rope", window=8)])  # a full cache; a ring that wraps
+def test_a_compiled_decoding_step_compiles_once_with_static_shapes(fields):
+    """As gpt-fast's static cache: every decoding step attends over the whole cache buffer under a mask, so the
+    compiled step has the same shapes at every position. Dynamo compiles the prefill and one decoding step
+    (automatic-dynamic makes the position a symbolic int at once) and nothing more; no tensor in any graph has a
+    symbolic size (a cache read as a growing slice gives the keys a symbolic length)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter, symbolic_sizes = CompileCounter(), []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs):
+        values = [node.meta.get("example_value") for node in graph.graph.nodes]
+        shapes = [value.shape for value in values if isinstance(value, torch.Tensor)]
+        symbolic_sizes.extend(size for shape in shapes for size in shape if not isinstance(size, int))
+        return counter(graph, example_inputs)
+
+    config = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32, **fields)
+    model = random_gpt(config)
+    prompt = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = generate(model, prompt, 15, temperature=0.0, use_cache=False)
+    model.compile(backend=backend)
+    with torch.inference_mode():
+        token = prefill(model, prompt, 20).argmax(dim=-1, keepdim=True)
+        tokens, frames = [token], []
+        for pos in range(5, 19):  # 14 steps; the window-8 ring wraps at position 8
+            token = decode_one(model, token, pos).argmax(dim=-1, keepdim=True)
+            tokens.append(token)
+            frames.append(counter.frame_count)
+    model.clear_kv_cache()
+    assert frames == [2] * 14  # the prefill, then one decoding step for every position
+    assert symbolic_sizes == []
+    assert torch.equal(torch.cat([prompt, *tokens], dim=1), expected)
 
 
 def test_greedy_equals_transformers_generate(tmp_path, tokens):

@@ -236,7 +236,12 @@ class KVCache(nn.Module):
 
     Position p lives in slot p % size. A full-attention layer gets a slot for every position; a sliding-window
     layer only `window` slots, a ring buffer whose memory stays constant however long the sequence grows.
+    `positions` records the position each slot holds, so that a decoding step can attend over the whole buffer
+    under a mask: the same shapes at every step, as gpt-fast's static cache (one compilation). An empty slot holds
+    `EMPTY`, a position after every query's, so the causal mask hides it with no test of its own.
     """
+
+    EMPTY = torch.iinfo(torch.long).max
 
     def __init__(self, batch_size: int, size: int, n_kv_head: int, head_dim: int, rolling: bool, dtype, device):
         super().__init__()
@@ -244,33 +249,33 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("positions", torch.full((size,), self.EMPTY, device=device), persistent=False)
 
     def write(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, n_kv_head, T, head_dim) of positions start_pos ..; a ring keeps the last `size`."""
         T = k.size(2)
-        if start_pos + T > self.size and not self.rolling:
+        # `rolling` first: a compiled step must not compare its symbolic position (a guard that breaks as a ring wraps)
+        if not self.rolling and start_pos + T > self.size:
             raise ValueError(f"KV cache holds {self.size} positions; position {start_pos + T - 1} does not fit")
         keep = min(T, self.size)
-        first = (start_pos + T - keep) % self.size  # the kept positions fill slots first.. and wrap to 0 at most once
-        head = min(keep, self.size - first)
-        for cache, new in ((self.k, k[:, :, T - keep :]), (self.v, v[:, :, T - keep :])):
-            cache[:, :, first : first + head] = new[:, :, :head]
-            cache[:, :, : keep - head] = new[:, :, head:]
+        kept = torch.arange(start_pos + T - keep, start_pos + T, device=k.device)  # (keep,)
+        slots = kept % self.size  # distinct: keep <= size
+        self.k.index_copy_(2, slots, k[:, :, T - keep :])
+        self.v.index_copy_(2, slots, v[:, :, T - keep :])
+        self.positions.index_copy_(0, slots, kept)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Append k, v at start_pos and return the keys/values the new queries may need, in position order,
-        with the position of the first one: (k, v, first_pos)."""
-        T = k.size(2)
-        if T == 1:  # the decoding hot path: write one slot, read the filled slots as they lie
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append k, v at start_pos and return the keys and values the new queries may need with their positions:
+        (k, v, k_pos), k_pos (S,) being `EMPTY` for an empty slot."""
+        if k.size(2) == 1:  # the decoding hot path: the whole buffer, slots as they lie (static shapes)
             self.write(start_pos, k, v)
-            filled = min(start_pos + 1, self.size)
-            return self.k[:, :, :filled], self.v[:, :, :filled], start_pos + 1 - filled
+            return self.k, self.v, self.positions
         first = max(0, start_pos - self.size)
         slots = torch.arange(first, start_pos, device=k.device) % self.size  # cached positions, in order
         k_all = torch.cat([self.k[:, :, slots], k], dim=2)
         v_all = torch.cat([self.v[:, :, slots], v], dim=2)
         self.write(start_pos, k, v)  # after reading: the ring may overwrite what the new queries still see
-        return k_all, v_all, first
+        return k_all, v_all, torch.arange(first, start_pos + k.size(2), device=k.device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -304,11 +309,10 @@ class CausalSelfAttention(nn.Module):
                 self.kv_cache.write(0, k, v)
             y = causal_attention(q, k, v, self.window, dropout_p)
         else:  # continuing a cached sequence
-            k, v, first_pos = self.kv_cache.update(start_pos, k, v)
-            mask = None  # one new token sees every cached slot: the cache holds exactly its window
-            if T > 1:
-                q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-                mask = band_mask(q_pos, torch.arange(first_pos, start_pos + T, device=x.device), self.window)
+            k, v, k_pos = self.kv_cache.update(start_pos, k, v)
+            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+            # (T, S); a boolean mask gives the hidden slots (empty ones too) exactly zero weight
+            mask = band_mask(q_pos, k_pos, self.window)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=self.n_head != self.n_kv_head
             )
