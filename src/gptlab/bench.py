@@ -308,7 +308,7 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
     kernel = device.type == "cpu" and gemv.unavailable_reason() is None
     if kernel:
         gemv.use_gemv(models[("gptlab", "bfloat16")])
-    if opts.compile:  # the first (warm-up) run compiles; the cache length grows each step, so shapes are dynamic
+    if opts.compile:  # the warm-up run compiles prefill and one decoding step (static shapes: compiled once)
         for dtype in ("float32", "bfloat16"):
             models[("gptlab", dtype)].compile()
     rows = []
