@@ -236,12 +236,10 @@ class KVCache(nn.Module):
 
     Position p lives in slot p % size. A full-attention layer gets a slot for every position; a sliding-window
     layer only `window` slots, a ring buffer whose memory stays constant however long the sequence grows.
-    `positions` records the position each slot holds, so that a decoding step can attend over the whole buffer
-    under a mask: the same shapes at every step, as gpt-fast's static cache (one compilation). An empty slot holds
-    `EMPTY`, a position after every query's, so the causal mask hides it with no test of its own.
+    A one-token decoding step attends over the whole buffer under a mask, as gpt-fast's static cache: the same
+    shapes at every step, so a compiled step compiles once. Which position a slot holds follows from the step's
+    position alone (`slot_positions`), so nothing but the keys and values is stored.
     """
-
-    EMPTY = torch.iinfo(torch.long).max
 
     def __init__(self, batch_size: int, size: int, n_kv_head: int, head_dim: int, rolling: bool, dtype, device):
         super().__init__()
@@ -249,7 +247,6 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("positions", torch.full((size,), self.EMPTY, device=device), persistent=False)
 
     def write(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, n_kv_head, T, head_dim) of positions start_pos ..; a ring keeps the last `size`."""
@@ -257,19 +254,29 @@ class KVCache(nn.Module):
         # `rolling` first: a compiled step must not compare its symbolic position (a guard that breaks as a ring wraps)
         if not self.rolling and start_pos + T > self.size:
             raise ValueError(f"KV cache holds {self.size} positions; position {start_pos + T - 1} does not fit")
+        if T == 1:  # the decoding hot path: one slot, no index tensor, no shape that depends on the position
+            slot = start_pos % self.size
+            self.k[:, :, slot : slot + 1] = k
+            self.v[:, :, slot : slot + 1] = v
+            return
         keep = min(T, self.size)
-        kept = torch.arange(start_pos + T - keep, start_pos + T, device=k.device)  # (keep,)
-        slots = kept % self.size  # distinct: keep <= size
+        slots = torch.arange(start_pos + T - keep, start_pos + T, device=k.device) % self.size  # distinct: keep <= size
         self.k.index_copy_(2, slots, k[:, :, T - keep :])
         self.v.index_copy_(2, slots, v[:, :, T - keep :])
-        self.positions.index_copy_(0, slots, kept)
+
+    def slot_positions(self, pos: int) -> torch.Tensor:
+        """(size,) the position each slot holds once position `pos` is written: the latest p <= pos with
+        p % size == slot, or, for a slot not yet written, its own index, a position after `pos` that the causal
+        mask hides."""
+        slots = torch.arange(self.size, device=self.k.device)
+        return slots + self.size * ((pos - slots) // self.size).clamp(min=0)
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Append k, v at start_pos and return the keys and values the new queries may need with their positions:
-        (k, v, k_pos), k_pos (S,) being `EMPTY` for an empty slot."""
+        (k, v, k_pos), k_pos (S,)."""
         if k.size(2) == 1:  # the decoding hot path: the whole buffer, slots as they lie (static shapes)
             self.write(start_pos, k, v)
-            return self.k, self.v, self.positions
+            return self.k, self.v, self.slot_positions(start_pos)
         first = max(0, start_pos - self.size)
         slots = torch.arange(first, start_pos, device=k.device) % self.size  # cached positions, in order
         k_all = torch.cat([self.k[:, :, slots], k], dim=2)
