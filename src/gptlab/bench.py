@@ -29,7 +29,7 @@ from torch import nn
 
 from gptlab import gemv
 from gptlab.config import TrainConfig
-from gptlab.device import autocast, resolve_device, synchronize
+from gptlab.device import autocast, resolve_device, synced, synchronize
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig, causal_attention
 from gptlab.train import configure_optimizer
@@ -77,14 +77,6 @@ class BenchOptions:
     compare_hf: bool = False
 
 
-def _synced(run: Callable[[], object], device: torch.device) -> Callable[[], None]:
-    def call() -> None:
-        run()
-        synchronize(device)
-
-    return call
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -110,8 +102,8 @@ def matmul_peak(device: torch.device, repeats: int, n: int | None = None) -> dic
     a16, b16 = a32.bfloat16(), b32.bfloat16()
     times = interleaved_medians(
         {
-            "float32": _synced(lambda: a32 @ b32, device),
-            "bfloat16": _synced(lambda: a16 @ b16, device),
+            "float32": synced(lambda: a32 @ b32, device),
+            "bfloat16": synced(lambda: a16 @ b16, device),
         },
         max(repeats, 5),
         statistic=min,
@@ -125,8 +117,8 @@ def matvec_bandwidth(device: torch.device, repeats: int, rows: int = 50257, cols
     w32, x32 = torch.randn(rows, cols, device=device), torch.randn(1, cols, device=device)
     w16, x16 = w32.bfloat16(), x32.bfloat16()
     cases = {
-        "float32": _synced(lambda: F.linear(x32, w32), device),
-        "bfloat16": _synced(lambda: F.linear(x16, w16), device),
+        "float32": synced(lambda: F.linear(x32, w32), device),
+        "bfloat16": synced(lambda: F.linear(x16, w16), device),
     }
     if device.type == "cpu" and gemv.unavailable_reason() is None:
         cases["bfloat16, gptlab kernel"] = lambda: gemv.linear_bf16(x16, w16)
@@ -256,7 +248,7 @@ def training_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return _synced(run, device)
+    return synced(run, device)
 
 
 def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
@@ -317,7 +309,7 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
 
         def run(name: str, model: torch.nn.Module, prompt: torch.Tensor) -> Callable[[], None]:
             if name == "gptlab":
-                return _synced(lambda: generate(model, prompt, opts.new_tokens, temperature=0.0), device)
+                return synced(lambda: generate(model, prompt, opts.new_tokens, temperature=0.0), device)
 
             @torch.inference_mode()
             def hf_generate() -> None:
@@ -330,7 +322,7 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
                     pad_token_id=0,
                 )
 
-            return _synced(hf_generate, device)
+            return synced(hf_generate, device)
 
         times = interleaved_medians({key: run(key[0], m, prompt) for key, m in models.items()}, opts.repeats)
         for (name, dtype), seconds in times.items():
@@ -365,7 +357,7 @@ def prefill_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -
             else:
                 model(prompt, use_cache=True, logits_to_keep=1)
 
-        return _synced(prefill, device)
+        return synced(prefill, device)
 
     times = interleaved_medians({name: run(name, m) for name, m in models.items()}, opts.repeats)
     return [
@@ -401,7 +393,7 @@ def window_benchmark(
     q, k, v = (torch.randn(1, n_head, seq_len, head_dim, device=device, requires_grad=True) for _ in range(3))
 
     def attention_step(w: int | None) -> Callable[[], None]:
-        return _synced(lambda: causal_attention(q, k, v, w).sum().backward(), device)
+        return synced(lambda: causal_attention(q, k, v, w).sum().backward(), device)
 
     config = GPTConfig(
         block_size=seq_len, vocab_size=vocab_size, n_layer=1, n_head=n_head, n_embd=n_embd, pos_emb="rope"
@@ -414,7 +406,7 @@ def window_benchmark(
             logits = model(idx[:, :-1])
             F.cross_entropy(logits.view(-1, vocab_size), idx[:, 1:].reshape(-1)).backward()
 
-        return _synced(run, device)
+        return synced(run, device)
 
     times = interleaved_medians(
         {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -42,3 +43,13 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a timer measures it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synced(run: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`run` followed by `synchronize(device)`: a call whose time is the device's work, for a timer to measure."""
+
+    def call() -> None:
+        run()
+        synchronize(device)
+
+    return call

@@ -25,7 +25,7 @@ from gptlab.bench import device_name, interleaved_medians, training_step
 from gptlab.config import JobConfig, TrainConfig
 from gptlab.convert import convert_state_dict
 from gptlab.data import load_meta, load_tokens, prepare
-from gptlab.device import autocast, resolve_device, synchronize
+from gptlab.device import autocast, resolve_device, synced
 from gptlab.errors import GptlabError
 from gptlab.generate import decode_n_tokens, prefill
 from gptlab.model import GPT, GPTConfig
@@ -127,23 +127,15 @@ def decode_speed(
             prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device)
             # the prefill (it sets up the cache), not timed
             first = prefill(model, prompt, context + new_tokens).argmax(dim=-1, keepdim=True)
-            cases[name] = _greedy_decode(model, first, context, new_tokens, device)
+            # positions context .. context + new_tokens - 1; run again, it rewrites the same slots: the same work
+            cases[name] = synced(
+                functools.partial(decode_n_tokens, model, first, context, new_tokens, temperature=0.0), device
+            )
         seconds = interleaved_medians(cases, repeats)
         for name, model in models.items():
             speed[name][context] = new_tokens / seconds[name]
             model.clear_kv_cache()
     return speed
-
-
-def _greedy_decode(model: GPT, first: torch.Tensor, context: int, new_tokens: int, device: torch.device):
-    """Greedy decoding of positions context .. context + new_tokens - 1 (`gptlab.generate.decode_n_tokens`). Run
-    again, it rewrites the same cache slots: the same work each time."""
-
-    def run() -> None:
-        decode_n_tokens(model, first, context, new_tokens, temperature=0.0)
-        synchronize(device)
-
-    return run
 
 
 def step_seconds(steps: dict[str, tuple[GPTConfig, TrainConfig]], repeats: int = 5) -> dict[str, float]:
