@@ -56,6 +56,13 @@ MODEL_FIELD_DOCS: dict[str, str] = {
     "(plain multi-head attention)",
     "window": 'sliding-window attention span in tokens, or a list with one entry per layer ("none": a full '
     "layer); unset: full causal attention",
+    "norm": "layernorm (GPT-2) or rmsnorm (Llama): the block and final norms",
+    "mlp": "the MLP: gelu_tanh (GPT-2), relu2 (ReLU squared, Primer) or swiglu (Llama's gated SiLU)",
+    "mlp_hidden": "hidden width of the MLP; unset: 4 x n_embd (swiglu has three matrices: 8/3 x n_embd matches "
+    "the parameters of a 4x two-matrix MLP)",
+    "qk_norm": "RMSNorm on each query and key head before RoPE (Qwen3, OLMo 2)",
+    "tie_embeddings": "the LM head shares the token embedding's weights (GPT-2); false: a separate head",
+    "logit_softcap": "cap the logits smoothly at +-c: c * tanh(logits / c) (Gemma 2); unset: no cap",
 }
 
 _undocumented = {f.name for f in dataclasses.fields(GPTConfig)} ^ set(MODEL_FIELD_DOCS)

@@ -30,6 +30,8 @@ from gptlab.errors import ConfigError
 from gptlab.loss import linear_cross_entropy
 
 POS_EMBS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu_tanh", "relu2", "swiglu")
 
 
 def _is_int(value: Any) -> bool:
@@ -56,6 +58,12 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base (RoFormer §3.2.2)
     n_kv_head: int | None = None  # key/value heads; None means n_head (plain multi-head attention)
     window: int | tuple[int | None, ...] | None = None  # sliding window, or one entry per layer; None is full
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Zhang & Sennrich 2019; Llama)
+    mlp: str = "gelu_tanh"  # "gelu_tanh" (GPT-2), "relu2" (So et al. 2021, Primer) or "swiglu" (Shazeer 2020)
+    mlp_hidden: int | None = None  # hidden width of the MLP; None means 4 * n_embd
+    qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3, OLMo 2)
+    tie_embeddings: bool = True  # the LM head is the token embedding (Press & Wolf 2017), as GPT-2
+    logit_softcap: float | None = None  # logits become c * tanh(logits / c) (Gemma 2); None: no cap
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -83,6 +91,7 @@ class GPTConfig:
                 )
             if self.n_head % self.n_kv_head:
                 raise ConfigError(f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        self._check_switches()
         if isinstance(self.window, list):
             object.__setattr__(self, "window", tuple(self.window))  # hashable, like every other field
         windows = self.window if isinstance(self.window, tuple) else (self.window,)
@@ -93,6 +102,24 @@ class GPTConfig:
         for w in windows:
             if w is not None and (not _is_int(w) or w < 1):
                 raise ConfigError(f"GPTConfig.window must be None or an integer >= 1 (per layer), got {w!r}")
+
+    def _check_switches(self) -> None:
+        for name, choices in (("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"GPTConfig.{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if self.mlp_hidden is not None and (not _is_int(self.mlp_hidden) or self.mlp_hidden < 1):
+            raise ConfigError(f"GPTConfig.mlp_hidden must be None or a positive integer, got {self.mlp_hidden!r}")
+        for name in ("qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        cap = self.logit_softcap
+        if cap is not None and (not _is_number(cap) or cap <= 0):
+            raise ConfigError(f"GPTConfig.logit_softcap must be None or a positive number, got {cap!r}")
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width: `mlp_hidden`, or 4 * n_embd when it is None."""
+        return self.mlp_hidden or 4 * self.n_embd
 
     @property
     def head_dim(self) -> int:
