@@ -1,12 +1,17 @@
-"""Hugging Face checkpoints in and out: GPT-2, Starcoder2 for the rotary variants, and gptlab's own format.
+"""Hugging Face checkpoints in and out: GPT-2, Starcoder2, Llama, Mistral and Qwen3, and gptlab's own format.
 
-Which format a model is saved in follows from its config (`export_format`):
-- learned positions, multi-head, full attention: GPT-2 (`GPT2LMHeadModel`);
-- rotary positions with any n_kv_head and one window (or none): Starcoder2 (`Starcoder2ForCausalLM`), which is
-  GPT-2 + rotate-half RoPE + grouped-query attention + sliding window, with the same LayerNorms, tanh GELU,
-  biases and tied embeddings;
-- anything transformers has no class for (learned positions with GQA or a window, per-layer windows, no
-  biases): `model_type: "gptlab"`, our config and tensor names, which only gptlab loads.
+Which format a model is saved in follows from its config (`export_format`), the first that computes it:
+- learned positions, multi-head, full attention, GPT-2's block: GPT-2 (`GPT2LMHeadModel`);
+- rotary positions with GPT-2's block (LayerNorm, tanh GELU, biases) and any n_kv_head and one window:
+  Starcoder2 (`Starcoder2ForCausalLM`), which is GPT-2 + rotate-half RoPE + grouped-query attention + sliding
+  window;
+- rotary positions, RMSNorm and SwiGLU: Llama (`LlamaForCausalLM`; biases on or off), Mistral with one
+  window and no biases (`MistralForCausalLM`), and Qwen3 with qk_norm and no biases (`Qwen3ForCausalLM`, whose
+  `layer_types` also give per-layer windows of one size);
+- anything transformers has no class for (learned positions with GQA or a window, ReLU², a logit soft cap,
+  GPT-2's block without biases, ...): `model_type: "gptlab"`, our config and tensor names, which only gptlab
+  loads.
+Untied LM heads travel as `lm_head.weight` in every format but GPT-2's (whose class ties them).
 
 GPT-2 key map, Hugging Face -> gptlab:
 - names are the same, with the `transformer.` prefix (the hub's own `gpt2` files omit it; we accept both);
@@ -17,8 +22,8 @@ GPT-2 key map, Hugging Face -> gptlab:
   attention biases, `h.N.attn.c_attn.bias` and `h.N.attn.c_proj.bias`, are loaded like every other tensor;
 - `lm_head.weight`, when present, must equal `wte.weight` (GPT-2 ties them).
 
-Starcoder2 key map: `_starcoder2_names`, plus `q_proj`, `k_proj`, `v_proj` concatenated (in that order) into
-our fused `c_attn`.
+Starcoder2 and the Llama family: `_hf_names`, plus `q_proj`, `k_proj`, `v_proj` concatenated (in that order)
+into our fused `c_attn`. Llama's `gate_proj` / `up_proj` / `down_proj` are our `c_gate` / `c_fc` / `c_proj`.
 
 Every tensor the model needs is checked for presence and shape, and every tensor in the file must be used:
 anything else raises `CheckpointError` naming the tensor.
@@ -99,36 +104,90 @@ def _gpt2_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
     )
 
 
-def _starcoder2_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    """GPTConfig fields of a `Starcoder2ForCausalLM` config.json (the shape keys are required)."""
-    n_embd, n_head = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
+def _rope_theta(hf: dict[str, Any]) -> tuple[float, str]:
+    """The RoPE base and type: transformers 5 writes `rope_parameters`, 4.x a top-level `rope_theta`."""
     rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
+    return float(rope.get("rope_theta", 10000.0)), rope.get("rope_type", "default")
+
+
+def _rotary_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """The fields Starcoder2 and the Llama family write alike: shapes, rotary positions, key/value heads."""
+    n_embd, n_head = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
+    theta, rope_type = _rope_theta(hf)
     _require(
-        {**hf, "rope_type": rope.get("rope_type", "default")},
+        {**hf, "rope_type": rope_type},
         source,
-        {
-            "hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh", "gelu_new")),
-            "intermediate_size": (None, (4 * n_embd,)),
-            "use_bias": (True, (True,)),
-            "tie_word_embeddings": (True, (True,)),
-            "head_dim": (None, (None, n_embd // n_head)),
-            "rope_type": ("default", ("default",)),
-        },
+        {"head_dim": (None, (None, n_embd // n_head)), "rope_type": ("default", ("default",))},
     )
     n_kv_head = hf.get("num_key_value_heads") or n_head
+    hidden = _field(hf, "intermediate_size", source)
     return dict(
         block_size=_field(hf, "max_position_embeddings", source),
         vocab_size=_field(hf, "vocab_size", source),
         n_layer=_field(hf, "num_hidden_layers", source),
         n_head=n_head,
         n_embd=n_embd,
+        pos_emb="rope",
+        rope_theta=theta,
+        n_kv_head=None if n_kv_head == n_head else n_kv_head,
+        mlp_hidden=None if hidden == 4 * n_embd else hidden,
+    )
+
+
+def _starcoder2_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """GPTConfig fields of a `Starcoder2ForCausalLM` config.json (the shape keys are required)."""
+    _require(
+        hf,
+        source,
+        {"hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh", "gelu_new")), "use_bias": (True, (True,))},
+    )
+    return dict(
+        _rotary_fields(hf, source),
         dropout=float(hf.get("residual_dropout", 0.0)),
         norm_eps=float(hf.get("norm_epsilon", 1e-5)),
-        pos_emb="rope",
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        n_kv_head=None if n_kv_head == n_head else n_kv_head,
         window=hf.get("sliding_window"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
+
+
+def _llama_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """GPTConfig fields of a Llama, Mistral or Qwen3 config.json: RMSNorm, SwiGLU, RoPE; Qwen3 adds qk_norm."""
+    model_type = hf["model_type"]
+    accepted = {"hidden_act": ("silu", ("silu",)), "pretraining_tp": (1, (1, None))}
+    if model_type == "llama":  # gptlab has one `bias` switch: attention and MLP biases together
+        accepted["mlp_bias"] = (False, (bool(hf.get("attention_bias", False)),))
+    if model_type == "qwen3":  # Qwen3's MLP has no biases, so neither may its attention
+        accepted["attention_bias"] = (False, (False,))
+    _require(hf, source, accepted)
+    return dict(
+        _rotary_fields(hf, source),
+        dropout=float(hf.get("attention_dropout", 0.0)),
+        bias=bool(hf.get("attention_bias", False)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm="rmsnorm",
+        mlp="swiglu",
+        qk_norm=model_type == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # False: these classes' default
+        window=_llama_window(hf, source),
+    )
+
+
+def _llama_window(hf: dict[str, Any], source: str) -> int | tuple[int | None, ...] | None:
+    """Mistral's one `sliding_window`; Qwen3's per layer (`layer_types`), when `use_sliding_window` is on."""
+    if hf["model_type"] == "mistral":
+        return hf.get("sliding_window")
+    if hf["model_type"] != "qwen3" or not hf.get("use_sliding_window"):
+        return None
+    window = _field(hf, "sliding_window", source)
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # Qwen3Config's own rule: layers from max_window_layers on slide
+        first = hf.get("max_window_layers", 28)
+        return tuple(None if i < first else window for i in range(_field(hf, "num_hidden_layers", source)))
+    kinds = {"full_attention": None, "sliding_attention": window}
+    unknown = sorted(set(layer_types) - set(kinds))
+    if unknown:
+        raise CheckpointError(f"{source}: layer_types {', '.join(map(repr, unknown))} are not supported")
+    return tuple(kinds[kind] for kind in layer_types)
 
 
 def _gptlab_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
@@ -139,15 +198,22 @@ def _gptlab_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
     return config
 
 
-_CONFIG_READERS = {"gpt2": _gpt2_fields, "starcoder2": _starcoder2_fields, "gptlab": _gptlab_fields}
+_CONFIG_READERS = {
+    "gpt2": _gpt2_fields,
+    "starcoder2": _starcoder2_fields,
+    "llama": _llama_fields,
+    "mistral": _llama_fields,
+    "qwen3": _llama_fields,
+    "gptlab": _gptlab_fields,
+}
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> tuple[GPTConfig, str]:
-    """Translate a `config.json` dict into a `GPTConfig` and the checkpoint's format (gpt2, starcoder2, gptlab)."""
+    """Translate a `config.json` dict into a `GPTConfig` and the checkpoint's format (its model_type)."""
     model_type = hf.get("model_type")
     if model_type not in _CONFIG_READERS:
         raise CheckpointError(
-            f"{source}: model_type is {model_type!r}; gptlab loads 'gpt2', 'starcoder2' and its own 'gptlab'"
+            f"{source}: model_type is {model_type!r}; gptlab loads {', '.join(map(repr, _CONFIG_READERS))}"
         )
     config = _CONFIG_READERS[model_type](hf, source)
     try:
@@ -158,11 +224,27 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> tuple[GPT
 
 def export_format(config: GPTConfig) -> str:
     """The format `save_pretrained` writes for this config (see the module docstring)."""
-    if not config.bias or isinstance(config.window, tuple):
+    per_layer = isinstance(config.window, tuple)
+    gpt2_block = config.norm == "layernorm" and config.mlp == "gelu_tanh" and config.bias and not config.qk_norm
+    llama_block = config.norm == "rmsnorm" and config.mlp == "swiglu"
+    if config.logit_softcap is not None:
         return "gptlab"
-    if config.pos_emb == "rope":
+    if config.pos_emb == "learned":
+        plain = config.kv_heads == config.n_head and config.window is None and config.hidden_dim == 4 * config.n_embd
+        return "gpt2" if gpt2_block and plain and config.tie_embeddings else "gptlab"
+    if gpt2_block and not per_layer:
         return "starcoder2"
-    return "gpt2" if config.kv_heads == config.n_head and config.window is None else "gptlab"
+    if llama_block and config.qk_norm and not config.bias and len(set(_windows(config)) - {None}) <= 1:
+        return "qwen3"
+    if llama_block and not config.qk_norm and config.window is None:
+        return "llama"
+    if llama_block and not config.qk_norm and not per_layer and not config.bias:
+        return "mistral"
+    return "gptlab"
+
+
+def _windows(config: GPTConfig) -> list[int | None]:
+    return [config.layer_window(layer) for layer in range(config.n_layer)]
 
 
 def config_to_hf(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -172,49 +254,93 @@ def config_to_hf(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
     if fmt == "gptlab":
         return {"architectures": ["GPT"], "model_type": "gptlab", "gptlab": config.to_dict(), "torch_dtype": dtype_name}
     eos = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
-    common = {"bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": True, "torch_dtype": dtype_name}
-    if fmt == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": config.vocab_size,
-            "n_positions": config.block_size,
-            "n_ctx": config.block_size,
-            "n_embd": config.n_embd,
-            "n_layer": config.n_layer,
-            "n_head": config.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "resid_pdrop": config.dropout,
-            "embd_pdrop": config.dropout,
-            "attn_pdrop": config.dropout,
-            "layer_norm_epsilon": config.norm_eps,
-            "initializer_range": 0.02,
-            "scale_attn_weights": True,
-            **common,
-        }
+    common = {
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": 0.02,
+        "torch_dtype": dtype_name,
+    }
+    writer = {"gpt2": _gpt2_config, "starcoder2": _starcoder2_config}.get(fmt, _llama_config)
+    return {**writer(config, fmt), **common}
+
+
+def _gpt2_config(config: GPTConfig, fmt: str) -> dict[str, Any]:
     return {
-        "architectures": ["Starcoder2ForCausalLM"],
-        "model_type": "starcoder2",
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.norm_eps,
+        "scale_attn_weights": True,
+    }
+
+
+def _rotary_config(config: GPTConfig) -> dict[str, Any]:
+    """What Starcoder2 and the Llama family write alike."""
+    return {
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.block_size,
         "hidden_size": config.n_embd,
-        "intermediate_size": 4 * config.n_embd,
+        "intermediate_size": config.hidden_dim,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
         "num_key_value_heads": config.kv_heads,
-        "hidden_act": "gelu_pytorch_tanh",
-        "norm_epsilon": config.norm_eps,
+        "head_dim": config.head_dim,
         "rope_theta": config.rope_theta,  # transformers 4.x reads this, 5.x reads rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_dropout": config.dropout,
+    }
+
+
+def _starcoder2_config(config: GPTConfig, fmt: str) -> dict[str, Any]:
+    return {
+        "architectures": ["Starcoder2ForCausalLM"],
+        "model_type": "starcoder2",
+        **_rotary_config(config),
+        "hidden_act": "gelu_pytorch_tanh",
+        "norm_epsilon": config.norm_eps,
         "sliding_window": config.window,
         "use_bias": True,
         "residual_dropout": config.dropout,
         "embedding_dropout": config.dropout,
-        "attention_dropout": config.dropout,
-        "initializer_range": 0.02,
-        **common,
     }
+
+
+def _llama_config(config: GPTConfig, fmt: str) -> dict[str, Any]:
+    """Llama, Mistral or Qwen3: the same block, with one window (Mistral) or one per layer (Qwen3)."""
+    classes = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    hf = {
+        "architectures": [classes[fmt]],
+        "model_type": fmt,
+        **_rotary_config(config),
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+    }
+    if fmt == "llama":
+        hf.update(attention_bias=config.bias, mlp_bias=config.bias)
+    elif fmt == "mistral":
+        hf["sliding_window"] = config.window
+    else:
+        windows = _windows(config)
+        sizes = set(windows) - {None}
+        hf.update(
+            attention_bias=False,
+            use_sliding_window=bool(sizes),
+            sliding_window=sizes.pop() if sizes else None,
+            max_window_layers=config.n_layer,
+            layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
+        )
+    return hf
 
 
 # ------------------------------------------------------------------------------------------- finding
@@ -323,21 +449,22 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _starcoder2_names(n_layer: int) -> dict[str, str]:
-    """gptlab name -> Starcoder2 name, for every tensor but the fused q/k/v projection."""
-    names = {
-        "transformer.wte.weight": "model.embed_tokens.weight",
-        "transformer.ln_f.weight": "model.norm.weight",
-        "transformer.ln_f.bias": "model.norm.bias",
-    }
-    parts = (
+def _hf_names(config: GPTConfig, fmt: str) -> dict[str, str]:
+    """gptlab name -> Starcoder2 / Llama-family name, for every tensor but the fused q/k/v projection."""
+    mlp = {"starcoder2": ("c_fc", "c_proj")}.get(fmt, ("up_proj", "down_proj"))
+    parts = [
         ("ln_1", "input_layernorm"),
         ("ln_2", "post_attention_layernorm"),
         ("attn.c_proj", "self_attn.o_proj"),
-        ("mlp.c_fc", "mlp.c_fc"),
-        ("mlp.c_proj", "mlp.c_proj"),
-    )
-    for layer in range(n_layer):
+        ("attn.q_norm", "self_attn.q_norm"),
+        ("attn.k_norm", "self_attn.k_norm"),
+        ("mlp.c_fc", f"mlp.{mlp[0]}"),
+        ("mlp.c_gate", "mlp.gate_proj"),
+        ("mlp.c_proj", f"mlp.{mlp[1]}"),
+    ]
+    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    names.update({f"transformer.ln_f.{kind}": f"model.norm.{kind}" for kind in ("weight", "bias")})
+    for layer in range(config.n_layer):
         for ours, theirs in parts:
             for kind in ("weight", "bias"):
                 names[f"transformer.h.{layer}.{ours}.{kind}"] = f"model.layers.{layer}.{theirs}.{kind}"
@@ -358,7 +485,7 @@ def to_gptlab_names(
     Tensors that do not map keep their name, so the loader reports them as unexpected.
     """
     hf_state = dict(hf_state)
-    lm_head = hf_state.pop("lm_head.weight", None)
+    lm_head = hf_state.pop("lm_head.weight", None) if config.tie_embeddings else None
     state = {}
     if fmt == "gptlab":
         state = hf_state
@@ -370,7 +497,7 @@ def to_gptlab_names(
             if name.endswith(CONV1D_WEIGHTS) and tensor.ndim == 2:
                 tensor = tensor.t()
             state[name] = tensor
-    else:  # starcoder2
+    else:  # starcoder2, llama, mistral, qwen3
         for layer in range(config.n_layer):
             for kind in ("weight", "bias"):
                 qkv = [f"model.layers.{layer}.self_attn.{p}_proj.{kind}" for p in "qkv"]
@@ -379,7 +506,7 @@ def to_gptlab_names(
                     raise CheckpointError(f"{source}: missing tensor(s) {', '.join(sorted(set(qkv) - set(present)))}")
                 if present:
                     state[f"transformer.h.{layer}.attn.c_attn.{kind}"] = torch.cat([hf_state.pop(k) for k in qkv])
-        ours = {theirs: ours for ours, theirs in _starcoder2_names(config.n_layer).items()}
+        ours = {theirs: ours for ours, theirs in _hf_names(config, fmt).items()}
         state.update({ours.get(key, key): tensor for key, tensor in hf_state.items()})
     _check_tied(lm_head, state, source)
     return state
@@ -387,7 +514,8 @@ def to_gptlab_names(
 
 def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `state` (gptlab names) into `model`, which may live on the meta device; tied weights stay tied."""
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = model.config.tie_embeddings
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -407,9 +535,11 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
     # Contiguous: a transposed Conv1D view would otherwise become a column-major Parameter, slower in matmuls
     # and laid out differently from optimizer state restored from a checkpoint.
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    if tied:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the shared Parameter: re-tie
+    if tied:  # assign=True replaced the shared Parameter: re-tie
+        model.lm_head.weight = model.transformer.wte.weight
 
 
 def read_config(directory: Path) -> tuple[GPTConfig, str]:
@@ -458,14 +588,14 @@ def load_pretrained(
 
 
 def from_gptlab_names(model: GPT, fmt: str) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names of format `fmt`, contiguous on the CPU, without the tied lm_head."""
+    """The model's tensors under the names of format `fmt`, contiguous on the CPU; a tied lm_head left out."""
     config = model.config
-    starcoder2 = _starcoder2_names(config.n_layer)
+    names = _hf_names(config, fmt)
     kv_dim = config.kv_heads * config.head_dim
     state = {}
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu")
-        if key == "lm_head.weight":
+        if key == "lm_head.weight" and config.tie_embeddings:
             continue  # tied to wte; transformers re-ties it on load
         if fmt == "gptlab":
             state[key] = tensor
@@ -476,14 +606,14 @@ def from_gptlab_names(model: GPT, fmt: str) -> dict[str, torch.Tensor]:
             for name, part in zip("qkv", tensor.split([config.n_embd, kv_dim, kv_dim]), strict=True):
                 state[prefix.format(name)] = part
         else:
-            state[starcoder2[key]] = tensor
+            state[names[key]] = tensor
     return {k: v.contiguous() for k, v in state.items()}
 
 
 def save_pretrained(model: GPT, directory: str | Path) -> str:
     """Write `config.json` + `model.safetensors` in the model's export format, which it returns.
 
-    GPT-2 and Starcoder2 checkpoints load in `transformers.AutoModelForCausalLM.from_pretrained`. Each file is
+    Every format but gptlab's loads in `transformers.AutoModelForCausalLM.from_pretrained`. Each file is
     written to a temporary name and renamed into place, so a failure leaves no partial file.
     """
     from safetensors.torch import save_file

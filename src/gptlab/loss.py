@@ -18,7 +18,7 @@ DEFAULT_CHUNK_ROWS = 512  # GPT-2: 512 x 50257 float32 logits = 103 MB at a time
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    def forward(ctx, x, weight, targets, chunk_rows: int, softcap: float | None) -> torch.Tensor:
         # x is in the compute dtype; weight in its own (float32 under autocast): cast once here, and its gradient
         # is summed over chunks and returned in float32, with no round trip through the low-precision dtype.
         N = x.size(0)
@@ -32,12 +32,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             xs, ts = x[start : start + chunk_rows], targets[start : start + chunk_rows]
             n = xs.size(0)
             logits = torch.mm(xs, w.t(), out=logits_buffer[:n]).float()  # a view unless x is low precision
+            if softcap is not None:  # logits c * tanh(z / c); their derivative in z is 1 - tanh^2
+                tanh = logits.div_(softcap).tanh_()
+                logits = tanh * softcap
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits.gather(1, ts[:, None]).squeeze(1)).sum()
             if not with_grad:
                 continue
             grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
             grad_logits[torch.arange(n, device=x.device), ts] -= 1.0
+            if softcap is not None:
+                grad_logits.mul_(tanh.square_().neg_().add_(1.0))
             # / N, written in the compute dtype into the logits buffer (free again): no fresh 50-100 MB tensor
             grad_logits = torch.mul(grad_logits, 1.0 / N, out=logits_buffer[:n])
             torch.mm(grad_logits, w, out=grad_x[start : start + n])
@@ -59,15 +64,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: backward ran twice through one forward (retain_graph=True)")
         ctx.used = True
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None
+        return grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None, None
 
 
 def linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `x @ weight.T` (x: (N, C), weight: (vocab, C)) against `targets` (N,),
     equal to `F.cross_entropy(x @ weight.T, targets)` without holding all N rows of logits. Every target must be a
-    class index (there is no `ignore_index`: language-model batches have none).
+    class index (there is no `ignore_index`: language-model batches have none). With `softcap` c the logits are
+    first capped, c * tanh(logits / c), as the model's forward does.
 
     Under autocast the matmuls run in the autocast dtype, as they would for an `nn.Linear`; the softmax and the
     sum are in float32 either way.
@@ -80,5 +90,5 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return _LinearCrossEntropy.apply(x.to(dtype), weight, targets, chunk_rows)
-    return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+            return _LinearCrossEntropy.apply(x.to(dtype), weight, targets, chunk_rows, softcap)
+    return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows, softcap)

@@ -11,6 +11,10 @@ Three later changes are config fields read by the one attention module:
 - `window=W`: sliding-window attention (Beltagy et al. 2020, Longformer; Jiang et al. 2023, Mistral): token t
   attends to t-W+1 .. t. A per-layer list mixes local and global layers.
 
+And the modern recipe's switches, read by the blocks and the head: `norm="rmsnorm"`, `mlp="relu2"` or
+`"swiglu"` (with `mlp_hidden`), `qk_norm`, `tie_embeddings=False` and `logit_softcap`. With all of them at their
+defaults the model is GPT-2; RoPE + RMSNorm + SwiGLU + no biases is Llama, and adding `qk_norm` gives Qwen3.
+
 Shapes: B batch, T sequence length, C = n_embd; n_head query heads and n_kv_head key/value heads of head_dim.
 """
 
@@ -193,6 +197,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
+    """The block and final norm: GPT-2's LayerNorm (with a bias when `config.bias`), or RMSNorm (Zhang & Sennrich
+    2019), which only rescales: x / rms(x) * gain."""
+    dim = dim or config.n_embd
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
 def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """True where a query at q_pos may see a key at k_pos: causal, and at most window - 1 positions back.
 
@@ -323,6 +336,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # one gain of head_dim shared by the heads, as Qwen3's q_norm / k_norm
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, start_pos: int | None = None) -> torch.Tensor:
@@ -332,6 +349,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # bounds the attention logits whatever the weights grow to (OLMo 2)
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
@@ -355,23 +374,39 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The feed-forward block, C -> hidden -> C:
+    - gelu_tanh: GPT-2's, with "gelu_new", the tanh approximation of GELU;
+    - relu2: ReLU squared (So et al. 2021, "Primer"), as in modded-nanogpt;
+    - swiglu: silu(x W_gate) * (x W_fc), then W_proj (Shazeer 2020, "GLU Variants"), as in Llama: three matrices,
+      so `mlp_hidden` = 8/3 * n_embd costs what a 4x two-matrix MLP does.
+    """
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new": the tanh approximation of GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        self.c_fc = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
+        if config.mlp == "swiglu":
+            self.c_gate = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, hidden)
+        if self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.silu(self.c_gate(x)) * h
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, start_pos: int | None = None) -> torch.Tensor:
@@ -388,10 +423,11 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
-        modules["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        modules["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
+        if config.tie_embeddings:  # weight tying (Press & Wolf 2017), as GPT-2
+            self.lm_head.weight = self.transformer.wte.weight
         self.init_weights()
 
     @torch.no_grad()
@@ -404,7 +440,7 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.transformer.h:
@@ -448,9 +484,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, rope, start_pos)
         x = self.transformer.ln_f(x[:, -1:] if last_only else x)
+        cap = self.config.logit_softcap
         if targets is not None:
-            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        return self.lm_head(x)
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=cap)
+        logits = self.lm_head(x)
+        # Gemma 2's soft cap (Gemma Team 2024): smooth, so no logit grows without bound
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
         """Allocate every layer's KV cache for `batch_size` sequences of up to `max_seq_len` tokens.
@@ -480,7 +519,8 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count, the tied LM head counted once; `non_embedding` leaves out the embedding tables."""
+        """Parameter count, a tied LM head counted once; `non_embedding` leaves out the embedding tables (an
+        untied LM head is a matrix every token multiplies, so it stays)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= sum(self.transformer[name].weight.numel() for name in ("wte", "wpe") if name in self.transformer)
