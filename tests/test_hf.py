@@ -153,7 +153,7 @@ def test_checkpoints_that_do_not_fit_raise_naming_the_tensor(tmp_path, hf_model,
 @pytest.mark.parametrize(
     "change, culprit",
     [
-        ({"model_type": "llama"}, "model_type"),
+        ({"model_type": "bert"}, "model_type"),
         ({"activation_function": "relu"}, "activation_function"),
         ({"n_inner": 50}, "n_inner"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
