@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_cached_logits_equal_recomputed, random_gpt
 
 from gptlab import GPT, GPTConfig
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.hf import export_format
+from helpers import assert_cached_logits_equal_recomputed, random_gpt
 
 TINY = dict(block_size=48, vocab_size=101, n_layer=3, n_head=4, n_embd=32)
 HF_SHAPE = dict(
@@ -220,3 +220,27 @@ def test_llama_family_options_gptlab_cannot_compute_are_refused(tmp_path, kind, 
     _hf_model(kind, **config).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=culprit):
         GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_breakdown_counts_the_new_parameters_exactly(tied):
+    """Counted from the formulas: q/k/v/o with GQA and biases, QK-norm gains, three SwiGLU matrices, RMSNorm gains
+    (no bias), and an untied head."""
+    from gptlab.sizes import config_breakdown
+
+    L, C, H, V, kv_dim, head_dim = 3, 32, 56, 101, 2 * 8, 8
+    config = GPTConfig(
+        **TINY,
+        pos_emb="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        mlp_hidden=H,
+        qk_norm=True,
+        n_kv_head=2,
+        tie_embeddings=tied,
+    )
+    attention = L * ((C * (C + 2 * kv_dim) + C + 2 * kv_dim) + (C * C + C) + 2 * head_dim)
+    mlp = L * (2 * (C * H + H) + H * C + C)
+    expected = dict(wte=V * C, wpe=0, attention=attention, mlp=mlp, norm=(2 * L + 1) * C, lm_head=0 if tied else V * C)
+    assert config_breakdown(config) == expected
+    assert sum(expected.values()) == GPT(config).num_params()

@@ -8,19 +8,22 @@ import torch
 
 from gptlab.model import GPT, GPTConfig
 
-COMPONENTS = ("wte", "wpe", "attention", "mlp", "layernorm")
+COMPONENTS = ("wte", "wpe", "attention", "mlp", "norm", "lm_head")
 
 
 def parameter_breakdown(model: GPT) -> dict[str, int]:
-    """Parameter counts by component (the tied LM head is the token embedding, counted once)."""
+    """Parameter counts by component: attention includes QK-norm gains, norm the block and final norms; a tied
+    LM head is the token embedding, counted once (lm_head 0), an untied one counts apart."""
     counts: Counter[str] = Counter({part: 0 for part in COMPONENTS})
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters():  # a shared (tied) Parameter is listed once
         if ".attn." in name:
             part = "attention"
         elif ".mlp." in name:
             part = "mlp"
         elif ".ln_" in name:
-            part = "layernorm"
+            part = "norm"
+        elif name == "lm_head.weight":
+            part = "lm_head"
         else:
             part = name.split(".")[1]  # wte, wpe
         counts[part] += param.numel()
