@@ -225,11 +225,12 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  {key:<12} {value}")
 
     names = {
-        "wte": "token embedding (tied LM head)",
+        "wte": "token embedding" + (" (tied LM head)" if base.tie_embeddings else ""),
         "wpe": "position embedding",
         "attention": f"attention ({base.n_layer} blocks)",
         "mlp": f"MLP ({base.n_layer} blocks)",
-        "layernorm": "LayerNorms",
+        "norm": "LayerNorms" if base.norm == "layernorm" else "RMSNorms",
+        "lm_head": "LM head" + ("" if base.tie_embeddings else " (untied)"),
     }
     rows = [(names[part], count) for part, count in config_breakdown(base).items()]
     rows.append(("total parameters", sum(count for _, count in rows)))
