@@ -96,6 +96,42 @@ def test_ddp_and_fsdp_take_the_same_steps_as_one_process(reference_runs):
         assert losses(reference_runs / mode) == pytest.approx(single, abs=1e-4), mode
 
 
+# Muon on a model whose matrices FSDP shards unevenly on 2 ranks, with c_attn's q/k/v split off-shard: 3 query heads
+# and 1 key/value head of 11 make c_attn 55 rows [33 | 11 | 11], cut 28 / 27.
+MUON = ["--train.optimizer=muon", "--train.max_steps=20"]
+MUON += ["--model.n_embd=33", "--model.n_head=3", "--model.n_kv_head=1"]
+
+
+@pytest.fixture(scope="module")
+def muon_runs(char_data, tmp_path_factory):
+    """The Muon job run by one process, by DDP on 2 and by FSDP on 2."""
+    root = tmp_path_factory.mktemp("muon")
+    ddp = torchrun(*job_args(char_data, root / "ddp", *MUON, "--parallel.mode=ddp"))
+    fsdp = torchrun(*job_args(char_data, root / "fsdp", *MUON, "--parallel.mode=fsdp"))
+    train(load_job_config(None, job_args(char_data, root / "single", *MUON)), progress=False)
+    finish(ddp)
+    finish(fsdp)
+    return root
+
+
+def test_muon_under_ddp_and_fsdp_takes_the_same_steps_as_one_process(muon_runs):
+    single = losses(muon_runs / "single")
+    assert len(single) == 20 and single[-1] < single[0] - 0.5
+    for mode in ("ddp", "fsdp"):
+        assert losses(muon_runs / mode) == pytest.approx(single, abs=1e-4), mode
+
+
+def test_an_fsdp_muon_checkpoint_resumes_in_one_process(muon_runs, char_data, tmp_path):
+    # The sharded momentum buffers (DTensors) reshard into one process's plain tensors.
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(muon_runs / "fsdp" / "ckpt-0000010", out / "ckpt-0000010")
+    first_steps = (muon_runs / "fsdp" / "metrics.jsonl").read_text().splitlines()[:10]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in first_steps))
+    train(load_job_config(None, job_args(char_data, out, *MUON)), progress=False)
+    assert losses(out) == pytest.approx(losses(muon_runs / "single"), abs=1e-4)
+
+
 def test_fsdp_checkpoints_are_sharded_and_export_to_one_model(reference_runs, char_data, tmp_path):
     checkpoint = reference_runs / "fsdp" / f"ckpt-{STEPS:07d}"
     assert sorted(p.name for p in (checkpoint / "train").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

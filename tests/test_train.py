@@ -302,6 +302,7 @@ def test_toml_file_under_command_line(tmp_path, char_data):
         (["--model.vocab_size=10"], "beyond the model's vocab_size=10"),
         (["--train.lr=1e12", "--train.grad_clip=0", "--train.warmup_steps=0"], "non-finite loss"),
         (["--data.dir=/no/such/data"], "/no/such/data"),
+        (["--train.optimizer=sgd"], "train.optimizer: Input should be 'adamw' or 'muon'"),
     ],
 )
 def test_train_user_errors_exit_2_with_one_line(char_data, tmp_path, extra, culprit):
@@ -358,3 +359,62 @@ def test_a_damaged_checkpoint_is_named_on_resume(char_data, tmp_path, damage):
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
     with pytest.raises(CheckpointError, match=str(target.parent if damage == "shard" else target)):
         train(load_job_config(None, [*args, "--train.max_steps=4"]), progress=False)
+
+
+def interrupt_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """Make `train` stop, as if killed, right after writing the checkpoint of `at_step`."""
+    import gptlab.train as train_module
+
+    write = train_module.save_checkpoint
+
+    def save_then_stop(run, step):
+        path = write(run, step)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+
+
+def test_muon_resumes_with_its_momentum_exactly(char_data, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    # Dropout on, so the RNG state must come back too; every Muon-mode group at a learning rate of its own.
+    extra = ["--train.optimizer=muon", "--train.max_steps=12", "--train.checkpoint_interval=6", "--model.dropout=0.1"]
+    extra += ["--train.embedding_lr=1e-2", "--train.scalar_lr=2e-3", "--train.muon_weight_decay=0.01"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train(load_job_config(None, job_args(char_data, reference, *extra)), progress=False)
+    interrupt_after_checkpoint(monkeypatch, at_step=6)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_job_config(None, job_args(char_data, resumed, *extra)), progress=False)
+    monkeypatch.undo()
+    shards = dcp.FileSystemReader(str(resumed / "ckpt-0000006" / "train")).read_metadata().state_dict_metadata
+    assert "optim.state.transformer.h.1.attn.c_attn.weight.momentum_buffer" in shards
+    train(load_job_config(None, job_args(char_data, resumed, *extra)), progress=False)
+    assert train_losses(resumed) == train_losses(reference)  # bit-identical, step by step
+    assert len(train_losses(resumed)) == 12
+
+
+def test_a_checkpoint_from_before_train_optimizer_resumes_as_adamw(char_data, tmp_path):
+    extra = ["--train.max_steps=8", "--train.checkpoint_interval=4"]
+    reference, old = tmp_path / "reference", tmp_path / "old"
+    train(load_job_config(None, job_args(char_data, reference, *extra)), progress=False)
+    # The run as an older gptlab left it at step 4: its job.json has none of the optimizer keys.
+    old.mkdir()
+    shutil.copytree(reference / "ckpt-0000004", old / "ckpt-0000004")
+    first_steps = (reference / "metrics.jsonl").read_text().splitlines()[:4]
+    (old / "metrics.jsonl").write_text("".join(line + "\n" for line in first_steps))
+    job = json.loads((old / "ckpt-0000004" / "job.json").read_text())
+    new_keys = ["optimizer", "muon_lr", "muon_momentum", "muon_weight_decay", "embedding_lr", "head_lr", "scalar_lr"]
+    job["train"] = {k: v for k, v in job["train"].items() if k not in new_keys}
+    (old / "ckpt-0000004" / "job.json").write_text(json.dumps(job))
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    process = gptlab_train(job_args(char_data, old, *extra, "--train.optimizer=muon"))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and "Traceback" not in stderr and stderr.count("\n") == 1
+    assert "holds a run with train.optimizer='adamw', but this command asks for 'muon'" in stderr
+    assert before == {p: p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    train(load_job_config(None, job_args(char_data, old, *extra)), progress=False)
+    assert train_losses(old) == train_losses(reference)

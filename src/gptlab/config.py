@@ -119,7 +119,8 @@ class DataConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """The optimisation: AdamW, warmup then cosine decay, evaluation and checkpoints."""
+    """The optimisation: AdamW (or Muon on the blocks' matrices), warmup then cosine decay, evaluation and
+    checkpoints."""
 
     model_config = _STRICT
     out_dir: str = Field(
@@ -131,11 +132,40 @@ class TrainConfig(BaseModel):
         None, gt=0, description="sequences per forward per process; unset: no gradient accumulation"
     )
     max_steps: int = Field(2000, gt=0, description="optimizer steps of the whole run (resumed steps count)")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate, reached at the end of warmup")
-    min_lr: float = Field(1e-4, ge=0, description="learning rate the cosine decay reaches at the last step")
+    lr: float = Field(
+        1e-3, gt=0, description="peak learning rate, reached at the end of warmup (muon: of groups whose *_lr is unset)"
+    )
+    min_lr: float = Field(
+        1e-4,
+        ge=0,
+        description="learning rate the cosine decay reaches at the last step (muon: each group min_lr/lr of its peak)",
+    )
     warmup_steps: int = Field(100, ge=0, description="steps of linear warmup from 0 to lr")
     weight_decay: float = Field(
-        0.1, ge=0, description="AdamW weight decay of matrices and embeddings (not biases, gains)"
+        0.1,
+        ge=0,
+        description="AdamW weight decay of matrices and embeddings (not biases, gains); muon: embeddings, head",
+    )
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw; or muon: Muon on the blocks' 2-D weights (c_attn's q, k, v each orthogonalised on its "
+        "own), AdamW on embeddings, head, biases and gains, each group at its *_lr peak on the one schedule",
+    )
+    muon_lr: float = Field(
+        0.02, gt=0, description="muon: peak lr of the block matrices (x sqrt(max(1, rows/cols)), Keller Jordan's)"
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: Nesterov momentum of the block matrices")
+    muon_weight_decay: float = Field(
+        0.0, ge=0, description="muon: decoupled weight decay of the block matrices, p <- p (1 - lr wd)"
+    )
+    embedding_lr: float | None = Field(
+        None, gt=0, description="muon: AdamW peak lr of wte and wpe (the head too when tied); unset: lr"
+    )
+    head_lr: float | None = Field(
+        None, gt=0, description="muon: AdamW peak lr of an untied lm_head (model.tie_embeddings=false); unset: lr"
+    )
+    scalar_lr: float | None = Field(
+        None, gt=0, description="muon: AdamW peak lr of biases and norm gains (never decayed); unset: lr"
     )
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW first-moment decay")
     beta2: float = Field(

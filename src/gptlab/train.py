@@ -1,5 +1,5 @@
-"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation, clipping, autocast, evaluation,
-atomic checkpoints and exact resume.
+"""The training loop: AdamW or Muon (`gptlab.optim`), warmup + cosine schedule, gradient accumulation, clipping,
+autocast, evaluation, atomic checkpoints and exact resume.
 
 In three pieces, as torchtitan's trainer: `setup_run` builds everything a run holds (`Run`), `train_step` takes
 one optimizer step, and `train` loops: step, log, maybe evaluate, maybe checkpoint.
@@ -29,6 +29,7 @@ from gptlab.device import autocast
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.hf import load_config, read_config
 from gptlab.model import GPT, GPTConfig
+from gptlab.optim import configure_optimizer, set_learning_rates
 from gptlab.parallel import World, close_world, gradient_sync, init_world, mean_over_ranks, parallelize
 from gptlab.rundir import METRICS_FILE, latest_checkpoint, remove_stale_tmp
 
@@ -113,17 +114,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
-
-
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only: biases and LayerNorm gains are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # The fused kernel updates all parameters in one pass (CUDA, and CPU since torch 2.4).
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -222,6 +212,10 @@ def initial_model(job: JobConfig, config: GPTConfig, resumed: bool) -> GPT:
     return GPT.from_pretrained(job.train.init_from, **job.model.overrides()).train()
 
 
+# Keys a job.json written before they existed lacks, with the value those runs had.
+LEGACY_JOB_VALUES = {("train", "optimizer"): "adamw"}
+
+
 def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) -> None:
     """Resuming with another model or data order would silently train something else: refuse, naming the key."""
     saved_config, _ = read_config(checkpoint)
@@ -232,10 +226,11 @@ def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) ->
                 f"command asks for {value!r}; use another train.out_dir or the original settings"
             )
     saved = json.loads((checkpoint / "job.json").read_text())
-    for section, key in (("data", "dir"), ("train", "seed"), ("train", "batch_size")):
-        if saved[section][key] != getattr(getattr(job, section), key):
+    for section, key in (("data", "dir"), ("train", "seed"), ("train", "batch_size"), ("train", "optimizer")):
+        value = saved[section].get(key, LEGACY_JOB_VALUES.get((section, key)))
+        if value != getattr(getattr(job, section), key):
             raise ConfigError(
-                f"{checkpoint.parent} holds a run with {section}.{key}={saved[section][key]!r}, but this command "
+                f"{checkpoint.parent} holds a run with {section}.{key}={value!r}, but this command "
                 f"asks for {getattr(getattr(job, section), key)!r}; use another train.out_dir or the original value"
             )
 
@@ -295,8 +290,7 @@ def train_step(run: Run, step: int) -> StepStats:
     cfg, world = run.cfg, run.world
     started = time.perf_counter()
     lr = lr_at(step, cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rates(run.optimizer, lr, cfg)
     starts = batch_starts(len(run.train_tokens), run.block_size, cfg.batch_size, cfg.seed, step)
     loss_sum = torch.zeros((), device=world.device)
     for micro_step in range(run.accum_steps):
