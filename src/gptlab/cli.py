@@ -155,6 +155,89 @@ def print_sample(model, tokenizer, prompt: torch.Tensor, args: argparse.Namespac
     print(utf8.decode(b"", final=True))
 
 
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def add_eval_parser(subparsers) -> None:
+    from gptlab.evaluation import DEFAULT_BATCH_SIZE
+
+    p = subparsers.add_parser(
+        "eval",
+        help="a model's mean next-token loss and bits per byte over a whole prepared split",
+        description="Every token of the split but the first is predicted once, in non-overlapping windows of "
+        "block_size tokens; the loss is the mean over all of them (nats per token), bits per byte divide its sum "
+        "by the UTF-8 bytes of the text, which makes models with different tokenizers comparable.",
+    )
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="checkpoint directory, training run (its latest), hub id")
+    p.add_argument("--data", required=True, help="a directory written by gptlab prepare")
+    p.add_argument("--split", default="val", help="val or train (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout, and no progress bar")
+    p.add_argument(
+        "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per forward (default: %(default)s)"
+    )
+    p.add_argument("--block_size", type=int, default=None, help="window length (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="autocast dtype of the matmuls; weights stay float32, as in training's evaluation",
+    )
+    p.set_defaults(run=run_eval)
+
+
+def check_eval_data(directory: Path, model, meta: dict, model_name: str) -> None:
+    """The data must be in the model's vocabulary, and in the tokenizer the model was trained with (where the
+    checkpoint says which): a model scored on another tokenizer's ids gives a number, but a meaningless one."""
+    import json
+
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise GptlabError(
+            f"the data's vocabulary has {meta['vocab_size']} tokens but model {model_name} only "
+            f"{model.config.vocab_size}"
+        )
+    spec = directory / "tokenizer.json"
+    if spec.is_file() and json.loads(spec.read_text()) != meta["tokenizer"]:
+        raise GptlabError(
+            f"model {model_name} was trained with another tokenizer ({spec}) than the data's "
+            f"({meta['tokenizer'].get('name')})"
+        )
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
+    from gptlab.device import resolve_device
+    from gptlab.evaluation import evaluate_split
+    from gptlab.hf import resolve_checkpoint_dir
+    from gptlab.model import GPT
+
+    device = resolve_device(args.device, key="--device")
+    meta, tokens = load_meta(args.data), load_tokens(args.data, args.split)  # the data first: it fails fast
+    directory = resolve_checkpoint_dir(args.model)
+    model = GPT.from_pretrained(directory).to(device)
+    check_eval_data(directory, model, meta, args.model)
+    result = evaluate_split(
+        model,
+        tokens,
+        tokenizer_from_meta(meta),
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        progress=not args.json,
+    )
+    if args.json:
+        record = {"model": args.model, "checkpoint": str(directory), "data": args.data, "split": args.split}
+        print(json.dumps({**record, "dtype": args.dtype, **result.to_dict()}))
+        return
+    print(f"{args.model} on the {args.split} split of {args.data} ({directory})")
+    print(f"  loss  {result.loss:.4f} nats per token")
+    print(f"  bpb   {result.bpb:.4f} bits per byte")
+    print(f"  {result.tokens:,} tokens, {result.bytes:,} bytes, {result.windows:,} windows of {result.block_size}")
+    print(f"  {result.seconds:.1f} s, {result.tokens / result.seconds:,.0f} tokens/s")
+
+
 # --------------------------------------------------------------------------------------------- convert
 
 
@@ -448,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(subparsers)
     add_train_parser(subparsers)
     add_sample_parser(subparsers)
+    add_eval_parser(subparsers)
     add_convert_parser(subparsers)
     add_export_parser(subparsers)
     add_inspect_parser(subparsers)
