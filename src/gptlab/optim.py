@@ -24,7 +24,7 @@ from gptlab.config import TrainConfig
 from gptlab.errors import ConfigError
 
 # Keller Jordan's quintic Newton-Schulz coefficients, chosen to maximise the slope at zero: 5 steps take every
-# singular value of a normalised matrix to roughly [0.7, 1.2], not exactly 1, which trains as well as the exact
+# singular value of a normalised matrix into roughly [0.5, 1.5], not exactly 1, which trains as well as the exact
 # U V^T (github.com/KellerJordan/Muon, muon.py; the same constants as torch.optim.Muon).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -143,8 +143,8 @@ def zeropower_via_newtonschulz(G: torch.Tensor, dtype: torch.dtype, steps: int =
 
 def lr_shape_scale(rows: int, cols: int) -> float:
     """Muon's lr multiplier for an (out=rows, in=cols) matrix: sqrt(max(1, rows / cols)), Keller Jordan's
-    original (torch.optim.Muon's adjust_lr_fn="original"). An orthogonalised (rows, cols) update has RMS
-    sqrt(1 / max(rows, cols)); the factor keeps tall matrices' updates, per unit of input, as large as square ones'."""
+    original (torch.optim.Muon's adjust_lr_fn="original"). A semi-orthogonal (rows, cols) update has RMS
+    1 / sqrt(max(rows, cols)); times the factor, 1 / sqrt(cols) (the fan-in) for every shape."""
     return math.sqrt(max(1.0, rows / cols))
 
 
@@ -152,10 +152,10 @@ def orthogonalised_update(update: torch.Tensor, rows: tuple[int, ...] | None, dt
     """The Muon step direction of one whole matrix (A, B), in its own dtype, times its shape's lr scale.
 
     `rows` splits a parameter that stacks independent linear maps on dim 0 (c_attn: q, k, v) into its parts, each
-    orthogonalised and scaled on its own: q, k and v are three maps with their own singular values (modded-nanogpt
-    keeps them as separate matrices of one parameter for this reason), and orthogonalising the stack would couple
-    them: the (fewer) key/value rows would share one spectrum with the query rows and get the update's size
-    dictated by the queries' gradient.
+    orthogonalised and scaled on its own: q, k and v are three maps with their own singular values, and
+    orthogonalising the stack would couple them: the (fewer) key/value rows would share one spectrum with the
+    query rows and get their update's size dictated by the queries' gradient. modded-nanogpt's Muon treats them
+    apart too: its q, k, v (and o) weights are separate matrices of one batched parameter.
     """
     parts = update.split(list(rows), dim=0) if rows is not None else (update,)
     return torch.cat(
