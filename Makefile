@@ -14,10 +14,12 @@ $(INSTALLED): pyproject.toml constraints.txt
 test: $(INSTALLED)
 	$(PYTHON) -m pytest
 
-# The main job on the embedded corpus: prepare it (once), train (resumes if interrupted), print a sample.
+# The main job on the embedded corpus: prepare it (once), train (resumes if interrupted), score it on the whole
+# validation split, print a sample.
 demo: $(INSTALLED)
 	test -f data/shakespeare-char/meta.json || $(VENV)/bin/gptlab prepare shakespeare-char --out data/shakespeare-char
 	$(VENV)/bin/gptlab train --config configs/shakespeare_char.toml
+	$(VENV)/bin/gptlab eval out/shakespeare-char --data data/shakespeare-char
 	$(VENV)/bin/gptlab sample --model out/shakespeare-char --max_new_tokens 500 --temperature 0.8 --top_k 40
 
 clean:

@@ -71,8 +71,8 @@ class Row:
 # so the rungs above do not depend on it, and its learning rate can be retuned without re-running them.
 LADDER: list[tuple[str, str, tuple[str, ...]]] = [
     ("nanogpt", "nanoGPT's CPU recipe: 4 x 128, block 64, batch 12, AdamW 1e-3", ()),
-    ("batch32", "batch 32 sequences instead of 12", ("--train.batch_size=32",)),
-    ("lr2e-3", "learning rate 2e-3 (min 2e-4) instead of 1e-3 (1e-4)", ("--train.lr=2e-3", "--train.min_lr=2e-4")),
+    ("batch-lr", "batch 32 sequences at lr 2e-3 (min 2e-4) instead of 12 at 1e-3 (1e-4)",
+     ("--train.batch_size=32", "--train.lr=2e-3", "--train.min_lr=2e-4")),
     ("block128", "context 128 characters instead of 64", ("--model.block_size=128",)),
     ("rope", "rotary positions instead of a learned table", ("--model.pos_emb=rope",)),
     ("relu2", "ReLU² MLP instead of GELU", ("--model.mlp=relu2",)),

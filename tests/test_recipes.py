@@ -101,7 +101,7 @@ def test_report_states_the_figures_and_targets(fake_results, tmp_path):
     assert "| nanogpt |" in report and "| 1.6100 | 0.0141 |" in report
     # rope against nanogpt: the rungs between are named as part of the difference
     assert (
-        "| rope | rotary positions instead of a learned table (and, unmeasured: batch32, lr2e-3, block128) |" in report
+        "| rope | rotary positions instead of a learned table (and, unmeasured: batch-lr, block128) |" in report
     )
     assert "| -0.0600 | nanogpt |" in report
     assert "demo − nanogpt = **-0.1300**" in report and "target ≤ −0.10: **met**" in report
