@@ -100,9 +100,7 @@ def test_report_states_the_figures_and_targets(fake_results, tmp_path):
     # nanogpt: the mean and the sd of its two seeds; rope: its difference from nanogpt
     assert "| nanogpt |" in report and "| 1.6100 | 0.0141 |" in report
     # rope against nanogpt: the rungs between are named as part of the difference
-    assert (
-        "| rope | rotary positions instead of a learned table (and, unmeasured: batch-lr, block128) |" in report
-    )
+    assert "| rope | rotary positions instead of a learned table (and, unmeasured: batch-lr, block128) |" in report
     assert "| -0.0600 | nanogpt |" in report
     assert "demo − nanogpt = **-0.1300**" in report and "target ≤ −0.10: **met**" in report
     assert "demo-half reaches 1.5800 in 5 s, nanogpt 1.6100 in 10 s: **met**" in report

@@ -275,6 +275,12 @@ def run_export(args: argparse.Namespace) -> None:
     if (destination / "config.json").exists():
         raise GptlabError(f"{destination} already holds a checkpoint; choose a new directory")
     fmt = export_checkpoint(Path(args.run_dir), destination)
+    if fmt == "gptlab":  # say so: a user expecting transformers to load it learns now, not at load time
+        print(
+            f"wrote {destination} (gptlab format: transformers has no class for this combination of model "
+            "fields, see the README's Exporting; GPT.from_pretrained loads it)"
+        )
+        return
     print(f"wrote {destination} ({fmt} format)")
 
 
@@ -313,7 +319,7 @@ def run_inspect(args: argparse.Namespace) -> None:
         "attention": f"attention ({base.n_layer} blocks)",
         "mlp": f"MLP ({base.n_layer} blocks)",
         "norm": "LayerNorms" if base.norm == "layernorm" else "RMSNorms",
-        "lm_head": "LM head" + ("" if base.tie_embeddings else " (untied)"),
+        "lm_head": "LM head (untied)" if not base.tie_embeddings else "LM head (the token embedding)",
     }
     rows = [(names[part], count) for part, count in config_breakdown(base).items()]
     rows.append(("total parameters", sum(count for _, count in rows)))
