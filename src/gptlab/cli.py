@@ -311,7 +311,7 @@ def run_inspect(args: argparse.Namespace) -> None:
     variant = base.replace(**overrides)
     print(f"{args.model} ({source})" + "".join(f", {k}={v}" for k, v in overrides.items()))
     for key, value in variant.to_dict().items():
-        print(f"  {key:<12} {value}")
+        print(f"  {key:<15} {value}")
 
     names = {
         "wte": "token embedding" + (" (tied LM head)" if base.tie_embeddings else ""),
