@@ -85,7 +85,7 @@ def test_inspect_counts_parameters_by_component(bpe_model_dir):
     for count in parameter_breakdown(model).values():
         assert f"{count:,}" in out
     assert sum(parameter_breakdown(model).values()) == model.num_params()
-    assert "n_embd       32" in out
+    assert "  n_embd          32\n" in out
 
 
 def test_inspect_preset_needs_no_download():
