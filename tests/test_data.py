@@ -113,8 +113,11 @@ def test_shakespeare_bpe_and_checksums(tmp_path):
     n_tokens = meta["train_tokens"] + meta["val_tokens"]
     assert meta["val_tokens"] == round(0.05 * n_tokens)
     for split in ("train", "val"):
-        path = tmp_path / "bpe" / f"{split}.bin"
-        assert meta["sha256"][f"{split}.bin"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        # A corpus smaller than a shard: one file per split, its name, size and checksum in meta.json.
+        [shard] = meta["shards"][split]
+        path = tmp_path / "bpe" / f"{split}_000000.bin"
+        assert shard["file"] == path.name and shard["tokens"] == meta[f"{split}_tokens"]
+        assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert path.stat().st_size == 2 * meta[f"{split}_tokens"]
     check_round_trip(tmp_path / "bpe", load_shakespeare(), "gpt2")
 
@@ -182,7 +185,7 @@ def test_parallel_tokenization_matches_inline(tmp_path, monkeypatch):
     inline = prepare(str(tmp_path / "in"), tmp_path / "inline", num_proc=1)
     monkeypatch.setattr(data_module, "PARALLEL_MIN_CHARS", 100)  # several windows of a few documents each
     parallel = prepare(str(tmp_path / "in"), tmp_path / "parallel", num_proc=2)
-    assert parallel["sha256"] == inline["sha256"]
+    assert parallel["shards"] == inline["shards"]
     assert tree(tmp_path / "parallel") == tree(tmp_path / "inline")
 
 
@@ -275,20 +278,21 @@ def test_load_tokens_rejects_damaged_files(tmp_path, shakespeare_char):
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    for name in ("train.bin", "val.bin", "meta.json"):
+    for name in ("train_000000.bin", "val_000000.bin", "meta.json"):
         (damaged / name).write_bytes((shakespeare_char / name).read_bytes())
+    val_bin = damaged / "val_000000.bin"
     val = load_tokens(damaged, "val")
     assert val.dtype == np.uint16 and len(val) == load_meta(damaged)["val_tokens"]
-    with open(damaged / "val.bin", "r+b") as f:
-        f.truncate(os.path.getsize(damaged / "val.bin") - 1)  # half a uint16 token
-    with pytest.raises(GptlabError, match=f"{re.escape(str(damaged / 'val.bin'))} .*not a whole number of uint16"):
+    with open(val_bin, "r+b") as f:
+        f.truncate(os.path.getsize(val_bin) - 1)  # half a uint16 token
+    with pytest.raises(GptlabError, match=f"{re.escape(str(val_bin))} .*not a whole number of uint16"):
         load_tokens(damaged, "val")
-    with open(damaged / "val.bin", "r+b") as f:
-        f.truncate(os.path.getsize(damaged / "val.bin") - 1)  # whole tokens, but fewer than meta.json says
-    with pytest.raises(GptlabError, match=f"{re.escape(str(damaged / 'val.bin'))} holds .* tokens, meta.json says"):
+    with open(val_bin, "r+b") as f:
+        f.truncate(os.path.getsize(val_bin) - 1)  # whole tokens, but fewer than meta.json says
+    with pytest.raises(GptlabError, match=f"{re.escape(str(val_bin))} holds .* tokens, meta.json says"):
         load_tokens(damaged, "val")
-    (damaged / "train.bin").unlink()
-    with pytest.raises(GptlabError, match=re.escape(str(damaged / "train.bin"))):
+    (damaged / "train_000000.bin").unlink()
+    with pytest.raises(GptlabError, match=re.escape(str(damaged / "train_000000.bin"))):
         load_tokens(damaged, "train")
 
 

@@ -315,11 +315,11 @@ def test_train_user_errors_exit_2_with_one_line(char_data, tmp_path, extra, culp
 def test_truncated_data_file_is_named(char_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(char_data, data)
-    with open(data / "train.bin", "r+b") as f:
-        f.truncate((data / "train.bin").stat().st_size - 1)
+    with open(data / "train_000000.bin", "r+b") as f:
+        f.truncate((data / "train_000000.bin").stat().st_size - 1)
     process = gptlab_train(job_args(data, tmp_path / "run", "--train.max_steps=3"))
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2 and "train.bin" in stderr and "Traceback" not in stderr
+    assert process.returncode == 2 and "train_000000.bin" in stderr and "Traceback" not in stderr
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(char_data, tmp_path, monkeypatch):
