@@ -346,22 +346,36 @@ def run_inspect(args: argparse.Namespace) -> None:
 
 
 def add_prepare_parser(subparsers) -> None:
-    p = subparsers.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin / meta.json")
+    p = subparsers.add_parser(
+        "prepare",
+        help="tokenize a corpus into token shards and meta.json, or index llm.c / modded-nanogpt shards in place",
+        description="Tokenize SOURCE into OUT: shards train_000000.bin, ..., val_000000.bin, ... and meta.json. An "
+        "interrupted run keeps its finished shards and the same command resumes after them. A folder of llm.c / "
+        "modded-nanogpt .bin shards (fineweb_train_000001.bin, fineweb_val_000000.bin, ...) is read where it is: "
+        "only OUT/meta.json is written.",
+    )
     p.add_argument(
         "source",
-        help="shakespeare-char, shakespeare, a .txt file, a folder of .txt, a .jsonl/.parquet file, "
-        "or a Hugging Face dataset id",
+        help="shakespeare-char, shakespeare, a .txt file, a folder of .txt, a .jsonl/.parquet file, a saved "
+        "dataset, a folder of llm.c .bin shards, or a Hugging Face dataset id",
     )
     p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--name", default=None, help="the Hugging Face dataset's config, e.g. sample-10BT")
+    p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read (default: train)")
     p.add_argument("--tokenizer", choices=["gpt2", "char"], default=None, help="default: char for shakespeare-char")
-    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--val_fraction", type=float, default=0.1, help="the stream's last fraction held out")
+    p.add_argument("--val_tokens", type=int, default=None, help="hold out the stream's last N tokens instead")
+    p.add_argument(
+        "--shard_tokens", type=int, default=None, help="tokens per shard file (default: 100,000,000, as llm.c)"
+    )
     p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_prepare)
 
 
 def run_prepare(args: argparse.Namespace) -> None:
-    from gptlab.data import prepare
+    from gptlab.data import SHARD_TOKENS, prepare
 
     meta = prepare(
         args.source,
@@ -370,10 +384,17 @@ def run_prepare(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction,
         num_proc=args.num_proc,
         text_field=args.text_field,
+        name=args.name,
+        split=args.split,
+        val_tokens=args.val_tokens,
+        shard_tokens=SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
+        progress=not args.no_progress,
     )
+    n_shards = {split: len(shards) for split, shards in meta["shards"].items()}
     print(
-        f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
-        f"{meta['tokenizer']['name']} tokenizer, vocabulary {meta['vocab_size']:,}"
+        f"wrote {args.out}: {meta['train_tokens']:,} train tokens in {n_shards['train']} shard(s), "
+        f"{meta['val_tokens']:,} val tokens in {n_shards['val']}, {meta['tokenizer']['name']} tokenizer, "
+        f"vocabulary {meta['vocab_size']:,}"
     )
 
 
