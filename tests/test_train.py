@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import GPT, CheckpointError, ConfigError, GPTConfig
+from gptlab import GPT, CheckpointError, ConfigError, GPTConfig, GptlabError
 from gptlab.config import TrainConfig, load_job_config
 from gptlab.rundir import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
@@ -418,3 +418,44 @@ def test_a_checkpoint_from_before_train_optimizer_resumes_as_adamw(char_data, tm
 
     train(load_job_config(None, job_args(char_data, old, *extra)), progress=False)
     assert train_losses(old) == train_losses(reference)
+
+
+@pytest.fixture(scope="module")
+def bpe_documents(tmp_path_factory) -> Path:
+    """GPT-2 BPE data of many short documents (one play's speeches), in shards of 3,000 tokens."""
+    from gptlab.data import load_shakespeare, prepare
+
+    root = tmp_path_factory.mktemp("documents")
+    speeches = [s for s in load_shakespeare()[0][:80_000].split("\n\n") if s.strip()]
+    (root / "speeches.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
+    prepare(str(root / "speeches.jsonl"), root / "data", tokenizer="gpt2", shard_tokens=3000)
+    return root / "data"
+
+
+def test_align_bos_starts_every_sequence_at_a_document(bpe_documents, tmp_path, monkeypatch):
+    import gptlab.train as train_module
+
+    first_tokens = []
+    get_batch = train_module.get_batch
+
+    def spy(tokens, starts, block_size, device):
+        x, y = get_batch(tokens, starts, block_size, device)
+        first_tokens.extend(x[:, 0].tolist())
+        return x, y
+
+    monkeypatch.setattr(train_module, "get_batch", spy)
+    extra = ["--train.max_steps=6", "--train.eval_interval=3", "--train.checkpoint_interval=3"]
+    train(load_job_config(None, job_args(bpe_documents, tmp_path / "none", *extra)), progress=False)
+    assert first_tokens.count(50256) < len(first_tokens) / 4  # unaligned: starts anywhere
+    first_tokens.clear()
+    aligned = job_args(bpe_documents, tmp_path / "bos", *extra, "--data.align=bos")
+    train(load_job_config(None, aligned), progress=False)
+    # Every training and validation sequence starts at <|endoftext|>, then a document's first token.
+    assert len(first_tokens) == 6 * 8 + 2 * 4 * 8 and set(first_tokens) == {50256}
+    with pytest.raises(GptlabError, match="data.align='bos', but this command asks for 'none'"):
+        train(load_job_config(None, job_args(bpe_documents, tmp_path / "bos", "--train.max_steps=9")), progress=False)
+
+
+def test_align_bos_with_char_data_is_refused(char_data, tmp_path):
+    with pytest.raises(GptlabError, match='data.align="bos" needs a tokenizer with an end-of-text token'):
+        train(load_job_config(None, job_args(char_data, tmp_path / "run", "--data.align=bos")), progress=False)

@@ -113,8 +113,11 @@ class DataConfig(BaseModel):
     """The training data."""
 
     model_config = _STRICT
-    dir: str = Field(
-        "data/shakespeare-char", description="directory with train.bin, val.bin and meta.json (gptlab prepare)"
+    dir: str = Field("data/shakespeare-char", description="directory with meta.json and its shards (gptlab prepare)")
+    align: Literal["none", "bos"] = Field(
+        "none",
+        description="where sequences start: anywhere (none), or at an <|endoftext|> so each reads a document from "
+        "its first token (bos, as modded-nanogpt and nanochat); needs a tokenizer with one (gpt2)",
     )
 
 

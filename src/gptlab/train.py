@@ -24,7 +24,7 @@ import torch
 
 from gptlab.checkpoint import load_checkpoint, run_lock, write_checkpoint
 from gptlab.config import JobConfig, TrainConfig
-from gptlab.data import batch_starts, get_batch, load_meta, load_tokens, shard_starts
+from gptlab.data import TokenStream, batch_starts, document_starts, get_batch, load_meta, load_tokens, shard_starts
 from gptlab.device import autocast
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.hf import load_config, read_config
@@ -60,8 +60,11 @@ class Run:
     optimizer: torch.optim.Optimizer
     # float16 needs loss scaling to keep small gradients from flushing to zero; disabled for other dtypes.
     scaler: torch.amp.GradScaler
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
+    train_tokens: TokenStream
+    val_tokens: TokenStream
+    # data.align = "bos": the offsets sequences may start at (`document_starts`); None: anywhere.
+    train_starts: np.ndarray | None
+    val_starts: np.ndarray | None
     tokenizer: dict[str, Any]  # the data's tokenizer, saved beside every checkpoint
     micro_batch_size: int  # sequences per forward on each rank
     accum_steps: int  # micro-batches per optimizer step on each rank
@@ -167,6 +170,8 @@ def setup_run(job: JobConfig, world: World) -> Run:
         scaler=torch.amp.GradScaler(world.device.type, enabled=cfg.dtype == "float16"),
         train_tokens=train_tokens,
         val_tokens=val_tokens,
+        train_starts=aligned_starts(job, train_tokens, meta, config.block_size),
+        val_starts=aligned_starts(job, val_tokens, meta, config.block_size),
         tokenizer=meta["tokenizer"],
         micro_batch_size=micro,
         accum_steps=accum,
@@ -177,6 +182,19 @@ def setup_run(job: JobConfig, world: World) -> Run:
     if resume_from is not None:
         resume(run, resume_from)
     return run
+
+
+def aligned_starts(job: JobConfig, tokens: TokenStream, meta: dict[str, Any], block_size: int) -> np.ndarray | None:
+    """The offsets `data.align` lets sequences start at: every document start (bos), or anywhere (None)."""
+    if job.data.align == "none":
+        return None
+    starts = document_starts(tokens, meta["eot_token"], block_size)
+    if not len(starts):
+        raise ConfigError(
+            f'data.align="bos": {job.data.dir} has no <|endoftext|> with {block_size + 1} tokens after it in a '
+            'split; use data.align="none" or a smaller block_size'
+        )
+    return starts
 
 
 def batch_split(cfg: TrainConfig, world: World) -> tuple[int, int]:
@@ -213,7 +231,7 @@ def initial_model(job: JobConfig, config: GPTConfig, resumed: bool) -> GPT:
 
 
 # Keys a job.json written before they existed lacks, with the value those runs had.
-LEGACY_JOB_VALUES = {("train", "optimizer"): "adamw"}
+LEGACY_JOB_VALUES = {("train", "optimizer"): "adamw", ("data", "align"): "none"}
 
 
 def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) -> None:
@@ -226,7 +244,8 @@ def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) ->
                 f"command asks for {value!r}; use another train.out_dir or the original settings"
             )
     saved = json.loads((checkpoint / "job.json").read_text())
-    for section, key in (("data", "dir"), ("train", "seed"), ("train", "batch_size"), ("train", "optimizer")):
+    keys = ("data", "dir"), ("data", "align"), ("train", "seed"), ("train", "batch_size"), ("train", "optimizer")
+    for section, key in keys:
         value = saved[section].get(key, LEGACY_JOB_VALUES.get((section, key)))
         if value != getattr(getattr(job, section), key):
             raise ConfigError(
@@ -291,7 +310,7 @@ def train_step(run: Run, step: int) -> StepStats:
     started = time.perf_counter()
     lr = lr_at(step, cfg)
     set_learning_rates(run.optimizer, lr, cfg)
-    starts = batch_starts(len(run.train_tokens), run.block_size, cfg.batch_size, cfg.seed, step)
+    starts = batch_starts(len(run.train_tokens), run.block_size, cfg.batch_size, cfg.seed, step, 0, run.train_starts)
     loss_sum = torch.zeros((), device=world.device)
     for micro_step in range(run.accum_steps):
         shard = shard_starts(starts, world.rank, world.world_size, run.micro_batch_size, micro_step)
@@ -337,20 +356,31 @@ def skip_step(run: Run, step: int, loss_value: float) -> None:
 
 
 def evaluate_run(run: Run) -> float:
+    model, cfg = run.model, run.cfg
     return evaluate(
-        run.model, run.val_tokens, run.block_size, run.cfg, run.micro_batch_size, run.world.device, run.autocast()
+        model,
+        run.val_tokens,
+        run.block_size,
+        cfg,
+        run.micro_batch_size,
+        run.world.device,
+        run.autocast(),
+        run.val_starts,
     )
 
 
 @torch.no_grad()
-def evaluate(model, tokens, block_size: int, cfg: TrainConfig, micro_batch_size: int, device, autocast) -> float:
-    """Mean loss over `eval_steps` fixed validation batches (the same ones at every evaluation). Every rank
-    evaluates all of them: FSDP needs all ranks in each forward, and all ranks then agree on the result."""
+def evaluate(
+    model, tokens, block_size: int, cfg: TrainConfig, micro_batch_size: int, device, autocast, candidates=None
+) -> float:
+    """Mean loss over `eval_steps` fixed validation batches (the same ones at every evaluation), starting at
+    `candidates` when given (data.align). Every rank evaluates all of them: FSDP needs all ranks in each
+    forward, and all ranks then agree on the result."""
     was_training = model.training
     model.eval()
     losses = []
     for i in range(cfg.eval_steps):
-        starts = batch_starts(len(tokens), block_size, micro_batch_size, cfg.seed, i, stream=1)
+        starts = batch_starts(len(tokens), block_size, micro_batch_size, cfg.seed, i, 1, candidates)
         x, y = get_batch(tokens, starts, block_size, device)
         with autocast:
             losses.append(model(x, targets=y).item())
