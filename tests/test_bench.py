@@ -26,3 +26,27 @@ def test_cpu_peak_memory_sees_a_temporary_tensor():
 
     peak = peak_memory(run, torch.device("cpu"))
     assert 8 * 2**20 <= peak < 9 * 2**20
+
+
+def test_data_suite_loader_reads_the_shards_it_wrote(tmp_path):
+    import numpy as np
+
+    from gptlab.bench_data import EOT_TOKEN, DataBenchOptions, format_data_lines, loader_benchmark, needed_tokens_per_s
+
+    opts = DataBenchOptions(loader_shards=3, loader_shard_tokens=50_000, loader_batches=4, loader_seq_len=64)
+    loader = loader_benchmark(opts, tmp_path)
+    # Independently of gptlab's reader: the train shards' tokens after their 1 KiB headers, end to end.
+    train = np.concatenate(
+        [np.fromfile(p, dtype=np.uint16, offset=1024) for p in sorted((tmp_path / "shards").glob("*_train_*.bin"))]
+    )
+    assert loader["train_tokens"] == len(train) == 3 * 50_000
+    eot = np.flatnonzero(train == EOT_TOKEN)
+    assert loader["document_starts"] == np.count_nonzero(eot + 64 + 1 <= len(train)) > 100
+    assert all(loader[f"{s}_{c}_tokens_per_s"] > 0 for s in ("random", "bos") for c in ("disk", "memory"))
+    # One H100 at half its bf16 peak, at 1 GFLOP a token: 494,500 tokens/s.
+    assert needed_tokens_per_s(1e9) == 0.5 * 989e12 / 1e9
+    prepare_row = dict(case="x", num_proc=1, tokens=10, tokens_per_s=5.0, main_rss_bytes=2**20, worker_rss_bytes=0)
+    text = "\n".join(
+        format_data_lines({"prepare": [prepare_row], "loader": loader, "needed_tokens_per_s": 1e5}, "gpt2", 64)
+    )
+    assert "3 llm.c shards, 150,000 tokens" in text

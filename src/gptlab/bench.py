@@ -8,7 +8,9 @@ Suites (`gptlab bench [suite ...]`):
   MFU and peak memory;
 - decode: greedy generation of `new_tokens` tokens at batch 1 and 8, float32 and bfloat16 weights;
 - prefill: one forward over a prompt, filling the KV cache;
-- window: sliding-window against full causal attention at one long sequence.
+- window: sliding-window against full causal attention at one long sequence;
+- data (only when named): `prepare`'s tokens/s and memory, the loader's tokens/s against a GPU's needs
+  (`gptlab.bench_data`).
 With `compare_hf`, every suite but window and matmul also runs Hugging Face transformers' GPT2LMHeadModel on
 the same inputs, interleaved with ours.
 """
@@ -21,20 +23,22 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gptlab import gemv
+from gptlab.bench_data import DataBenchOptions, data_suite, format_data_lines
 from gptlab.config import TrainConfig
 from gptlab.device import autocast, resolve_device, synced, synchronize
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig, causal_attention
 from gptlab.train import configure_optimizer
 
-SUITES = ("matmul", "train", "decode", "prefill", "window")
+SUITES = ("matmul", "train", "decode", "prefill", "window", "data")
+DEFAULT_SUITES = SUITES[:-1]  # data writes and tokenizes hundreds of MB: run it by name
 
 # Dense bfloat16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, FLOP/s.
 PUBLISHED_BF16_PEAKS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -75,6 +79,7 @@ class BenchOptions:
     matmul_size: int | None = None
     compile: bool = False  # torch.compile gptlab's blocks (train suite) and whole model (decode suite)
     compare_hf: bool = False
+    data: DataBenchOptions = field(default_factory=DataBenchOptions)
 
 
 def device_name(device: torch.device) -> str:
@@ -428,13 +433,15 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptlabError(f"--device {opts.device}: no CUDA device is available")
     config = GPTConfig.from_preset(opts.preset).replace(dropout=0.0)
-    result: dict = {"machine": machine_info(device), "options": {**opts.__dict__, "suites": suites}, "rows": []}
+    result: dict = {"machine": machine_info(device), "options": {**asdict(opts), "suites": suites}, "rows": []}
     result["flops_per_token"] = flops_per_token(config, opts.seq_len)
     for suite in suites:
         if suite == "matmul":
             result["matmul_peak_flops"] = matmul_peak(device, opts.repeats, opts.matmul_size)
             result["matvec_bytes_per_s"] = matvec_bandwidth(device, opts.repeats)
             result["published_bf16_peak_flops"] = published_peak(device)
+        elif suite == "data":
+            result["data"] = data_suite(opts.data, flops_per_token(config, opts.data.loader_seq_len))
         elif suite == "window":
             result["window"] = window_benchmark(opts.window_seq_len, opts.window, repeats=opts.repeats, device=device)
         else:
@@ -478,6 +485,10 @@ def format_report(result: dict) -> str:
         *_decode_notes(result),
         *_window_lines(result),
     ]
+    if "data" in result:
+        lines += format_data_lines(
+            result["data"], result["options"]["preset"], result["options"]["data"]["loader_seq_len"]
+        )
     if any(row["suite"] == "train" for row in result["rows"]):
         lines.append("")
         lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")

@@ -438,7 +438,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def add_bench_parser(subparsers) -> None:
-    from gptlab.bench import SUITES, BenchOptions
+    from gptlab.bench import DEFAULT_SUITES, SUITES, BenchOptions
 
     d = BenchOptions()
     p = subparsers.add_parser(
@@ -446,7 +446,9 @@ def add_bench_parser(subparsers) -> None:
         help="benchmarks: training, decoding, prefill, sliding window, MFU; interleaved runs, medians, vs HF",
         description="Cases that are compared run interleaved in one process; the table gives medians and ratios.",
     )
-    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
+    p.add_argument(
+        "suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: {', '.join(DEFAULT_SUITES)})"
+    )
     p.add_argument("--preset", default=d.preset, help="model preset (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="train batch (default: %(default)s)")
@@ -463,6 +465,12 @@ def add_bench_parser(subparsers) -> None:
         help="side of the matmuls that measure the peak (default: 2048 on CPU, 8192 on CUDA)",
     )
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds per case (default: %(default)s)")
+    p.add_argument("--loader_shards", type=int, default=d.data.loader_shards, help="data: train shards written")
+    p.add_argument("--loader_shard_tokens", type=int, default=d.data.loader_shard_tokens, help="data: tokens each")
+    p.add_argument("--loader_batches", type=int, default=d.data.loader_batches, help="data: batches timed")
+    p.add_argument(
+        "--prepare_copies", type=int, default=None, help="data: copies of the plays for the multi-process prepare"
+    )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile gptlab's blocks (train) and whole model (decode)"
     )
@@ -474,7 +482,8 @@ def add_bench_parser(subparsers) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     import json
 
-    from gptlab.bench import SUITES, BenchOptions, format_report, run_suites
+    from gptlab.bench import DEFAULT_SUITES, SUITES, BenchOptions, format_report, run_suites
+    from gptlab.bench_data import DataBenchOptions
 
     sizes = {
         name: getattr(args, name)
@@ -482,7 +491,10 @@ def run_bench(args: argparse.Namespace) -> None:
     }
     if args.matmul_size is not None:
         sizes["matmul_size"] = args.matmul_size
-    for name, value in [*sizes.items(), *(("decode_batches", b) for b in args.decode_batches)]:
+    loader = {name: getattr(args, name) for name in ("loader_shards", "loader_shard_tokens", "loader_batches")}
+    if args.prepare_copies is not None:
+        loader["prepare_copies"] = args.prepare_copies
+    for name, value in [*sizes.items(), *loader.items(), *(("decode_batches", b) for b in args.decode_batches)]:
         if value < 1:
             raise GptlabError(f"--{name} must be >= 1, got {value}")
     unknown = [suite for suite in args.suites if suite not in SUITES]
@@ -494,10 +506,11 @@ def run_bench(args: argparse.Namespace) -> None:
         decode_batches=tuple(args.decode_batches),
         compile=args.compile,
         compare_hf=args.compare == "hf",
+        data=DataBenchOptions(**loader),
         **sizes,
     )
     try:
-        result = run_suites(list(args.suites or SUITES), opts)
+        result = run_suites(list(args.suites or DEFAULT_SUITES), opts)
     except (ValueError, RuntimeError) as e:  # e.g. an unknown preset or device, a variant the preset rejects
         raise GptlabError(str(e)) from e
     print(json.dumps(result, indent=2) if args.json else format_report(result))
