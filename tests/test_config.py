@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -54,3 +56,14 @@ def test_values_are_toml_literals_and_text_is_taken_as_written():
     assert job.train.wandb_project == "0" and job.train.out_dir == "out/1e3" and job.parallel.meta_init is True
     assert load_job_config(None, ["--model.window=none"]).model.window is None
     assert job.model.overrides() == {"window": (4, None), "pos_emb": "rope"}
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.toml")))
+def test_every_shipped_config_loads_and_splits_its_batch_at_the_ranks_it_is_for(config):
+    """GPU configs (DDP or FSDP) at 1, 2, 8 and 16 ranks (one GPU, a pair, a node, two nodes); CPU ones at 1 and 2."""
+    from gptlab.train import batch_split
+
+    job = load_job_config(Path(__file__).parents[1] / "configs" / config)
+    for world_size in (1, 2, 8, 16) if job.parallel.mode != "single" else (1, 2):
+        micro, accum = batch_split(job.train, SimpleNamespace(world_size=world_size))
+        assert micro * accum * world_size == job.train.batch_size, world_size
