@@ -219,6 +219,7 @@ def test_debug_shows_the_traceback():
     [
         (["prepare", "./no/such/file.txt", "--out", "OUT"], "no/such/file.txt"),
         (["prepare", "shakespeare-char", "--out", "OUT", "--val_fraction", "1.5"], "val_fraction"),
+        (["prepare", "shakespeare-char", "--out", "OUT", "--name", "sample-10BT"], "name='sample-10BT'"),
         (["export", "./no/such/run", "OUT"], "no/such/run"),
     ],
 )

@@ -391,9 +391,11 @@ def run_prepare(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     n_shards = {split: len(shards) for split, shards in meta["shards"].items()}
+    counts = [
+        f"{meta[f'{split}_tokens']:,} {split} tokens ({n} shard{'s' * (n != 1)})" for split, n in n_shards.items()
+    ]
     print(
-        f"wrote {args.out}: {meta['train_tokens']:,} train tokens in {n_shards['train']} shard(s), "
-        f"{meta['val_tokens']:,} val tokens in {n_shards['val']}, {meta['tokenizer']['name']} tokenizer, "
+        f"wrote {args.out}: {', '.join(counts)}, {meta['tokenizer']['name']} tokenizer, "
         f"vocabulary {meta['vocab_size']:,}"
     )
 
