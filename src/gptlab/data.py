@@ -374,9 +374,8 @@ def _write_stream(
             skip = offset if document == first else 0
             writer.write(document, ids, chars, skip)
             n_documents = document + 1
+            bar.set_postfix_str(f"{n_documents:,} documents", refresh=False)
             bar.update(len(ids) - skip)
-            if document % 1024 == 0:
-                bar.set_postfix_str(f"{n_documents:,} documents", refresh=False)
     writer.finish(n_documents)
     return n_documents
 
@@ -580,7 +579,7 @@ def prepare(
             "dtype": dtype.name,
             "documents": state["document"],
             "characters": state["characters"],
-            "val_fraction": n_val / n_tokens,
+            "val_fraction": val_fraction if val_tokens is None else None,
             "train_tokens": n_tokens - n_val,
             "val_tokens": n_val,
             "shards": shards,
