@@ -385,10 +385,8 @@ def _write_stream(
 
 
 def _check_destination(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise GptlabError(f"{out_dir} exists and is not a folder")
-    if (out_dir / "meta.json").exists():
-        raise GptlabError(f"{out_dir} already holds a prepared dataset; refusing to overwrite it")
+    """`out_dir` may receive shards: it holds neither a dataset nor any .bin file."""
+    _check_destination_meta(out_dir)
     taken = sorted(p.name for p in out_dir.glob("*.bin")) if out_dir.is_dir() else []
     if taken:
         raise GptlabError(f"{out_dir} already holds {taken[0]}; refusing to overwrite it")
@@ -702,6 +700,7 @@ def index_shards(shard_dir: str | Path, out_dir: str | Path, progress: bool = Fa
 
 
 def _check_destination_meta(out_dir: Path) -> None:
+    """`out_dir` may receive a meta.json: it is a folder (or nothing yet) without one."""
     if out_dir.exists() and not out_dir.is_dir():
         raise GptlabError(f"{out_dir} exists and is not a folder")
     if (out_dir / "meta.json").exists():
