@@ -1,5 +1,6 @@
 """What the benchmark computes (its timings are not tested: speed is measured by `gptlab bench`, not asserted)."""
 
+import pytest
 import torch
 
 from gptlab.bench import flops_per_token, peak_memory
@@ -44,7 +45,7 @@ def test_data_suite_loader_reads_the_shards_it_wrote(tmp_path):
     assert loader["document_starts"] == np.count_nonzero(eot + 64 + 1 <= len(train)) > 100
     assert all(loader[f"{s}_{c}_tokens_per_s"] > 0 for s in ("random", "bos") for c in ("disk", "memory"))
     # One H100 at half its bf16 peak, at 1 GFLOP a token: 494,500 tokens/s.
-    assert needed_tokens_per_s(1e9) == 0.5 * 989e12 / 1e9
+    assert needed_tokens_per_s(1e9) == pytest.approx(494_500)
     prepare_row = dict(case="x", num_proc=1, tokens=10, tokens_per_s=5.0, main_rss_bytes=2**20, worker_rss_bytes=0)
     text = "\n".join(
         format_data_lines({"prepare": [prepare_row], "loader": loader, "needed_tokens_per_s": 1e5}, "gpt2", 64)

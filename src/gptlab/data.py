@@ -287,10 +287,9 @@ def _collect(texts: list[str], result: Any, progress: tqdm) -> Iterator[tuple[in
         yield len(text), ids
 
 
-def _sha256(path: Path, offset: int = 0) -> str:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        f.seek(offset)
         while block := f.read(2**24):
             digest.update(block)
     return digest.hexdigest()
@@ -410,8 +409,8 @@ def _make_tokenizer(name: str, documents: DocumentSource, source: str) -> Tokeni
 @contextlib.contextmanager
 def _staging(out_dir: Path, job: dict[str, Any]) -> Iterator[tuple[Path, dict[str, Any]]]:
     """The hidden sibling folder a `prepare` run writes into, and its progress (a fresh one, or an interrupted
-    run's with the same `job`). Locked against a second run. Removed when the run fails before finishing a shard;
-    kept, to resume from, once one is finished."""
+    run's with the same `job`). Locked against a second run. Removed when the run fails before it fills a shard;
+    kept, to resume from, once one is full."""
     staging = out_dir.parent / f".{out_dir.name}.partial"
     staging.mkdir(parents=True, exist_ok=True)
     lock = open(staging / "lock", "w")
@@ -655,22 +654,20 @@ def index_shards(shard_dir: str | Path, out_dir: str | Path, progress: bool = Fa
     shard_dir, out_dir = Path(shard_dir).expanduser().resolve(), Path(out_dir).resolve()
     _check_destination_meta(out_dir)
     shards: dict[str, list] = {"train": [], "val": []}
-    dtype = tokenizer = None
-    documents = 0
+    vocab, documents = None, 0
     paths = sorted(shard_dir.glob("*.bin"))
     total = sum(p.stat().st_size for p in paths)
     with tqdm(desc="checking shards", unit="B", unit_scale=True, total=total, disable=not progress) as bar:
         for path in paths:
-            n_tokens, shard_dtype, shard_tokenizer = _shard_header(path)
-            if tokenizer is not None and (shard_dtype, shard_tokenizer) != (dtype, tokenizer):
-                raise GptlabError(f"{path} holds {shard_tokenizer} tokens, the other shards {tokenizer} ones")
-            dtype, tokenizer = shard_dtype, shard_tokenizer
-            digest, eot = hashlib.sha256(), load_tokenizer(tokenizer).eot_token
+            # One known format (LLMC_FORMATS), so every shard has the same dtype and tokenizer.
+            n_tokens, dtype, tokenizer = _shard_header(path)
+            vocab = vocab or load_tokenizer(tokenizer)
+            digest = hashlib.sha256()
             with open(path, "rb") as f:
                 f.seek(LLMC_HEADER_BYTES)
                 while block := f.read(2**24):
                     digest.update(block)
-                    documents += int(np.count_nonzero(np.frombuffer(block, dtype=dtype) == eot))
+                    documents += int(np.count_nonzero(np.frombuffer(block, dtype=dtype) == vocab.eot_token))
                     bar.update(len(block))
             bar.update(LLMC_HEADER_BYTES)
             file = path.relative_to(out_dir).as_posix() if path.is_relative_to(out_dir) else str(path)
@@ -679,7 +676,6 @@ def index_shards(shard_dir: str | Path, out_dir: str | Path, progress: bool = Fa
     for split, entries in shards.items():
         if not entries:
             raise GptlabError(f"{shard_dir} holds no {split} shard (a .bin file with {split!r} in its name)")
-    vocab = load_tokenizer(tokenizer)
     meta = {
         "format": META_FORMAT,
         "version": META_VERSION,
@@ -782,11 +778,13 @@ class TokenStream:
         return np.asarray(self).tolist()
 
     def _read(self, start: int, length: int) -> np.ndarray:
-        """tokens[start : start + length], which must lie inside the stream."""
-        k = int(np.searchsorted(self.ends, start, side="right"))
-        local = start - int(self.begins[k]) if k < len(self.shards) else 0
-        if k == len(self.shards) or local + length <= len(self.shards[k]):
-            return self.shards[min(k, len(self.shards) - 1)][local : local + length]
+        """tokens[start : start + length], which must lie inside the stream: a view when it lies in one shard."""
+        if length == 0:
+            return self.shards[0][:0]
+        k = int(np.searchsorted(self.ends, start, side="right"))  # the shard holding `start`
+        local = start - int(self.begins[k])
+        if local + length <= len(self.shards[k]):
+            return self.shards[k][local : local + length]
         pieces, need = [], length
         while need:
             piece = self.shards[k][local : local + need]

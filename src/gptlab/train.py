@@ -310,7 +310,8 @@ def train_step(run: Run, step: int) -> StepStats:
     started = time.perf_counter()
     lr = lr_at(step, cfg)
     set_learning_rates(run.optimizer, lr, cfg)
-    starts = batch_starts(len(run.train_tokens), run.block_size, cfg.batch_size, cfg.seed, step, 0, run.train_starts)
+    n_tokens, candidates = len(run.train_tokens), run.train_starts
+    starts = batch_starts(n_tokens, run.block_size, cfg.batch_size, cfg.seed, step, candidates=candidates)
     loss_sum = torch.zeros((), device=world.device)
     for micro_step in range(run.accum_steps):
         shard = shard_starts(starts, world.rank, world.world_size, run.micro_batch_size, micro_step)
@@ -356,17 +357,8 @@ def skip_step(run: Run, step: int, loss_value: float) -> None:
 
 
 def evaluate_run(run: Run) -> float:
-    model, cfg = run.model, run.cfg
-    return evaluate(
-        model,
-        run.val_tokens,
-        run.block_size,
-        cfg,
-        run.micro_batch_size,
-        run.world.device,
-        run.autocast(),
-        run.val_starts,
-    )
+    args = run.val_tokens, run.block_size, run.cfg, run.micro_batch_size, run.world.device, run.autocast()
+    return evaluate(run.model, *args, candidates=run.val_starts)
 
 
 @torch.no_grad()
@@ -380,7 +372,7 @@ def evaluate(
     model.eval()
     losses = []
     for i in range(cfg.eval_steps):
-        starts = batch_starts(len(tokens), block_size, micro_batch_size, cfg.seed, i, 1, candidates)
+        starts = batch_starts(len(tokens), block_size, micro_batch_size, cfg.seed, i, stream=1, candidates=candidates)
         x, y = get_batch(tokens, starts, block_size, device)
         with autocast:
             losses.append(model(x, targets=y).item())
