@@ -26,7 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.data import LLMC_FORMATS, LLMC_HEADER_BYTES, PARALLEL_MIN_CHARS, get_batch, load_shakespeare, load_tokens
+from gptlab.data import (
+    LLMC_FORMATS,
+    LLMC_HEADER_BYTES,
+    PARALLEL_MIN_CHARS,
+    document_starts,
+    get_batch,
+    index_shards,
+    load_shakespeare,
+    load_tokens,
+)
 
 # The GPU the loader must keep fed: an H100 SXM's dense bf16 peak (bench.PUBLISHED_BF16_PEAKS), at the MFU a
 # well-tuned GPT-2 run reaches.
@@ -125,8 +134,6 @@ def _drop_page_cache(directory: Path) -> None:
 
 def loader_benchmark(opts: DataBenchOptions, work: Path) -> dict:
     """Tokens/s of `get_batch` over a multi-shard split, random and document-aligned starts, disk and memory."""
-    from gptlab.data import document_starts, index_shards
-
     shards = work / "shards"
     shards.mkdir()
     _write_shards(shards, opts)
