@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gptlab.bench import flops_per_token, peak_memory
+from gptlab import bench
+from gptlab.bench import flops_per_token, peak_memory, published_peak, time_per_call
 from gptlab.model import GPTConfig
 
 
@@ -51,3 +52,67 @@ def test_data_suite_loader_reads_the_shards_it_wrote(tmp_path):
         format_data_lines({"prepare": [prepare_row], "loader": loader, "needed_tokens_per_s": 1e5}, "gpt2", 64)
     )
     assert "3 llm.c shards, 150,000 tokens" in text
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989),  # SXM5
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200", 989),  # SXM
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA A100 80GB PCIe", 312),
+    ],
+)
+def test_published_peak_tells_the_variants_of_a_chip_apart(monkeypatch, name, tflops):
+    # Half the figures with 2:4 sparsity that NVIDIA's H100, H200 and A100 data sheets print, by hand.
+    monkeypatch.setattr(bench, "device_name", lambda device: name)
+    assert published_peak(torch.device("cuda")) == tflops * 1e12
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100 Foo", "NVIDIA H100", "NVIDIA GeForce GTX 1080", "NVIDIA A10G"])
+def test_published_peak_of_a_name_not_in_the_table_is_unknown(monkeypatch, name):
+    # Matched whole: a name that merely contains "H100" is not an H100 SXM.
+    monkeypatch.setattr(bench, "device_name", lambda device: name)
+    assert published_peak(torch.device("cuda")) is None
+
+
+def test_published_h100_peak_is_the_one_the_data_suite_feeds():
+    from gptlab.bench_data import H100_BF16_PEAK
+
+    assert bench.PUBLISHED_BF16_PEAKS["NVIDIA H100 80GB HBM3"] == H100_BF16_PEAK
+
+
+def test_report_says_when_a_gpus_peak_is_unknown():
+    result = {
+        "machine": {"device": "NVIDIA H100 Foo", "device_type": "cuda", "threads": 1, "torch": "2"},
+        "options": {"preset": "gpt2", "device": "cuda"},
+        "rows": [],
+        "published_bf16_peak_flops": None,
+    }
+    assert "published bf16 dense peak: unknown for NVIDIA H100 Foo" in bench.format_report(result)
+    result["published_bf16_peak_flops"] = 835e12
+    assert "published bf16 dense peak: 835 TFLOP/s" in bench.format_report(result)
+    # A CPU has no published peak, and the report does not call it unknown.
+    result["machine"]["device_type"], result["published_bf16_peak_flops"] = "cpu", None
+    assert "published bf16 dense peak" not in bench.format_report(result)
+
+
+def test_time_per_call_runs_each_case_calls_times_per_round_taking_turns():
+    log = []
+    cases = {name: (lambda name=name: log.append(name)) for name in ("a", "b")}
+    times = time_per_call(cases, torch.device("cpu"), repeats=2, calls=3)
+    assert log == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2  # one warm-up call each, then 2 rounds of 3 calls
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    log.clear()
+    time_per_call(cases, torch.device("cpu"), repeats=4)  # on the CPU one call per region unless told
+    assert log == ["a", "b"] * 5
+
+
+def test_time_per_call_is_the_time_of_one_call():
+    import time
+
+    # 10 calls of >= 5 ms per region: per call at least 5 ms, and well under the region's >= 50 ms.
+    seconds = time_per_call({"sleep": lambda: time.sleep(0.005)}, torch.device("cpu"), repeats=1, calls=10)
+    assert 0.005 <= seconds["sleep"] < 0.025

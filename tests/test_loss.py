@@ -51,6 +51,41 @@ def test_under_bfloat16_autocast_matches_the_autocast_linear_layer():
     torch.testing.assert_close(gw, ref_gw, rtol=2e-2, atol=1e-4)
 
 
+def _relative_error(actual, expected):
+    return ((actual.float() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "low-precision-weight"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_low_precision_gradients_under_a_loss_scale_match_float32(dtype, autocast):
+    """With the loss times 65536 (a GradScaler's initial scale) the gradients match float32 arithmetic: the stored
+    ones were not divided by N = 4096 in float16 (subnormal), the scale was not cast to float16 (inf, then NaN),
+    and the weight's was not summed over the 64 chunks in bfloat16. Under autocast the parameters are float32
+    masters; without it they are in `dtype` themselves, as FSDP mixed precision hands them to the module."""
+    n, c, v, scale = 4096, 64, 4000, 65536.0
+    g = torch.Generator().manual_seed(0)
+    # inputs exact in dtype, so only the arithmetic differs from the reference; weight std 0.02 as at GPT-2's
+    # initialisation, where the softmax is near 1 / v and (1 / v) / n is below float16's smallest normal
+    x = torch.randn(n, c, generator=g).to(dtype)
+    w = torch.randn(v, c, generator=g).mul_(0.02).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g)
+    _, (ref_gx, ref_gw) = _loss_and_grads(_plain, x.float().requires_grad_(), w.float().requires_grad_(), t, scale)
+    param_dtype = torch.float32 if autocast else dtype
+    x, w = x.to(param_dtype).requires_grad_(), w.to(param_dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        _, (gx, gw) = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=64), x, w, t, scale)
+    assert gx.dtype == gw.dtype == param_dtype
+    # measured: float16 3e-4, bfloat16 2e-3 (its rounding of the result alone is about 1e-3)
+    bound = {torch.float16: 2e-3, torch.bfloat16: 4e-3}[dtype]
+    for name, grad, ref in (("x", gx, ref_gx), ("weight", gw, ref_gw)):
+        assert grad.isfinite().all(), name
+        error = _relative_error(grad, ref)
+        assert error < bound, f"{name}: relative error {error:.1e}"
+        # entries flushed to zero, as float16 does with what is below its subnormals
+        lost = ((grad == 0) & (ref != 0)).float().mean().item()
+        assert lost < 1e-4, f"{name}: {lost:.1e} of the entries are zero"
+
+
 def test_without_grad_only_the_loss_is_computed():
     x, w, t = _inputs()
     with torch.no_grad():

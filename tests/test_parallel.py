@@ -1,6 +1,7 @@
-"""Distributed training through torchrun on CPU (gloo, 2 processes): DDP and FSDP train exactly like one
-process, sharded checkpoints resume (after SIGKILL, under another world size or mode, after a worker dies),
-and two "nodes" on localhost train together."""
+"""Distributed training through torchrun on CPU (gloo, 2 processes): DDP, FSDP and HSDP train exactly like one
+process, compiled or not, sharded checkpoints resume (after SIGKILL, under another world size or mode, after a
+worker dies), two "nodes" on localhost train together, and nodes that do not share out_dir or data are refused.
+The CPU tests pin train.device=cpu (auto would pick a GPU where there is one); the GPU tests skip without CUDA."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from gptlab.train import evaluate, train
 STEPS = 40
 
 
-def job_args(data: Path, out: Path, *extra: str) -> list[str]:
+def job_args(data: Path, out: Path, *extra: str, device: str = "cpu") -> list[str]:
     # Accumulation on: 16 sequences a step = 2 ranks x 2 micro-steps x 4 (or 4 micro-steps of 4 on one process).
     return [
         "--model.preset=tiny",
@@ -44,6 +45,7 @@ def job_args(data: Path, out: Path, *extra: str) -> list[str]:
         "--train.keep_checkpoints=5",
         "--train.eval_interval=20",
         "--train.eval_steps=2",
+        f"--train.device={device}",
         *extra,
     ]
 
@@ -66,6 +68,11 @@ def finish(process: subprocess.Popen, timeout: int = 300) -> str:
 def losses(out: Path) -> list[float]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]
+
+
+def grad_norms(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["grad_norm"] for r in records if "loss" in r]
 
 
 def wait_for_step(out: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -94,6 +101,55 @@ def test_ddp_and_fsdp_take_the_same_steps_as_one_process(reference_runs):
     assert len(single) == STEPS and single[-1] < single[0] - 0.5
     for mode in ("ddp", "fsdp"):
         assert losses(reference_runs / mode) == pytest.approx(single, abs=1e-4), mode
+        # the gradient norm clipping sees is the global one: FSDP's is over every rank's shard
+        assert grad_norms(reference_runs / mode) == pytest.approx(grad_norms(reference_runs / "single"), rel=1e-3)
+
+
+def test_hsdp_replicates_across_groups_and_takes_the_same_steps(reference_runs, char_data, tmp_path):
+    # A (2 groups x 1 rank) mesh: each rank holds its whole group's shard, gradients all-reduced across groups.
+    out = tmp_path / "hsdp"
+    finish(torchrun(*job_args(char_data, out, "--parallel.mode=fsdp", "--parallel.replicate=2")))
+    assert losses(out) == pytest.approx(losses(reference_runs / "single"), abs=1e-4)
+    shards = sorted(p.name for p in (out / f"ckpt-{STEPS:07d}" / "train").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_hsdp_groups_must_divide_the_world(char_data, tmp_path):
+    process = torchrun(*job_args(char_data, tmp_path / "run", "--parallel.mode=fsdp", "--parallel.replicate=3"))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "parallel.replicate=3 does not divide the world size 2" in output
+
+
+def test_each_rank_draws_its_own_random_stream(reference_runs):
+    # Dropout masks must differ between DDP ranks: their saved RNG states do.
+    rng = reference_runs / "ddp" / f"ckpt-{STEPS:07d}" / "rng"
+    states = [torch.load(rng / f"rank-{r}.pt", weights_only=True)["torch"] for r in (0, 1)]
+    assert not torch.equal(*states)
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(char_data, tmp_path_factory):
+    """The reference job with train.compile, with and without activation checkpointing, in each mode."""
+    root = tmp_path_factory.mktemp("compiled")
+    runs = {}
+    for checkpointing in ("false", "true"):
+        extra = ("--train.compile=true", f"--parallel.activation_checkpointing={checkpointing}")
+        ac = "-ac" if checkpointing == "true" else ""
+        ddp = torchrun(*job_args(char_data, root / f"ddp{ac}", *extra, "--parallel.mode=ddp"))
+        fsdp = torchrun(*job_args(char_data, root / f"fsdp{ac}", *extra, "--parallel.mode=fsdp"))
+        train(load_job_config(None, job_args(char_data, root / f"single{ac}", *extra)), progress=False)
+        finish(ddp)
+        finish(fsdp)
+        runs |= {f"{mode}{ac}": root / f"{mode}{ac}" for mode in ("single", "ddp", "fsdp")}
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp", "fsdp"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_training_takes_the_eager_steps(compiled_runs, reference_runs, mode, checkpointing):
+    compiled = losses(compiled_runs[mode + ("-ac" if checkpointing else "")])
+    assert compiled == pytest.approx(losses(reference_runs / mode), abs=1e-3)
 
 
 # Muon on a model whose matrices FSDP shards unevenly on 2 ranks, with c_attn's q/k/v split off-shard: 3 query heads
@@ -193,9 +249,7 @@ def test_a_dead_worker_is_restarted_by_torchrun_and_the_run_completes(reference_
 
 
 def test_two_nodes_on_localhost_train_together(reference_runs, char_data, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     out = tmp_path / "two-nodes"
     nodes = [
         torchrun(
@@ -208,6 +262,27 @@ def test_two_nodes_on_localhost_train_together(reference_runs, char_data, tmp_pa
     for node in nodes:
         finish(node)
     assert losses(out) == pytest.approx(losses(reference_runs / "single"), abs=1e-4)
+
+
+@pytest.mark.parametrize("unshared", ["out_dir", "data"])
+def test_nodes_that_do_not_share_out_dir_or_data_are_refused(char_data, tmp_path, unshared):
+    # Two "nodes" on localhost, each with a directory of its own, as node-local disks would give them.
+    port = _free_port()
+    other_data = tmp_path / "data-copy"
+    shutil.copytree(char_data, other_data)
+    meta = json.loads((other_data / "meta.json").read_text())
+    (other_data / "meta.json").write_text(json.dumps({**meta, "val_fraction": 0.5}))  # a differently prepared copy
+    nodes = []
+    for rank in (0, 1):
+        out = tmp_path / (f"out-{rank}" if unshared == "out_dir" else "out")
+        data = other_data if unshared == "data" and rank == 1 else char_data
+        node_flags = ("--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}")
+        nodes.append(torchrun(*job_args(data, out, "--parallel.mode=ddp"), nproc=1, extra_torchrun=node_flags))
+    outputs = [node.communicate(timeout=120)[0] for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    expected = "is not one shared directory: rank 1 on" if unshared == "out_dir" else "reads another meta.json"
+    assert all(expected in output for output in outputs), outputs[0][-2000:]
+    assert not list((tmp_path / ("out-0" if unshared == "out_dir" else "out")).glob("ckpt-*"))
 
 
 def test_single_mode_under_torchrun_is_refused(monkeypatch):
@@ -245,11 +320,10 @@ def world_of_one(monkeypatch, request):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gradient_sync_turns_the_ddp_all_reduce_off_through_compile(world_of_one, compiled):
     module = parallelize(GPT(GPTConfig.from_preset("tiny")), ParallelConfig(mode="ddp"), world_of_one, compiled)
-    ddp = getattr(module, "_orig_mod", module)  # torch.compile's wrapper holds the DDP module
     with gradient_sync(module, sync=False):
-        assert not ddp.require_backward_grad_sync  # DDP's own flag: whether backward all-reduces
+        assert not module.require_backward_grad_sync  # DDP's own flag: whether backward all-reduces
     with gradient_sync(module, sync=True):
-        assert ddp.require_backward_grad_sync
+        assert module.require_backward_grad_sync
 
 
 @pytest.mark.parametrize("world_of_one", ["fsdp"], indirect=True)
@@ -264,6 +338,42 @@ def test_gradient_sync_leaves_fsdp_micro_step_gradients_unreduced(world_of_one):
     with gradient_sync(module, sync=True):
         module(idx[:, :-1], targets=idx[:, 1:]).backward()
     assert weight.grad is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+needs_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@needs_gpus
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gpus_take_the_steps_of_one(char_data, tmp_path, mode):
+    # NCCL, one GPU per rank (cuda:LOCAL_RANK); float32 without TF32, so that only the reduction order differs.
+    args = ("--train.tf32=false",)
+    train(load_job_config(None, job_args(char_data, tmp_path / "one", *args, device="cuda")), progress=False)
+    finish(torchrun(*job_args(char_data, tmp_path / mode, *args, f"--parallel.mode={mode}", device="cuda")))
+    assert losses(tmp_path / mode) == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_cpu_offload_keeps_the_shards_in_host_memory(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = ParallelConfig(mode="fsdp", cpu_offload=True)
+    world = init_world(cfg, "cuda")
+    try:
+        model = GPT(GPTConfig.from_preset("tiny"))
+        module = parallelize(model, cfg, world)
+        assert all(p.to_local().device.type == "cpu" for p in model.parameters())
+        idx = torch.randint(0, model.config.vocab_size, (2, 16), device=world.device)
+        module(idx[:, :-1], targets=idx[:, 1:]).backward()
+        assert all(p.grad.to_local().device.type == "cpu" for p in model.parameters())
+    finally:
+        close_world()
 
 
 def kill_all(process: subprocess.Popen) -> None:

@@ -40,8 +40,31 @@ from gptlab.train import configure_optimizer
 SUITES = ("matmul", "train", "decode", "prefill", "window", "data")
 DEFAULT_SUITES = SUITES[:-1]  # data writes and tokenizes hundreds of MB: run it by name
 
-# Dense bfloat16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, FLOP/s.
-PUBLISHED_BF16_PEAKS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+# Dense bfloat16 tensor-core peaks (no 2:4 sparsity; FP32 accumulation, as PyTorch's bf16 matmuls use), FLOP/s, keyed
+# by the exact name torch.cuda.get_device_name reports. Variants of one chip differ in SMs and clocks (an H100 PCIe
+# has 114 SMs to the SXM5's 132), so a name is matched whole: one that merely contains "H100" gets no peak. Where a
+# data sheet prints only the figure with sparsity, the dense one is half of it.
+PUBLISHED_BF16_PEAKS = {
+    # NVIDIA H100 data sheet (nvidia.com/en-us/data-center/h100), with sparsity: SXM 1,979, PCIe 1,513, NVL 1,671
+    # (per GPU). The Hopper architecture whitepaper's dense SXM5 figure is 989.4; bench_data.H100_BF16_PEAK is 989.
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    # NVIDIA H200 data sheet (nvidia.com/en-us/data-center/h200), with sparsity: SXM 1,979, NVL 1,671
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    # NVIDIA A100 data sheet: 312 dense for every A100, 40 or 80 GB, SXM4 or PCIe
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    # NVIDIA L4 data sheet: 242 with sparsity; L40S data sheet: 362.05 dense (733 with sparsity)
+    "NVIDIA L4": 121e12,
+    "NVIDIA L40S": 362e12,
+    # NVIDIA Ada GPU architecture whitepaper, appendix: 165.2 with FP32 accumulate (GeForce runs FP16 accumulate at
+    # twice that, a rate bf16 matmuls do not get). AWS's A10G has no NVIDIA data sheet, so it is not listed.
+    "NVIDIA GeForce RTX 4090": 165.2e12,
+}
 
 
 def interleaved_medians(
@@ -59,6 +82,55 @@ def interleaved_medians(
             run()
             times[name].append(time.perf_counter() - start)
     return {name: statistic(ts) for name, ts in times.items()}
+
+
+def time_per_call(
+    cases: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    calls: int | None = None,
+    statistic=statistics.median,
+    min_region_s: float = 0.01,
+) -> dict[str, float]:
+    """Seconds per call of each short kernel-launching case (a matmul, a matrix-vector product), the cases taking turns:
+    after one warm-up call each, `repeats` rounds in which each case runs `calls` times back to back as one timed
+    region, its time / `calls`; the `statistic` of the rounds (`min`: as in `interleaved_medians`).
+
+    On CUDA a region is timed by two CUDA events recorded on the device's stream around the calls, with no sync
+    in between: the GPU's time for the queued kernels, not one launch and one sync per call (longer than a short
+    kernel itself). `calls=None` there: doubled from 1 until a region lasts `min_region_s`. On the CPU the calls are
+    synchronous and perf_counter times the region; `calls=None` is 1."""
+    for run in cases.values():
+        run()
+    synchronize(device)
+    per_case = {name: calls or 1 for name in cases}
+    if calls is None and device.type == "cuda":
+        for name, run in cases.items():
+            while _region_seconds(run, device, per_case[name]) < min_region_s:
+                per_case[name] *= 2
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, run in cases.items():
+            times[name].append(_region_seconds(run, device, per_case[name]) / per_case[name])
+    return {name: statistic(ts) for name, ts in times.items()}
+
+
+def _region_seconds(run: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Seconds that `calls` back-to-back calls of `run` take on `device` (CUDA: between two events; see
+    `time_per_call`)."""
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(calls):
+            run()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # milliseconds
+    start_s = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return time.perf_counter() - start_s
 
 
 @dataclass
@@ -93,10 +165,11 @@ def device_name(device: torch.device) -> str:
 
 
 def published_peak(device: torch.device) -> float | None:
+    """The dense bf16 peak NVIDIA publishes for this GPU, looked up by its exact name in `PUBLISHED_BF16_PEAKS`; None
+    on a CPU or for a name not in the table (the report then gives MFU against the measured matmul peak only)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for gpu, peak in PUBLISHED_BF16_PEAKS.items() if gpu in name), None)
+    return PUBLISHED_BF16_PEAKS.get(device_name(device))
 
 
 def matmul_peak(device: torch.device, repeats: int, n: int | None = None) -> dict[str, float]:
@@ -105,13 +178,8 @@ def matmul_peak(device: torch.device, repeats: int, n: int | None = None) -> dic
     n = n or (8192 if device.type == "cuda" else 2048)
     a32, b32 = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
-    times = interleaved_medians(
-        {
-            "float32": synced(lambda: a32 @ b32, device),
-            "bfloat16": synced(lambda: a16 @ b16, device),
-        },
-        max(repeats, 5),
-        statistic=min,
+    times = time_per_call(
+        {"float32": lambda: a32 @ b32, "bfloat16": lambda: a16 @ b16}, device, max(repeats, 5), statistic=min
     )
     return {dtype: 2 * n**3 / seconds for dtype, seconds in times.items()}
 
@@ -121,13 +189,10 @@ def matvec_bandwidth(device: torch.device, repeats: int, rows: int = 50257, cols
     the speed limit of decoding at batch 1, where every weight is read once per token."""
     w32, x32 = torch.randn(rows, cols, device=device), torch.randn(1, cols, device=device)
     w16, x16 = w32.bfloat16(), x32.bfloat16()
-    cases = {
-        "float32": synced(lambda: F.linear(x32, w32), device),
-        "bfloat16": synced(lambda: F.linear(x16, w16), device),
-    }
+    cases = {"float32": lambda: F.linear(x32, w32), "bfloat16": lambda: F.linear(x16, w16)}
     if device.type == "cpu" and gemv.unavailable_reason() is None:
         cases["bfloat16, gptlab kernel"] = lambda: gemv.linear_bf16(x16, w16)
-    times = interleaved_medians(cases, max(repeats, 5))
+    times = time_per_call(cases, device, max(repeats, 5))
     return {case: rows * cols * (4 if case == "float32" else 2) / seconds for case, seconds in times.items()}
 
 
@@ -454,6 +519,7 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": device_name(device),
+        "device_type": device.type,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -518,6 +584,8 @@ def _machine_lines(result: dict) -> list[str]:
         )
     if result.get("published_bf16_peak_flops"):
         lines.append(f"published bf16 dense peak: {result['published_bf16_peak_flops'] / 1e12:,.0f} TFLOP/s")
+    elif "published_bf16_peak_flops" in result and m.get("device_type") == "cuda":
+        lines.append(f"published bf16 dense peak: unknown for {m['device']} (MFU against the measured peak only)")
     return lines
 
 

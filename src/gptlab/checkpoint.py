@@ -3,7 +3,8 @@
     <out_dir>/ckpt-0000500/
         train/              model and optimizer state through torch.distributed.checkpoint (DCP): each rank
                             writes its own shard, and a load reshards to any world size and any mode
-        rng/rank-N.pt       each rank's RNG states (dropout), restored when resuming with the same world size
+        rng/rank-N.pt       each rank's RNG states (CPU and its own GPU: dropout), restored when resuming with
+                            the same world size
         state.json          step, world size, mode, gradient-scaler state
         config.json         the model config (`GPT.from_pretrained` / `gptlab inspect` read it)
         model.safetensors   single/ddp runs only: the whole model, for `GPT.from_pretrained` and transformers;
@@ -75,7 +76,7 @@ def write_checkpoint(
             shards = {"model": model_state, "optim": optimizer_state}
             dcp.save(shards, checkpoint_id=tmp / SHARDS, no_dist=not world.distributed)
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank-{world.rank}.pt")
+        torch.save(rng_state(world.device), tmp / "rng" / f"rank-{world.rank}.pt")
         if world.is_main:
             if mode == "fsdp":  # the config alone; the weights stay sharded until `gptlab export`
                 config = config_to_hf(model.config, model.lm_head.weight.dtype)
@@ -164,7 +165,7 @@ def load_checkpoint(checkpoint_dir: Path, model: GPT, optimizer: torch.optim.Opt
     if state.get("world_size") == world.world_size:
         rng = checkpoint_dir / "rng" / f"rank-{world.rank}.pt"
         try:
-            set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+            set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), world.device)
         except Exception as e:  # missing or damaged: name the file
             raise CheckpointError(f"{rng}: cannot read the RNG state ({e})") from e
     return state
@@ -212,17 +213,22 @@ def _single_process_is_intended():
         yield
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's RNG states: the CPU's and, on a GPU, its own device's only (not every visible GPU's, which
+    a resume on a machine with fewer GPUs per node could not restore)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written before gptlab saved the rank's own GPU only: one state per visible GPU
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _fsync(path: Path) -> None:

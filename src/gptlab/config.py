@@ -187,8 +187,17 @@ class TrainConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="autocast dtype; weights stay float32 (float16 needs CUDA: a gradient scaler)"
     )
-    compile: bool = Field(False, description="torch.compile the model")
-    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, ...")
+    compile: bool = Field(False, description="torch.compile each transformer block")
+    device: str = Field(
+        "auto",
+        description="auto (cuda if available, else cpu), cpu, cuda, cuda:N; under torchrun each rank takes "
+        "cuda:LOCAL_RANK",
+    )
+    tf32: bool = Field(
+        True,
+        description="CUDA: float32 matmuls on TF32 tensor cores (10-bit mantissa, ~7x the float32 rate on H100); "
+        "false: full float32",
+    )
     wandb_project: str | None = Field(None, description="Weights & Biases project to log to; unset: no wandb")
 
 
@@ -211,6 +220,12 @@ class ParallelConfig(BaseModel):
     )
     meta_init: bool = Field(
         False, description="fsdp, from scratch: build on the meta device and initialise each shard in place"
+    )
+    replicate: int = Field(
+        1,
+        gt=0,
+        description="fsdp: HSDP over this many groups (usually the nodes): parameters are sharded within a group "
+        "of world_size/replicate ranks and gradients all-reduced across groups; 1: shard over all ranks",
     )
 
 

@@ -910,18 +910,22 @@ def shard_starts(starts: np.ndarray, rank: int, world_size: int, micro_batch_siz
 def get_batch(
     tokens: np.ndarray, starts: np.ndarray, block_size: int, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x (len(starts), T) int64 and targets y, x shifted left by one token, on `device`."""
+    """Inputs x (len(starts), T) int64 and targets y, x shifted left by one token, on `device`.
+
+    Both are views of one (B, T + 1) tensor: one host-to-device copy per batch, not two. On CUDA it is copied
+    from pinned memory without blocking, so the host can prepare the next batch while the GPU computes.
+    """
     starts = np.asarray(starts, dtype=np.int64)
     if len(starts) and (starts.min() < 0 or starts.max() + block_size + 1 > len(tokens)):
         raise GptlabError(f"batch start offsets must lie in [0, {len(tokens) - block_size - 1}] for this split")
     if isinstance(tokens, TokenStream):
-        window = tokens.windows(starts, block_size + 1).astype(np.int64)  # (B, T + 1)
+        window = tokens.windows(starts, block_size + 1)  # (B, T + 1)
     else:
-        window = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)
-    x = torch.from_numpy(window[:, :-1].copy())
-    y = torch.from_numpy(window[:, 1:].copy())
+        window = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)])
+    batch = torch.from_numpy(window.astype(np.int64))
     device = torch.device(device)
     if device.type == "cuda":
-        # Pinned host memory lets the copy overlap with compute (non_blocking).
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    else:
+        batch = batch.to(device)
+    return batch[:, :-1], batch[:, 1:]

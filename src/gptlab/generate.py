@@ -160,7 +160,8 @@ def stream_tokens(
             new = sample_next(logits, temperature, top_k, top_p, generator)
             token, finished = hold_stopped(new, token, finished, stops)
             yield token
-            if finished.all() or pos == end - 1:
+            # finished.all() waits for the GPU: only ask it when there are stop tokens to have finished on
+            if pos == end - 1 or (len(stops) and finished.all()):
                 return
             seq[:, pos] = token[:, 0]
             if pos < cache_len:

@@ -3,10 +3,18 @@
 The plain path materialises the (N, vocab) logits, then a log-softmax of the same size, then in backward a
 one-hot gradient and a softmax gradient of that size again: for GPT-2 at 4 x 256 tokens that is four fresh
 206 MB float32 tensors per step, mostly memory traffic. Here each chunk of rows reuses one logits buffer, turns
-it in place into the gradient (softmax - one_hot) / N, and multiplies that straight into the gradients of `x`
-and `weight`. The backward pass then only scales the stored gradients. The matmuls are the same three as the
-plain path's; what goes is the memory (the logits of one chunk instead of all) and the extra passes over it.
-This is the idea of Liger-Kernel's fused linear cross-entropy, written for readability in plain PyTorch.
+it in place into the gradient softmax - one_hot, and multiplies that straight into the gradients of `x` and
+`weight`. The matmuls are the same three as the plain path's; what goes is the memory (the logits of one chunk
+instead of all) and the extra passes over it. This is the idea of Liger-Kernel's fused linear cross-entropy,
+written for readability in plain PyTorch.
+
+The gradients are computed in forward, before the loss scale (backward's grad_loss) is known, so what forward
+stores has to survive any scale. softmax - one_hot lies in [-1, 1], which float16 and bfloat16 hold well; divided
+by N (4096 rows and more) most of it is subnormal or zero in float16, and a GradScaler's 65536 is inf in float16:
+stored as (softmax - one_hot) / N in x.dtype and scaled in that dtype, a float16 step under a GradScaler got NaN
+gradients. So forward stores the undivided gradients, that of `weight` summed over the chunks in
+float32 (a bfloat16 sum, as an FSDP mixed-precision weight had, drops each chunk's low bits), and backward
+multiplies both by grad_loss / N in float32 before casting them to the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -19,13 +27,17 @@ DEFAULT_CHUNK_ROWS = 512  # GPT-2: 512 x 50257 float32 logits = 103 MB at a time
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows: int, softcap: float | None) -> torch.Tensor:
-        # x is in the compute dtype; weight in its own (float32 under autocast): cast once here, and its gradient
-        # is summed over chunks and returned in float32, with no round trip through the low-precision dtype.
+        # x is in the compute dtype; weight in its own (float32 under autocast, bfloat16 under FSDP mixed
+        # precision): cast once here. Its gradient is summed in float32 either way and cast back in backward.
         N = x.size(0)
         with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        low_precision = x.dtype != torch.float32
         w = weight.to(x.dtype)
-        grad_x = torch.empty_like(x) if with_grad else None
-        grad_w = None
+        if with_grad:
+            grad_x = torch.empty_like(x)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+            # one chunk's (vocab, C) term in the compute dtype, added to grad_w in float32
+            grad_w_chunk = torch.empty_like(w) if low_precision else None
         logits_buffer = x.new_empty(min(chunk_rows, N), weight.size(0))
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, N, chunk_rows):
@@ -43,28 +55,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(n, device=x.device), ts] -= 1.0
             if softcap is not None:
                 grad_logits.mul_(tanh.square_().neg_().add_(1.0))
-            # / N, written in the compute dtype into the logits buffer (free again): no fresh 50-100 MB tensor
-            grad_logits = torch.mul(grad_logits, 1.0 / N, out=logits_buffer[:n])
+            if low_precision:
+                # in [-1, 1], so held fine in the compute dtype: written into the logits buffer (free again)
+                grad_logits = logits_buffer[:n].copy_(grad_logits)
             torch.mm(grad_logits, w, out=grad_x[start : start + n])
-            if grad_w is None:
-                grad_w = torch.mm(grad_logits.t(), xs).to(weight.dtype)
-            elif grad_w.dtype == x.dtype:
-                grad_w.addmm_(grad_logits.t(), xs)
+            if low_precision:
+                grad_w.add_(torch.mm(grad_logits.t(), xs, out=grad_w_chunk))
             else:
-                grad_w.add_(torch.mm(grad_logits.t(), xs))
+                grad_w.addmm_(grad_logits.t(), xs)
         if with_grad:
             ctx.save_for_backward(grad_x, grad_w)
+            ctx.N, ctx.weight_dtype = N, weight.dtype
         return total / N
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        # The stored gradients are scaled in place (as Liger-Kernel does): a copy would be one more pass and
-        # allocation of the (vocab, C) weight gradient. So they can be used once: no retain_graph.
+        # The float32 weight gradient is scaled in place (as Liger-Kernel does): a copy would be one more pass and
+        # allocation of the (vocab, C) tensor. So the stored gradients can be used once: no retain_graph.
         if getattr(ctx, "used", False):
             raise RuntimeError("linear_cross_entropy: backward ran twice through one forward (retain_graph=True)")
         ctx.used = True
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None, None
+        # 1 / N and the loss scale together, in float32: either alone may under- or overflow float16
+        scale = grad_loss.float() / ctx.N
+        grad_x = grad_x.float().mul_(scale).to(grad_x.dtype)
+        grad_w = grad_w.mul_(scale).to(ctx.weight_dtype)
+        return grad_x, grad_w, None, None, None
 
 
 def linear_cross_entropy(
@@ -79,8 +95,8 @@ def linear_cross_entropy(
     class index (there is no `ignore_index`: language-model batches have none). With `softcap` c the logits are
     first capped, c * tanh(logits / c), as the model's forward does.
 
-    Under autocast the matmuls run in the autocast dtype, as they would for an `nn.Linear`; the softmax and the
-    sum are in float32 either way.
+    Under autocast the matmuls run in the autocast dtype, as they would for an `nn.Linear`; the softmax, the sum
+    and the accumulation of the weight gradient are in float32 either way.
     """
     if x.dim() != 2 or targets.shape != x.shape[:1] or weight.dim() != 2 or weight.size(1) != x.size(1):
         raise ValueError(

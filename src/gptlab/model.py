@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from gptlab.errors import ConfigError
 from gptlab.loss import linear_cross_entropy
@@ -221,12 +222,47 @@ def causal_attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> tor
 
     q (B, n_head, T, head_dim); k, v (B, n_kv_head, T, head_dim). Grouped-query attention is SDPA's own
     (`enable_gqa`): query head h reads key/value head h // (n_head // n_kv_head), with no copy of K/V per head.
+
+    Full attention is SDPA's `is_causal` (the flash kernel on CUDA). A window on CUDA is FlexAttention, as flash
+    takes no mask; with dropout (FlexAttention has none) and on CPU (no FlexAttention backward in the pinned torch)
+    it is the blockwise `sliding_window_attention`.
     """
     if window is None or window >= q.size(2):
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.size(1) != k.size(1)
         )
+    if q.device.type == "cuda" and dropout_p == 0.0:
+        return flex_window_attention(q, k, v, window)
     return sliding_window_attention(q, k, v, window, dropout_p)
+
+
+def flex_window_attention(q, k, v, window: int) -> torch.Tensor:
+    """Sliding-window attention by FlexAttention (Dong et al. 2024): a fused kernel that skips the key blocks
+    outside the band and reads grouped K/V heads in place. Compiled on CUDA; elsewhere eager, forward only, which
+    materialises the T x T scores (what the tests compare)."""
+    # inside a compiled block, torch.compile fuses flex_attention itself
+    flex = _compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    mask = _window_block_mask(q.size(2), window, q.device)
+    return flex(q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1))
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """`torch.compile(flex_attention)`, as torchtitan keeps it (uncompiled, FlexAttention is a reference
+    implementation, not a fused kernel); made on first use, so that importing the model compiles nothing."""
+    return torch.compile(flex_attention)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
+    """FlexAttention's block mask (in 128 x 128 blocks) for `band_mask`'s rule, built once per shape and device
+    and shared by every layer and step."""
+
+    def in_band(b, h, q_idx, kv_idx):
+        distance = q_idx - kv_idx
+        return (distance >= 0) & (distance < window)
+
+    return create_block_mask(in_band, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
 def sliding_window_attention(q, k, v, window: int, dropout_p: float = 0.0) -> torch.Tensor:

@@ -6,24 +6,30 @@
 - `apply_fsdp`: FSDP2 (`fully_shard`) on each transformer block, then on the root (embeddings, final norm and
   the tied head): parameters, gradients and optimizer state are sharded across ranks as DTensors, and each
   block's parameters are all-gathered just before they are used (Zhao et al. 2023; torchtitan's recipe).
+  With `parallel.replicate` > 1 it is HSDP: sharded within each group of ranks (a node), replicated across.
 - `apply_activation_checkpointing`: blocks recompute their activations in backward instead of storing them.
-- `parallelize` applies them (and torch.compile) in the one order that works; the training loop calls it alone.
+- `compile_blocks`: torch.compile block by block.
+- `parallelize` applies them in the one order that works; the training loop calls it alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import secrets
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from gptlab.config import ParallelConfig
-from gptlab.device import resolve_device
+from gptlab.device import resolve_device, use_device
 from gptlab.errors import ConfigError
 from gptlab.model import GPT
 
@@ -46,27 +52,28 @@ class World:
         return dist.is_available() and dist.is_initialized()
 
 
-def init_world(cfg: ParallelConfig, device_name: str) -> World:
-    """Join the process group torchrun set up (or make a world of one) for `cfg.mode`."""
+def init_world(cfg: ParallelConfig, device_name: str, tf32: bool = True) -> World:
+    """Join the process group torchrun set up (or make a world of one) for `cfg.mode`, on this rank's device
+    (made the current one; `tf32`: see `gptlab.device.use_device`)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.mode == "single":
         if launched > 1:
             raise ConfigError(
                 f"parallel.mode=single, but {launched} processes were launched; use parallel.mode=ddp or fsdp"
             )
-        return World(device=resolve_device(device_name, key="train.device"))
+        return World(device=use_device(resolve_device(device_name, key="train.device"), tf32))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank, key="train.device")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = use_device(resolve_device(device_name, local_rank, key="train.device"), tf32)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # device_id binds NCCL's communicators to this rank's GPU up front (no guessing from the current device)
+        options = {"device_id": device} if device.type == "cuda" else {}
         if "RANK" in os.environ:  # under torchrun: rank, world size and rendezvous come from the environment
-            dist.init_process_group(
-                backend, store=_restart_store(), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
-            )
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=_restart_store(), rank=rank, world_size=world_size, **options)
         else:  # a group of one on this machine
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(backend, init_method=address, rank=0, world_size=1, **options)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -102,22 +109,28 @@ def parallelize(model: GPT, cfg: ParallelConfig, world: World, compile: bool = F
     `parallelize_llama` fixes it), and return the module a training step calls:
 
     1. activation checkpointing: wraps each block's forward, so it must come before FSDP hooks the blocks;
-    2. FSDP: shards each block, then the root, in place (`model` stays the module that owns the parameters);
-    3. materialise: a model built on the meta device (parallel.meta_init) gets real storage for its own shards
-       only, initialised in place; any other model moves to the device;
-    4. DDP: wraps the whole model (rank 0's weights are broadcast to all);
-    5. torch.compile, last, over whatever the step calls.
+    2. torch.compile, block by block (`compile_blocks`), before any wrapping;
+    3. FSDP: shards each block, then the root, in place (`model` stays the module that owns the parameters);
+    4. materialise: a model built on the meta device (parallel.meta_init) gets real storage for its own shards
+       only, initialised in place; any other model moves to the device (with cpu_offload its shards stay in
+       CPU memory, where FSDP put them);
+    5. DDP: wraps the whole model (rank 0's weights are broadcast to all).
     """
+    if cfg.replicate > 1 and cfg.mode != "fsdp":
+        raise ConfigError(f"parallel.replicate={cfg.replicate} is HSDP, an fsdp setting; parallel.mode is {cfg.mode}")
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile:
+        compile_blocks(model)
     if cfg.mode == "fsdp":
-        apply_fsdp(model, cfg, world.device)
+        apply_fsdp(model, cfg, world)
+    offloaded = cfg.mode == "fsdp" and cfg.cpu_offload
     if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=world.device)
+        model.to_empty(device="cpu" if offloaded else world.device)
         model.init_weights()
-    model.to(world.device)
-    wrapped = apply_ddp(model, world) if cfg.mode == "ddp" else model
-    return torch.compile(wrapped) if compile else wrapped
+    if not offloaded:
+        model.to(world.device)
+    return apply_ddp(model, world) if cfg.mode == "ddp" else model
 
 
 def apply_activation_checkpointing(model: GPT) -> None:
@@ -126,17 +139,43 @@ def apply_activation_checkpointing(model: GPT) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def apply_fsdp(model: GPT, cfg: ParallelConfig, device: torch.device) -> GPT:
-    """Shard `model` in place with FSDP2: each block is one unit of all-gather/reduce-scatter, the root another."""
+def compile_blocks(model: GPT) -> None:
+    """torch.compile each block's forward (torchtitan's per-block compile). The blocks are alike, so one graph
+    serves them all; FSDP's hooks and DDP's gradient hooks stay outside the graphs (whole-model compile would
+    break its graph at every FSDP hook and hand DDP to Dynamo's DDP optimizer); the embeddings and the fused
+    loss stay eager. Parameter names stay as they are (no `_orig_mod.` wrapper)."""
+    for block in model.transformer.h:
+        block.forward = torch.compile(block.forward)
+
+
+def device_mesh(cfg: ParallelConfig, world: World):
+    """FSDP's mesh on the run's device (not whatever accelerator the machine has): 1-D over all ranks, or 2-D
+    (replicate, shard) for HSDP, whose shard groups are consecutive ranks (a node under torchrun)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world.world_size % cfg.replicate:
+        raise ConfigError(
+            f"parallel.replicate={cfg.replicate} does not divide the world size {world.world_size} "
+            "(HSDP shards within world_size/replicate ranks)"
+        )
+    if cfg.replicate == 1:
+        return init_device_mesh(world.device.type, (world.world_size,), mesh_dim_names=("shard",))
+    shape = (cfg.replicate, world.world_size // cfg.replicate)
+    return init_device_mesh(world.device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(model: GPT, cfg: ParallelConfig, world: World) -> GPT:
+    """Shard `model` in place with FSDP2: each block is one unit of all-gather/reduce-scatter, the root another.
+    On a 2-D mesh (HSDP) each block is sharded within its group and its gradients all-reduced across groups."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if cfg.mixed_precision == "bf16" and device.type != "cuda":
+    if cfg.mixed_precision == "bf16" and world.device.type != "cuda":
         raise ConfigError("parallel.mixed_precision=bf16 needs CUDA; on CPU use train.dtype=bfloat16 (autocast)")
     mp = MixedPrecisionPolicy()
     if cfg.mixed_precision == "bf16":  # compute and all-gather in bf16, reduce gradients in fp32
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
-    options = {"mp_policy": mp, "offload_policy": offload}
+    options = {"mesh": device_mesh(cfg, world), "mp_policy": mp, "offload_policy": offload}
     for block in model.transformer.h:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **options)
     # The root keeps its parameters gathered after forward: backward needs the tied embedding/head at once.
@@ -162,7 +201,6 @@ def gradient_sync(module: torch.nn.Module, sync: bool):
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: act on the module it compiled
     if isinstance(module, DistributedDataParallel) and not sync:
         return module.no_sync()
     if isinstance(module, FSDPModule):
@@ -182,6 +220,56 @@ def mean_over_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
 def barrier(world: World) -> None:
     if world.world_size > 1:
         dist.barrier()
+
+
+def gather_objects(obj, world: World) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world.world_size == 1:
+        return [obj]
+    gathered = [None] * world.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def check_shared_dirs(out_dir: Path, data_meta: Path, world: World, wait: float = 5.0) -> None:
+    """Refuse to start unless every rank sees rank 0's out_dir and the same prepared data.
+
+    Checkpoints are written by every rank into one directory that rank 0 renames into place, so out_dir must be
+    one shared filesystem: on node-local disks each node would hold a checkpoint missing the others' shards.
+    Rank 0 writes a sentinel file there, and every rank looks for it (for up to `wait` seconds: a network
+    filesystem may show a new file late). data.dir may be a copy per node, but the same data: every rank's
+    meta.json (which lists each shard's sha256) must be rank 0's. A collective call; on a failure every rank
+    raises the same ConfigError.
+    """
+    if world.world_size == 1:
+        return
+    name = broadcast_object(f".shared-check-{secrets.token_hex(8)}" if world.is_main else None, world)
+    sentinel = out_dir / name  # in this rank's out_dir: the same path, but on a node-local disk not the same file
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sentinel.write_text(socket.gethostname() + "\n")
+    barrier(world)
+    deadline = time.monotonic() + wait
+    while not sentinel.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    meta = hashlib.sha256(data_meta.read_bytes()).hexdigest() if data_meta.exists() else None
+    seen = gather_objects((socket.gethostname(), sentinel.exists(), meta), world)
+    barrier(world)
+    if world.is_main:
+        sentinel.unlink()
+    blind = [f"rank {rank} on {host}" for rank, (host, ok, _) in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"train.out_dir={out_dir} is not one shared directory: {', '.join(blind)} cannot see the file rank 0 "
+            "wrote there. Every rank writes its checkpoint shards into it, so put it on a filesystem all nodes "
+            "share"
+        )
+    other = [f"rank {rank} on {host}" for rank, (host, _, digest) in enumerate(seen) if digest != seen[0][2]]
+    if other:
+        raise ConfigError(
+            f"data.dir={data_meta.parent}: {', '.join(other)} reads another {data_meta.name} than rank 0; every "
+            "node needs the same prepared data (a shared directory, or identical copies)"
+        )
 
 
 def broadcast_object(obj, world: World):

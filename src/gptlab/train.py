@@ -30,7 +30,16 @@ from gptlab.errors import ConfigError, GptlabError
 from gptlab.hf import load_config, read_config
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import configure_optimizer, set_learning_rates
-from gptlab.parallel import World, close_world, gradient_sync, init_world, mean_over_ranks, parallelize
+from gptlab.parallel import (
+    World,
+    broadcast_object,
+    check_shared_dirs,
+    close_world,
+    gradient_sync,
+    init_world,
+    mean_over_ranks,
+    parallelize,
+)
 from gptlab.rundir import METRICS_FILE, latest_checkpoint, remove_stale_tmp
 
 
@@ -71,6 +80,8 @@ class Run:
     start_step: int  # optimizer steps already taken (from the checkpoint resumed)
     nonfinite_skips: int  # steps dropped for a non-finite loss so far (train.on_nonfinite = "skip")
     checkpoint: Path | None  # the newest checkpoint, resumed from or written
+    # (step, its micro-batches already on their way to the device), loaded while the previous step computed
+    prefetched: tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None
 
     @property
     def cfg(self) -> TrainConfig:
@@ -94,6 +105,7 @@ class StepStats:
 
     step: int  # optimizer steps completed, this one included
     loss: float  # mean training loss over the step's batch, all ranks
+    grad_norm: float | None  # global gradient norm before clipping (None without clipping)
     lr: float
     finite: bool  # False: the step was skipped (non-finite loss or gradient norm)
     seconds: float
@@ -102,12 +114,17 @@ class StepStats:
         """The step's line in metrics.jsonl (strict JSON: a non-finite loss is written as null)."""
         return {
             "step": self.step,
-            "loss": self.loss if math.isfinite(self.loss) else None,
+            "loss": _finite_or_none(self.loss),
             "lr": self.lr,
+            **({} if self.grad_norm is None else {"grad_norm": _finite_or_none(self.grad_norm)}),
             "tokens": self.step * run.cfg.batch_size * run.block_size,
             "step_time": self.seconds,
             **({} if self.finite else {"skipped": True, "nonfinite_skips": run.nonfinite_skips}),
         }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -128,7 +145,7 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
     The same loop runs on one process or many (parallel.mode ddp/fsdp under torchrun); only rank 0 logs and
     writes metrics, and every rank takes part in checkpoints.
     """
-    world = init_world(job.parallel, job.train.device)
+    world = init_world(job.parallel, job.train.device, job.train.tf32)
     try:
         with run_lock(Path(job.train.out_dir), enabled=world.is_main):
             run = setup_run(job, world)
@@ -149,7 +166,9 @@ def setup_run(job: JobConfig, world: World) -> Run:
     out_dir = Path(cfg.out_dir)
     if world.is_main:  # half-written checkpoints of a run that crashed (we hold the out_dir lock)
         remove_stale_tmp(out_dir)
-    resume_from = latest_checkpoint(out_dir)
+    check_shared_dirs(out_dir, data_dir / "meta.json", world)
+    # Rank 0 decides whether and from where to resume: ranks must not each pick a checkpoint of their own
+    resume_from = broadcast_object(latest_checkpoint(out_dir) if world.is_main else None, world)
     config = expected_model_config(job, meta["vocab_size"])
     if meta["vocab_size"] > config.vocab_size:
         raise ConfigError(
@@ -158,9 +177,11 @@ def setup_run(job: JobConfig, world: World) -> Run:
         )
     if resume_from is not None:
         check_resume_matches(resume_from, job, config)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = initial_model(job, config, resumed=resume_from is not None)
     forward = parallelize(model, job.parallel, world, compile=cfg.compile)
+    # From here on (dropout) each rank draws from a stream of its own; a resume restores each rank's stream
+    torch.manual_seed(cfg.seed + world.rank)
     run = Run(
         job=job,
         world=world,
@@ -178,6 +199,7 @@ def setup_run(job: JobConfig, world: World) -> Run:
         start_step=0,
         nonfinite_skips=0,
         checkpoint=resume_from,
+        prefetched=None,
     )
     if resume_from is not None:
         resume(run, resume_from)
@@ -305,42 +327,61 @@ def train_loop(run: Run, progress: bool) -> TrainResult:
 def train_step(run: Run, step: int) -> StepStats:
     """Optimizer step `step` (0-based): its batch split into micro-batches whose gradients accumulate (synced
     across ranks on the last one only), then clipping and the update, unless the loss or gradients are
-    non-finite (`train.on_nonfinite`)."""
+    non-finite (`train.on_nonfinite`). The host waits for the device once per step, after it has queued the
+    next step's batches."""
     cfg, world = run.cfg, run.world
     started = time.perf_counter()
     lr = lr_at(step, cfg)
     set_learning_rates(run.optimizer, lr, cfg)
-    n_tokens, candidates = len(run.train_tokens), run.train_starts
-    starts = batch_starts(n_tokens, run.block_size, cfg.batch_size, cfg.seed, step, candidates=candidates)
     loss_sum = torch.zeros((), device=world.device)
-    for micro_step in range(run.accum_steps):
-        shard = shard_starts(starts, world.rank, world.world_size, run.micro_batch_size, micro_step)
-        x, y = get_batch(run.train_tokens, shard, run.block_size, world.device)
+    for micro_step, (x, y) in enumerate(step_batches(run, step)):
         with gradient_sync(run.forward, sync=micro_step == run.accum_steps - 1):
             with run.autocast():
                 loss = run.forward(x, targets=y) / run.accum_steps
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    loss_value = mean_over_ranks(loss_sum, world).item()  # one sync per step, not per micro-batch
-    finite = math.isfinite(loss_value) and clip_gradients(run)
+    norm = clip_gradients(run)
+    if step + 1 < cfg.max_steps:
+        run.prefetched = step + 1, step_batches(run, step + 1)
+    # The one sync of the step: loss (averaged over ranks) and gradient norm in one copy to the host
+    loss_value, norm_value = torch.stack([mean_over_ranks(loss_sum, world), norm]).tolist()
+    # (with float16 a non-finite norm is the scaler's business: it skips the step and lowers the scale)
+    finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or cfg.dtype == "float16")
     if finite:
-        run.scaler.step(run.optimizer)  # (with float16, the scaler itself skips steps with inf/NaN gradients)
+        run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
         skip_step(run, step, loss_value)
     run.optimizer.zero_grad(set_to_none=True)
-    return StepStats(step + 1, loss_value, lr, finite, time.perf_counter() - started)
+    grad_norm = norm_value if cfg.grad_clip > 0 else None
+    return StepStats(step + 1, loss_value, grad_norm, lr, finite, time.perf_counter() - started)
 
 
-def clip_gradients(run: Run) -> bool:
-    """Clip the global gradient norm to `train.grad_clip` (0: no clipping); False when the norm is non-finite."""
+def step_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches (x, y) of optimizer step `step`, on the device: the prefetched ones when they
+    are that step's, else loaded now."""
+    if run.prefetched is not None and run.prefetched[0] == step:
+        batches, run.prefetched = run.prefetched[1], None
+        return batches
+    cfg, world = run.cfg, run.world
+    starts = batch_starts(
+        len(run.train_tokens), run.block_size, cfg.batch_size, cfg.seed, step, candidates=run.train_starts
+    )
+    shards = (
+        shard_starts(starts, world.rank, world.world_size, run.micro_batch_size, m) for m in range(run.accum_steps)
+    )
+    return [get_batch(run.train_tokens, shard, run.block_size, world.device) for shard in shards]
+
+
+def clip_gradients(run: Run) -> torch.Tensor:
+    """Clip the global gradient norm to `train.grad_clip` and return the norm before clipping, on the device
+    (0: no clipping, and a norm of 0). A non-finite norm leaves non-finite gradients: the step is skipped."""
     if run.cfg.grad_clip <= 0:
-        return True
+        return torch.zeros((), device=run.world.device)
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)  # sharded: a global norm
-    if run.cfg.dtype == "float16":  # float16 overflow is the scaler's business: it skips and rescales
-        return True
-    return math.isfinite(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.to(run.world.device)  # (with FSDP cpu_offload the gradients, and so the norm, are in CPU memory)
 
 
 def skip_step(run: Run, step: int, loss_value: float) -> None:
@@ -370,14 +411,14 @@ def evaluate(
     forward, and all ranks then agree on the result."""
     was_training = model.training
     model.eval()
-    losses = []
+    total = torch.zeros((), device=device)
     for i in range(cfg.eval_steps):
         starts = batch_starts(len(tokens), block_size, micro_batch_size, cfg.seed, i, stream=1, candidates=candidates)
         x, y = get_batch(tokens, starts, block_size, device)
         with autocast:
-            losses.append(model(x, targets=y).item())
+            total += model(x, targets=y).float()
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return total.item() / cfg.eval_steps  # one wait for the device, after every batch is queued
 
 
 def save_checkpoint(run: Run, step: int) -> Path:

@@ -1,0 +1,62 @@
+"""Devices: which GPU each process takes, TF32, and the RNG state a checkpoint keeps (GPU checks skip without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptlab import ConfigError
+from gptlab.checkpoint import rng_state, set_rng_state
+from gptlab.device import resolve_device, use_device
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_a_rank_takes_its_own_gpu():
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    assert resolve_device("cuda:3", local_rank=3) == torch.device("cuda", 3)
+    assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
+
+
+def test_pinning_every_rank_to_one_gpu_is_refused():
+    with pytest.raises(ConfigError, match=r"train.device=cuda:0 under torchrun would put every rank .* on GPU 0"):
+        resolve_device("cuda:0", local_rank=1, key="train.device")
+
+
+def test_unknown_device_names_the_key():
+    with pytest.raises(ConfigError, match="train.device: unknown device 'gpu'"):
+        resolve_device("gpu", key="train.device")
+
+
+def test_use_device_leaves_the_cpu_as_it_is():
+    before = torch.backends.cuda.matmul.fp32_precision
+    assert use_device(torch.device("cpu"), tf32=True) == torch.device("cpu")
+    assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+def test_a_checkpoint_from_before_per_device_rng_restores_on_the_cpu():
+    # Older checkpoints kept a list of every visible GPU's state; on a machine without GPUs it is ignored.
+    state = {**rng_state(torch.device("cpu")), "cuda": [torch.zeros(16, dtype=torch.uint8)]}
+    expected = torch.rand(3)
+    set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@needs_cuda
+def test_use_device_makes_the_gpu_current_and_sets_tf32():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    use_device(device, tf32=True)
+    assert torch.cuda.current_device() == device.index
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    use_device(device, tf32=False)
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+
+
+@needs_cuda
+def test_the_rng_state_is_the_own_gpus_only():
+    device = torch.device("cuda", 0)
+    state = rng_state(device)
+    assert isinstance(state["cuda"], torch.Tensor)
+    expected = torch.rand(3, device=device)
+    set_rng_state(state, device)
+    assert torch.equal(torch.rand(3, device=device), expected)
