@@ -142,8 +142,9 @@ class Checks:
         return f"loss {run[0]:.3f} -> {run[-1]:.3f} in 40 steps"
 
     def ddp_compile_checkpointing(self) -> str:
-        # float32 without TF32, so that compiled and eager differ only by the compiler's reordering
-        common = ("--parallel.mode=ddp", "--train.tf32=false")
+        # float32 without TF32, so that compiled and eager differ only by the compiler's reordering; a window on
+        # every other layer, so that FlexAttention (CUDA) runs inside the compiled, checkpointed blocks
+        common = ("--parallel.mode=ddp", "--train.tf32=false", '--model.window=[16, "none"]')
         gptlab(*self.job("ddp-eager", *common), nproc=self.nproc)
         started = time.perf_counter()
         extra = ("--train.compile=true", "--parallel.activation_checkpointing=true")
@@ -168,7 +169,9 @@ class Checks:
         )
         gptlab(*self.job("fsdp-resumed", *args, steps=30), nproc=self.nproc)
         gap = max(abs(a - b) for a, b in zip(losses(full), losses(resumed), strict=True))
-        assert len(losses(resumed)) == 30 and gap < 1e-4, f"the resumed run differs by up to {gap:.1e}"
+        # on CUDA some backward kernels (attention, atomics) are not bit-deterministic: a small gap is allowed
+        bound = 2e-3 if self.cuda else 1e-4
+        assert len(losses(resumed)) == 30 and gap < bound, f"the resumed run differs by up to {gap:.1e}"
         return f"{self.nproc} rank(s), resumed at step 10 of 30, largest loss gap {gap:.1e}"
 
     def bench(self) -> str:

@@ -18,6 +18,11 @@ def test_a_rank_takes_its_own_gpu():
     assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
 
 
+def test_one_process_may_take_any_gpu():
+    # no local rank: a world of one, or torchrun with one process on the machine
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
 def test_pinning_every_rank_to_one_gpu_is_refused():
     with pytest.raises(ConfigError, match=r"train.device=cuda:0 under torchrun would put every rank .* on GPU 0"):
         resolve_device("cuda:0", local_rank=1, key="train.device")
@@ -29,9 +34,9 @@ def test_unknown_device_names_the_key():
 
 
 def test_use_device_leaves_the_cpu_as_it_is():
-    before = torch.backends.cuda.matmul.fp32_precision
-    assert use_device(torch.device("cpu"), tf32=True) == torch.device("cpu")
-    assert torch.backends.cuda.matmul.fp32_precision == before
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert use_device(torch.device("cpu"), tf32=not before) == torch.device("cpu")
+    assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
 def test_a_checkpoint_from_before_per_device_rng_restores_on_the_cpu():
@@ -47,9 +52,9 @@ def test_use_device_makes_the_gpu_current_and_sets_tf32():
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     use_device(device, tf32=True)
     assert torch.cuda.current_device() == device.index
-    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
     use_device(device, tf32=False)
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
 
 
 @needs_cuda

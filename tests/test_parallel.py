@@ -106,12 +106,19 @@ def test_ddp_and_fsdp_take_the_same_steps_as_one_process(reference_runs):
 
 
 def test_hsdp_replicates_across_groups_and_takes_the_same_steps(reference_runs, char_data, tmp_path):
-    # A (2 groups x 1 rank) mesh: each rank holds its whole group's shard, gradients all-reduced across groups.
+    # A (2 groups x 2 ranks) mesh on 4 ranks: each block sharded within a group, gradients all-reduced across.
     out = tmp_path / "hsdp"
-    finish(torchrun(*job_args(char_data, out, "--parallel.mode=fsdp", "--parallel.replicate=2")))
+    finish(torchrun(*job_args(char_data, out, "--parallel.mode=fsdp", "--parallel.replicate=2"), nproc=4))
     assert losses(out) == pytest.approx(losses(reference_runs / "single"), abs=1e-4)
-    shards = sorted(p.name for p in (out / f"ckpt-{STEPS:07d}" / "train").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    # the checkpoint resumes in one process: the replicated, sharded DTensors reshard
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "ckpt-0000020", resumed / "ckpt-0000020")
+    (resumed / "metrics.jsonl").write_text(
+        "".join(f"{line}\n" for line in (out / "metrics.jsonl").read_text().splitlines()[:21])
+    )
+    train(load_job_config(None, job_args(char_data, resumed)), progress=False)
+    assert losses(resumed) == pytest.approx(losses(reference_runs / "single"), abs=1e-4)
 
 
 def test_hsdp_groups_must_divide_the_world(char_data, tmp_path):
@@ -271,7 +278,8 @@ def test_nodes_that_do_not_share_out_dir_or_data_are_refused(char_data, tmp_path
     other_data = tmp_path / "data-copy"
     shutil.copytree(char_data, other_data)
     meta = json.loads((other_data / "meta.json").read_text())
-    (other_data / "meta.json").write_text(json.dumps({**meta, "val_fraction": 0.5}))  # a differently prepared copy
+    meta["shards"]["val"][0]["sha256"] = "0" * 64  # a copy whose val shard is another file
+    (other_data / "meta.json").write_text(json.dumps(meta))
     nodes = []
     for rank in (0, 1):
         out = tmp_path / (f"out-{rank}" if unshared == "out_dir" else "out")
@@ -280,7 +288,7 @@ def test_nodes_that_do_not_share_out_dir_or_data_are_refused(char_data, tmp_path
         nodes.append(torchrun(*job_args(data, out, "--parallel.mode=ddp"), nproc=1, extra_torchrun=node_flags))
     outputs = [node.communicate(timeout=120)[0] for node in nodes]
     assert all(node.returncode != 0 for node in nodes)
-    expected = "is not one shared directory: rank 1 on" if unshared == "out_dir" else "reads another meta.json"
+    expected = "is not one shared directory: rank 1 on" if unshared == "out_dir" else "reads other data than rank 0"
     assert all(expected in output for output in outputs), outputs[0][-2000:]
     assert not list((tmp_path / ("out-0" if unshared == "out_dir" else "out")).glob("ckpt-*"))
 
@@ -317,9 +325,8 @@ def world_of_one(monkeypatch, request):
 
 
 @pytest.mark.parametrize("world_of_one", ["ddp"], indirect=True)
-@pytest.mark.parametrize("compiled", [False, True])
-def test_gradient_sync_turns_the_ddp_all_reduce_off_through_compile(world_of_one, compiled):
-    module = parallelize(GPT(GPTConfig.from_preset("tiny")), ParallelConfig(mode="ddp"), world_of_one, compiled)
+def test_gradient_sync_turns_the_ddp_all_reduce_off(world_of_one):
+    module = parallelize(GPT(GPTConfig.from_preset("tiny")), ParallelConfig(mode="ddp"), world_of_one)
     with gradient_sync(module, sync=False):
         assert not module.require_backward_grad_sync  # DDP's own flag: whether backward all-reduces
     with gradient_sync(module, sync=True):
@@ -372,6 +379,10 @@ def test_fsdp_cpu_offload_keeps_the_shards_in_host_memory(monkeypatch):
         idx = torch.randint(0, model.config.vocab_size, (2, 16), device=world.device)
         module(idx[:, :-1], targets=idx[:, 1:]).backward()
         assert all(p.grad.to_local().device.type == "cpu" for p in model.parameters())
+        # clipping reduces the host-side gradients' norm (gloo beside NCCL), then the step runs on the host
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        assert torch.isfinite(norm.full_tensor())
+        torch.optim.AdamW(model.parameters(), lr=1e-3).step()
     finally:
         close_world()
 

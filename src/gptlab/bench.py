@@ -32,9 +32,10 @@ from torch import nn
 from gptlab import gemv
 from gptlab.bench_data import DataBenchOptions, data_suite, format_data_lines
 from gptlab.config import TrainConfig
-from gptlab.device import autocast, resolve_device, synced, synchronize
+from gptlab.device import autocast, resolve_device, synced, synchronize, use_device
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig, causal_attention
+from gptlab.parallel import compile_blocks
 from gptlab.train import configure_optimizer
 
 SUITES = ("matmul", "train", "decode", "prefill", "window", "data")
@@ -209,12 +210,11 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def _ours(config: GPTConfig, device: torch.device, compile_blocks: bool) -> GPT:
+def _ours(config: GPTConfig, device: torch.device, compiled: bool) -> GPT:
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    if compile_blocks:
-        for block in model.transformer.h:
-            block.compile()
+    if compiled:
+        compile_blocks(model)  # as train.compile does
     return model
 
 
@@ -242,9 +242,9 @@ def _hf(config: GPTConfig, device: torch.device):
 
 
 def _models(
-    config: GPTConfig, opts: BenchOptions, device: torch.device, compile_blocks: bool = False
+    config: GPTConfig, opts: BenchOptions, device: torch.device, compiled: bool = False
 ) -> dict[str, torch.nn.Module]:
-    models = {"gptlab": _ours(config, device, compile_blocks)}
+    models = {"gptlab": _ours(config, device, compiled)}
     if opts.compare_hf:
         models["hf"] = _hf(config, device)
     return models
@@ -324,7 +324,7 @@ def training_step(
 def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
     """One training step per call: forward with the loss, backward, AdamW (fused, as `gptlab train` and the
     transformers Trainer's default use), gradients dropped."""
-    models = _models(config, opts, device, compile_blocks=opts.compile)
+    models = _models(config, opts, device, compiled=opts.compile)
     for model in models.values():
         model.train()
     idx = torch.randint(0, config.vocab_size, (opts.batch_size, opts.seq_len + 1), device=device)
@@ -497,6 +497,7 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
     device = resolve_device(opts.device, key="--device")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptlabError(f"--device {opts.device}: no CUDA device is available")
+    use_device(device)  # float32 matmuls on TF32 on CUDA, as training runs them by default (train.tf32)
     config = GPTConfig.from_preset(opts.preset).replace(dropout=0.0)
     result: dict = {"machine": machine_info(device), "options": {**asdict(opts), "suites": suites}, "rows": []}
     result["flops_per_token"] = flops_per_token(config, opts.seq_len)
@@ -524,6 +525,8 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if device.type == "cuda":
+        info["float32_matmuls"] = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     with contextlib.suppress(ImportError):
         import transformers
 
@@ -576,6 +579,7 @@ def _machine_lines(result: dict) -> list[str]:
         lines.append(
             "matmul peak (measured): "
             + ", ".join(f"{dtype} {flops / 1e9:,.0f} GFLOP/s" for dtype, flops in peaks.items())
+            + (" (float32 on TF32 tensor cores)" if m.get("float32_matmuls") == "tf32" else "")
         )
     if result.get("matvec_bytes_per_s"):
         lines.append(

@@ -833,6 +833,20 @@ def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
 ALIGNMENTS = ("none", "bos")
 
 
+def data_fingerprint(meta: dict) -> str:
+    """A digest of what a prepared folder holds (tokenizer, vocabulary, each split's shards by token count and
+    sha256), not where: two copies of the same data on different disks or paths have the same fingerprint."""
+    content = {
+        "tokenizer": meta["tokenizer"],
+        "vocab_size": meta["vocab_size"],
+        "shards": {
+            split: [[s.get("tokens"), s.get("sha256") or Path(s["file"]).name] for s in shards]
+            for split, shards in sorted(meta["shards"].items())
+        },
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def document_starts(tokens: TokenStream | np.ndarray, eot_token: int | None, block_size: int) -> np.ndarray:
     """Sorted offsets (int64) of every end-of-text token with a whole sequence (block_size + 1 tokens) after it:
     the starts of `data.align = "bos"`. A sequence starting there reads `<|endoftext|>` and then a document from
@@ -922,10 +936,11 @@ def get_batch(
         window = tokens.windows(starts, block_size + 1)  # (B, T + 1)
     else:
         window = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)])
-    batch = torch.from_numpy(window.astype(np.int64))
     device = torch.device(device)
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":  # widened to int64 straight into pinned memory: one host copy
+        batch = torch.empty(window.shape, dtype=torch.int64, pin_memory=True)
+        batch.numpy()[:] = window
+        batch = batch.to(device, non_blocking=True)
     else:
-        batch = batch.to(device)
+        batch = torch.from_numpy(window.astype(np.int64))
     return batch[:, :-1], batch[:, 1:]

@@ -13,25 +13,35 @@ AUTOCAST_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None, key: str = "device") -> torch.device:
-    """`auto` is CUDA when there is a GPU, else the CPU; a bare `cuda` means this process's GPU (`local_rank`,
-    set for a rank of a distributed job; else the current device). A distributed rank must not be pinned to
-    one GPU (`cuda:0` would put every rank of the node on it). `key` names the setting in errors."""
+    """`auto` is CUDA when there is a GPU, else the CPU; a bare `cuda` means this process's GPU: `local_rank`'s
+    for one of several processes on a machine (or the only GPU it can see, when a launcher gave each its own),
+    else the current device. Such a process must not be pinned to one GPU (`cuda:0` would put every rank of
+    the node on it). `key` names the setting in errors (`train.device`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"{key}: unknown device {name!r} (auto, cpu, cuda, cuda:N, ...)") from None
-    if device.type == "cuda" and local_rank is not None:
-        if device.index is not None and device.index != local_rank:
-            raise ConfigError(
-                f"{key}={name} under torchrun would put every rank of a node on GPU {device.index}; use "
-                f"{key}=cuda (each rank takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose the GPUs"
-            )
-        device = torch.device("cuda", local_rank)
-    elif device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return device
+    if device.type != "cuda":
+        return device
+    if local_rank is None:
+        return device if device.index is not None else torch.device("cuda", _current_gpu())
+    visible = torch.cuda.device_count()
+    if visible == 1:  # one GPU per process (CUDA_VISIBLE_DEVICES set per rank, srun --gpus-per-task=1)
+        return torch.device("cuda", 0)
+    if device.index is not None and device.index != local_rank:
+        raise ConfigError(
+            f"{key}={name} under torchrun would put every rank of a node on GPU {device.index}; use "
+            f"{key}=cuda (each rank takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose the GPUs"
+        )
+    if visible and local_rank >= visible:
+        raise ConfigError(f"{key}: local rank {local_rank} has no GPU of its own ({visible} visible on this node)")
+    return torch.device("cuda", local_rank)
+
+
+def _current_gpu() -> int:
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 def use_device(device: torch.device, tf32: bool = True) -> torch.device:
@@ -40,9 +50,10 @@ def use_device(device: torch.device, tf32: bool = True) -> torch.device:
     at ~7x the float32 rate, the precision bfloat16 autocast already accepts). A no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        precision = "tf32" if tf32 else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.fp32_precision = precision
+        # the allow_tf32 flags rather than the newer fp32_precision ones: torch refuses a mix of the two, and
+        # the compiler reads the matmul precision through the older API
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     return device
 
 

@@ -255,8 +255,9 @@ def _compiled_flex_attention():
 
 @functools.lru_cache(maxsize=16)
 def _window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
-    """FlexAttention's block mask (in 128 x 128 blocks) for `band_mask`'s rule, built once per shape and device
-    and shared by every layer and step."""
+    """FlexAttention's block mask (in 128 x 128 blocks) for `band_mask`'s rule. Eager, it is built once per shape
+    and device and shared by every layer and step; inside a compiled block the compiler traces through the cache
+    and fuses the mask's construction into the graph (a few small kernels per layer)."""
 
     def in_band(b, h, q_idx, kv_idx):
         distance = q_idx - kv_idx

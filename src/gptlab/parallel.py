@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import secrets
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +63,14 @@ def init_world(cfg: ParallelConfig, device_name: str, tf32: bool = True) -> Worl
             )
         return World(device=use_device(resolve_device(device_name, key="train.device"), tf32))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = use_device(resolve_device(device_name, local_rank, key="train.device"), tf32)
+    # a GPU per local rank when torchrun started several processes on this machine; else the one asked for
+    shared_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
+    device = resolve_device(device_name, local_rank if shared_node else None, key="train.device")
+    device = use_device(device, tf32)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "gloo"
+        if device.type == "cuda":  # FSDP's cpu_offload reduces the gradients' norm on the host: gloo for that
+            backend = "cpu:gloo,cuda:nccl" if cfg.cpu_offload else "nccl"
         # device_id binds NCCL's communicators to this rank's GPU up front (no guessing from the current device)
         options = {"device_id": device} if device.type == "cuda" else {}
         if "RANK" in os.environ:  # under torchrun: rank, world size and rendezvous come from the environment
@@ -161,6 +166,13 @@ def device_mesh(cfg: ParallelConfig, world: World):
     if cfg.replicate == 1:
         return init_device_mesh(world.device.type, (world.world_size,), mesh_dim_names=("shard",))
     shape = (cfg.replicate, world.world_size // cfg.replicate)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", shape[1]))
+    if world.is_main and shape[1] != per_node:
+        warnings.warn(
+            f"parallel.replicate={cfg.replicate}: shard groups of {shape[1]} ranks, but {per_node} per node; the "
+            "all-gathers of a group cross nodes (set replicate to the number of nodes)",
+            stacklevel=2,
+        )
     return init_device_mesh(world.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
@@ -187,7 +199,7 @@ def apply_ddp(model: GPT, world: World) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     # gradient_as_bucket_view: gradients live in the all-reduce buckets instead of a second copy beside them.
-    device_ids = [world.local_rank] if world.device.type == "cuda" else None
+    device_ids = [world.device] if world.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
@@ -231,44 +243,49 @@ def gather_objects(obj, world: World) -> list:
     return gathered
 
 
-def check_shared_dirs(out_dir: Path, data_meta: Path, world: World, wait: float = 5.0) -> None:
+def check_shared_dirs(out_dir: Path, data_dir: Path, data_fingerprint: str, world: World, wait: float = 5.0) -> None:
     """Refuse to start unless every rank sees rank 0's out_dir and the same prepared data.
 
     Checkpoints are written by every rank into one directory that rank 0 renames into place, so out_dir must be
     one shared filesystem: on node-local disks each node would hold a checkpoint missing the others' shards.
-    Rank 0 writes a sentinel file there, and every rank looks for it (for up to `wait` seconds: a network
-    filesystem may show a new file late). data.dir may be a copy per node, but the same data: every rank's
-    meta.json (which lists each shard's sha256) must be rank 0's. A collective call; on a failure every rank
-    raises the same ConfigError.
+    Rank 0 writes a sentinel file there, and every rank looks for it in its own out_dir (for up to `wait`
+    seconds: a network filesystem may show a new file late). data.dir may be a copy per node, but the same data:
+    every rank's `data_fingerprint` (`gptlab.data.data_fingerprint`) must be rank 0's. A collective call; a
+    failure, or an error on any one rank while checking, raises the same ConfigError on every rank.
     """
     if world.world_size == 1:
         return
     name = broadcast_object(f".shared-check-{secrets.token_hex(8)}" if world.is_main else None, world)
     sentinel = out_dir / name  # in this rank's out_dir: the same path, but on a node-local disk not the same file
+    problem = None
     if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        sentinel.write_text(socket.gethostname() + "\n")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            sentinel.write_text(socket.gethostname() + "\n")
+        except OSError as e:
+            problem = f"cannot write {sentinel} ({e})"
     barrier(world)
     deadline = time.monotonic() + wait
-    while not sentinel.exists() and time.monotonic() < deadline:
+    while problem is None and not sentinel.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    meta = hashlib.sha256(data_meta.read_bytes()).hexdigest() if data_meta.exists() else None
-    seen = gather_objects((socket.gethostname(), sentinel.exists(), meta), world)
-    barrier(world)
+    seen = gather_objects((socket.gethostname(), sentinel.exists(), data_fingerprint, problem), world)
     if world.is_main:
-        sentinel.unlink()
-    blind = [f"rank {rank} on {host}" for rank, (host, ok, _) in enumerate(seen) if not ok]
+        sentinel.unlink(missing_ok=True)
+    failed = [f"rank {rank} on {host}: {error}" for rank, (host, _, _, error) in enumerate(seen) if error]
+    if failed:
+        raise ConfigError(f"train.out_dir={out_dir}: {'; '.join(failed)}")
+    blind = [f"rank {rank} on {host}" for rank, (host, ok, _, _) in enumerate(seen) if not ok]
     if blind:
         raise ConfigError(
             f"train.out_dir={out_dir} is not one shared directory: {', '.join(blind)} cannot see the file rank 0 "
             "wrote there. Every rank writes its checkpoint shards into it, so put it on a filesystem all nodes "
             "share"
         )
-    other = [f"rank {rank} on {host}" for rank, (host, _, digest) in enumerate(seen) if digest != seen[0][2]]
+    other = [f"rank {rank} on {host}" for rank, (host, _, digest, _) in enumerate(seen) if digest != seen[0][2]]
     if other:
         raise ConfigError(
-            f"data.dir={data_meta.parent}: {', '.join(other)} reads another {data_meta.name} than rank 0; every "
-            "node needs the same prepared data (a shared directory, or identical copies)"
+            f"data.dir={data_dir}: {', '.join(other)} reads other data than rank 0 (another tokenizer, shard or "
+            "shard content); every node needs the same prepared data (a shared directory, or identical copies)"
         )
 
 

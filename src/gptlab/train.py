@@ -24,7 +24,16 @@ import torch
 
 from gptlab.checkpoint import load_checkpoint, run_lock, write_checkpoint
 from gptlab.config import JobConfig, TrainConfig
-from gptlab.data import TokenStream, batch_starts, document_starts, get_batch, load_meta, load_tokens, shard_starts
+from gptlab.data import (
+    TokenStream,
+    batch_starts,
+    data_fingerprint,
+    document_starts,
+    get_batch,
+    load_meta,
+    load_tokens,
+    shard_starts,
+)
 from gptlab.device import autocast
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.hf import load_config, read_config
@@ -166,7 +175,7 @@ def setup_run(job: JobConfig, world: World) -> Run:
     out_dir = Path(cfg.out_dir)
     if world.is_main:  # half-written checkpoints of a run that crashed (we hold the out_dir lock)
         remove_stale_tmp(out_dir)
-    check_shared_dirs(out_dir, data_dir / "meta.json", world)
+    check_shared_dirs(out_dir, data_dir, data_fingerprint(meta), world)
     # Rank 0 decides whether and from where to resume: ranks must not each pick a checkpoint of their own
     resume_from = broadcast_object(latest_checkpoint(out_dir) if world.is_main else None, world)
     config = expected_model_config(job, meta["vocab_size"])
@@ -328,7 +337,7 @@ def train_step(run: Run, step: int) -> StepStats:
     """Optimizer step `step` (0-based): its batch split into micro-batches whose gradients accumulate (synced
     across ranks on the last one only), then clipping and the update, unless the loss or gradients are
     non-finite (`train.on_nonfinite`). The host waits for the device once per step, after it has queued the
-    next step's batches."""
+    next step's batches (with float16, the gradient scaler's check for inf waits once more)."""
     cfg, world = run.cfg, run.world
     started = time.perf_counter()
     lr = lr_at(step, cfg)
