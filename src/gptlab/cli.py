@@ -163,17 +163,33 @@ def add_eval_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
         "eval",
-        help="a model's mean next-token loss and bits per byte over a whole prepared split",
-        description="Every token of the split but the first is predicted once, in non-overlapping windows of "
-        "block_size tokens; the loss is the mean over all of them (nats per token), bits per byte divide its sum "
-        "by the UTF-8 bytes of the text, which makes models with different tokenizers comparable.",
+        help="a model's loss and bits per byte over a whole prepared split, or its HellaSwag accuracy",
+        description="--task loss (default): every token of the split but the first is predicted once, in "
+        "non-overlapping windows of block_size tokens; the loss is the mean over all of them (nats per token), bits "
+        "per byte divide its sum by the UTF-8 bytes of the text, which makes models with different tokenizers "
+        "comparable. --task hellaswag: four-way multiple choice; acc (summed log-likelihood of the ending), "
+        "acc_norm (per character, lm-evaluation-harness's) and acc_token (per token, build-nanogpt's and llm.c's).",
     )
     p.add_argument("model", metavar="MODEL_OR_RUN", help="checkpoint directory, training run (its latest), hub id")
-    p.add_argument("--data", required=True, help="a directory written by gptlab prepare")
+    p.add_argument("--task", default="loss", choices=["loss", "hellaswag"], help="(default: %(default)s)")
+    p.add_argument("--data", help="loss: a directory written by gptlab prepare")
+    p.add_argument(
+        "--file", help="hellaswag: a jsonl in the official format (default: the validation split, cached on first use)"
+    )
+    p.add_argument(
+        "--prompt",
+        default="raw",
+        choices=["raw", "harness"],
+        help="hellaswag: ctx and endings as written (build-nanogpt, llm.c), or lm-evaluation-harness's preprocessing",
+    )
+    p.add_argument("--limit", type=int, default=None, help="hellaswag: the first N examples only")
     p.add_argument("--split", default="val", help="val or train (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, and no progress bar")
     p.add_argument(
-        "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per forward (default: %(default)s)"
+        "--batch_size",
+        type=int,
+        default=None,
+        help=f"windows per forward (default: {DEFAULT_BATCH_SIZE}); hellaswag: examples per forward (default: 8)",
     )
     p.add_argument("--block_size", type=int, default=None, help="window length (default: the model's)")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu (default: %(default)s)")
@@ -209,10 +225,14 @@ def run_eval(args: argparse.Namespace) -> None:
 
     from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
     from gptlab.device import resolve_device
-    from gptlab.evaluation import evaluate_split
+    from gptlab.evaluation import DEFAULT_BATCH_SIZE, evaluate_split
     from gptlab.hf import resolve_checkpoint_dir
     from gptlab.model import GPT
 
+    if args.task == "hellaswag":
+        return run_hellaswag(args)
+    if args.data is None:
+        raise GptlabError("gptlab eval --task loss needs --data DIR (a directory written by gptlab prepare)")
     device = resolve_device(args.device, key="--device")
     meta, tokens = load_meta(args.data), load_tokens(args.data, args.split)  # the data first: it fails fast
     directory = resolve_checkpoint_dir(args.model)
@@ -223,7 +243,7 @@ def run_eval(args: argparse.Namespace) -> None:
         tokens,
         tokenizer_from_meta(meta),
         block_size=args.block_size,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
         dtype=args.dtype,
         progress=not args.json,
     )
@@ -236,6 +256,42 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"  bpb   {result.bpb:.4f} bits per byte")
     print(f"  {result.tokens:,} tokens, {result.bytes:,} bytes, {result.windows:,} windows of {result.block_size}")
     print(f"  {result.seconds:.1f} s, {result.tokens / result.seconds:,.0f} tokens/s")
+
+
+def run_hellaswag(args: argparse.Namespace) -> None:
+    import json
+
+    from gptlab import hellaswag
+    from gptlab.device import resolve_device
+    from gptlab.hf import resolve_checkpoint_dir
+    from gptlab.model import GPT
+
+    if args.limit is not None and args.limit < 1:
+        raise GptlabError(f"--limit must be >= 1, got {args.limit}")
+    device = resolve_device(args.device, key="--device")
+    path = Path(args.file) if args.file else hellaswag.validation_file()  # the data first: it fails fast
+    examples = hellaswag.read_examples(path, args.prompt)[: args.limit]
+    directory = resolve_checkpoint_dir(args.model)
+    model = GPT.from_pretrained(directory).to(device)
+    tokenizer = load_run_tokenizer(directory, None)
+    result = hellaswag.evaluate_hellaswag(
+        model,
+        tokenizer,
+        examples,
+        batch_size=args.batch_size or hellaswag.DEFAULT_BATCH_SIZE,
+        dtype=args.dtype,
+        prompt=args.prompt,
+        progress=not args.json,
+    )
+    if args.json:
+        record = {"model": args.model, "checkpoint": str(directory), "task": "hellaswag", "file": str(path)}
+        print(json.dumps({**record, "dtype": args.dtype, **result.to_dict()}))
+        return
+    print(f"{args.model} on HellaSwag ({path}, {result.n:,} examples, {args.prompt} prompt)")
+    print(f"  acc        {result.acc:.4f}  (summed log-likelihood)")
+    print(f"  acc_norm   {result.acc_norm:.4f}  (per character: lm-evaluation-harness's acc_norm)")
+    print(f"  acc_token  {result.acc_token:.4f}  (per token: build-nanogpt's and llm.c's)")
+    print(f"  {result.seconds:.1f} s, {result.n / result.seconds:,.1f} examples/s")
 
 
 # --------------------------------------------------------------------------------------------- convert

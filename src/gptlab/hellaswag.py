@@ -1,0 +1,216 @@
+"""HellaSwag-format multiple choice (Zellers et al. 2019): which of four endings does the model find likeliest?
+
+Each example is a context and its endings; an ending is scored as the log-likelihood of `" " + ending` given the
+context, the two tokenized apart (as build-nanogpt, llm.c and lm-evaluation-harness do). Three choices of the
+winner are reported, because published GPT-2 numbers use different ones:
+
+- `acc`: the largest summed log-likelihood;
+- `acc_norm`: the largest log-likelihood per character of the ending (lm-evaluation-harness's acc_norm: it
+  divides by `len(choice)`, the ending without the space its request puts before it; with the harness's text
+  preprocessing, `prompt="harness"`);
+- `acc_token`: the largest mean log-likelihood per token (build-nanogpt's and llm.c's "acc_norm", on the raw
+  `ctx` and `endings`: `prompt="raw"`).
+
+The input is the official jsonl (github.com/rowanz/hellaswag, `data/hellaswag_val.jsonl`): one JSON object per line
+with `ctx` (or `ctx_a` and `ctx_b`), `endings` and `label`. Without a file, the validation split is downloaded once
+into gptlab's cache (`$GPTLAB_CACHE`, else `$XDG_CACHE_HOME/gptlab`, else `~/.cache/gptlab`) and read from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gptlab.device import autocast
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import Tokenizer
+
+VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+VAL_FILE = "hellaswag_val.jsonl"
+DEFAULT_BATCH_SIZE = 8  # examples per forward (x 4 endings): GPT-2's logits of 32 x ~100 tokens, ~650 MB fp32
+PROMPTS = ("raw", "harness")
+
+
+@dataclass(frozen=True)
+class Example:
+    context: str
+    endings: tuple[str, ...]
+    label: int  # index of the true ending
+
+
+@dataclass(frozen=True)
+class HellaSwagResult:
+    acc: float  # summed log-likelihood picks the true ending
+    acc_norm: float  # ... per character of the ending
+    acc_token: float  # ... per token of the ending
+    n: int  # examples
+    prompt: str  # "raw" or "harness"
+    seconds: float
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("GPTLAB_CACHE"):
+        return Path(os.environ["GPTLAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab"
+
+
+def validation_file(url: str = VAL_URL) -> Path:
+    """The cached validation jsonl, downloaded first if it is not there (written whole or not at all)."""
+    path = cache_dir() / "hellaswag" / VAL_FILE
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            partial.write_bytes(response.read())
+    except OSError as e:  # offline, DNS, HTTP errors (URLError and HTTPError are OSErrors)
+        partial.unlink(missing_ok=True)
+        raise GptlabError(
+            f"HellaSwag's validation file is not in the cache ({path}) and cannot be downloaded from {url} ({e}); "
+            "run once online, or pass --file PATH"
+        ) from None
+    partial.replace(path)
+    return path
+
+
+def harness_text(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag preprocessing: WikiHow's `[title]` becomes a sentence end, other
+    bracketed artefacts go, double spaces become one."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def read_examples(path: Path, prompt: str = "raw") -> list[Example]:
+    """The examples of a HellaSwag jsonl; a malformed line is an error naming the file and the line."""
+    if prompt not in PROMPTS:
+        raise GptlabError(f"prompt must be one of {', '.join(PROMPTS)}, got {prompt!r}")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptlabError(f"cannot read HellaSwag file {path}: {e}") from None
+    examples = [_example(path, number, line, prompt) for number, line in enumerate(lines, 1) if line.strip()]
+    if not examples:
+        raise GptlabError(f"{path} holds no HellaSwag examples")
+    return examples
+
+
+def _example(path: Path, number: int, line: str, prompt: str) -> Example:
+    where = f"{path}, line {number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GptlabError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise GptlabError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    endings, label = record.get("endings"), record.get("label")
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise GptlabError(f"{where}: 'endings' must be a list of at least two strings")
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(endings):
+        raise GptlabError(f"{where}: 'label' must be an index into the {len(endings)} endings, got {label!r}")
+    if prompt == "harness":
+        if not all(isinstance(record.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
+            raise GptlabError(f"{where}: the harness prompt needs the strings 'activity_label', 'ctx_a' and 'ctx_b'")
+        context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
+        return Example(
+            harness_text(record["activity_label"] + ": " + context), tuple(map(harness_text, endings)), label
+        )
+    if not isinstance(record.get("ctx"), str):
+        raise GptlabError(f"{where}: 'ctx' must be a string")
+    return Example(record["ctx"], tuple(endings), label)
+
+
+@torch.no_grad()
+def ending_scores(
+    model, tokenizer: Tokenizer, examples: list[Example], batch_size: int, dtype: str, progress: bool
+) -> list[list[tuple[float, int]]]:
+    """(summed log-likelihood, tokens) of `" " + ending` after the context, for every ending of every example.
+
+    A batch holds the endings of `batch_size` examples, right-padded (a causal model's earlier positions do not
+    see the padding). A sequence longer than a learned-position model's block_size keeps its last tokens."""
+    device = model.lm_head.weight.device
+    limit = model.max_positions
+    scores: list[list[tuple[float, int]]] = []
+    with tqdm(total=len(examples), unit="example", desc="hellaswag", disable=not progress) as bar:
+        for first in range(0, len(examples), batch_size):
+            batch = examples[first : first + batch_size]
+            rows = [_tokens(tokenizer, ex.context, ending, limit) for ex in batch for ending in ex.endings]
+            T = max(len(tokens) for tokens, _ in rows)
+            idx = torch.zeros(len(rows), T, dtype=torch.long)
+            scored = torch.zeros(len(rows), T - 1, dtype=torch.bool)  # targets that are ending tokens
+            for r, (tokens, n_ending) in enumerate(rows):
+                idx[r, : len(tokens)] = torch.tensor(tokens)
+                scored[r, len(tokens) - 1 - n_ending : len(tokens) - 1] = True
+            idx, scored = idx.to(device), scored.to(device)
+            with autocast(device, dtype):
+                logits = model(idx[:, :-1])
+            nll = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
+            sums = (-nll.view(len(rows), T - 1) * scored).sum(1).tolist()
+            counts = iter(zip(sums, (n for _, n in rows), strict=True))
+            scores += [[next(counts) for _ in ex.endings] for ex in batch]
+            bar.update(len(batch))
+    return scores
+
+
+def _tokens(tokenizer: Tokenizer, context: str, ending: str, limit: int | None) -> tuple[list[int], int]:
+    """The context's tokens then the ending's (`" " + ending`, tokenized on its own), cut to `limit` from the
+    left; and how many of the kept tokens are the ending's."""
+    ending_tokens = tokenizer.encode(" " + ending)
+    tokens = tokenizer.encode(context) + ending_tokens
+    if limit is not None:
+        tokens = tokens[-limit:]
+    n_ending = min(len(ending_tokens), len(tokens) - 1)  # the first kept token is never a target
+    if n_ending < 1:
+        raise GptlabError(f"the ending {ending!r} has no tokens to score")
+    return tokens, n_ending
+
+
+def evaluate_hellaswag(
+    model,
+    tokenizer: Tokenizer,
+    examples: list[Example],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: str = "float32",
+    prompt: str = "raw",
+    progress: bool = True,
+) -> HellaSwagResult:
+    """acc, acc_norm and acc_token of `model` over `examples` (see the module docstring), in eval mode."""
+    if batch_size < 1:
+        raise GptlabError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        scores = ending_scores(model, tokenizer, examples, batch_size, dtype, progress)
+    finally:
+        model.train(was_training)
+    hits = {"acc": 0, "acc_norm": 0, "acc_token": 0}
+    for example, ending_scores_ in zip(examples, scores, strict=True):
+        chars = [max(1, len(ending)) for ending in example.endings]
+        picks = {
+            "acc": [s for s, _ in ending_scores_],
+            "acc_norm": [s / c for (s, _), c in zip(ending_scores_, chars, strict=True)],
+            "acc_token": [s / n for s, n in ending_scores_],
+        }
+        for name, values in picks.items():
+            hits[name] += max(range(len(values)), key=values.__getitem__) == example.label
+    n = len(examples)
+    return HellaSwagResult(
+        **{k: v / n for k, v in hits.items()}, n=n, prompt=prompt, seconds=time.perf_counter() - started
+    )
