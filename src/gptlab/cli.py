@@ -171,7 +171,13 @@ def add_eval_parser(subparsers) -> None:
         "acc_norm (per character, lm-evaluation-harness's) and acc_token (per token, build-nanogpt's and llm.c's).",
     )
     p.add_argument("model", metavar="MODEL_OR_RUN", help="checkpoint directory, training run (its latest), hub id")
-    p.add_argument("--task", default="loss", choices=["loss", "hellaswag"], help="(default: %(default)s)")
+    p.add_argument(
+        "--task",
+        default="loss",
+        choices=["loss", "hellaswag", "positions", "retrieval"],
+        help="loss; hellaswag; positions: loss by position in the window (--block_size past a RoPE model's context "
+        "shows extrapolation); retrieval: a planted key's value recalled against distance (default: %(default)s)",
+    )
     p.add_argument("--data", help="loss: a directory written by gptlab prepare")
     p.add_argument(
         "--file", help="hellaswag: a jsonl in the official format (default: the validation split, cached on first use)"
@@ -183,6 +189,15 @@ def add_eval_parser(subparsers) -> None:
         help="hellaswag: ctx and endings as written (build-nanogpt, llm.c), or lm-evaluation-harness's preprocessing",
     )
     p.add_argument("--limit", type=int, default=None, help="hellaswag: the first N examples only")
+    p.add_argument("--windows", type=int, default=64, help="positions: windows averaged (default: %(default)s)")
+    p.add_argument(
+        "--distances",
+        type=int,
+        nargs="+",
+        default=None,
+        help="retrieval: distances back to the planted value (default: 8 16 32 ... up to the model's context)",
+    )
+    p.add_argument("--trials", type=int, default=64, help="retrieval: sequences per distance (default: %(default)s)")
     p.add_argument("--split", default="val", help="val or train (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, and no progress bar")
     p.add_argument(
@@ -231,6 +246,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if args.task == "hellaswag":
         return run_hellaswag(args)
+    if args.task in ("positions", "retrieval"):
+        return run_probe(args)
     if args.data is None:
         raise GptlabError("gptlab eval --task loss needs --data DIR (a directory written by gptlab prepare)")
     device = resolve_device(args.device, key="--device")
@@ -256,6 +273,61 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"  bpb   {result.bpb:.4f} bits per byte")
     print(f"  {result.tokens:,} tokens, {result.bytes:,} bytes, {result.windows:,} windows of {result.block_size}")
     print(f"  {result.seconds:.1f} s, {result.tokens / result.seconds:,.0f} tokens/s")
+
+
+def run_probe(args: argparse.Namespace) -> None:
+    """gptlab eval --task positions | retrieval."""
+    import json
+
+    from gptlab import probes
+    from gptlab.data import load_meta, load_tokens
+    from gptlab.device import resolve_device
+    from gptlab.hf import resolve_checkpoint_dir
+    from gptlab.model import GPT
+
+    if args.data is None:
+        raise GptlabError(f"gptlab eval --task {args.task} needs --data DIR (a directory written by gptlab prepare)")
+    device = resolve_device(args.device, key="--device")
+    meta, tokens = load_meta(args.data), load_tokens(args.data, args.split)
+    directory = resolve_checkpoint_dir(args.model)
+    model = GPT.from_pretrained(directory).to(device)
+    check_eval_data(directory, model, meta, args.model)
+    batch_size = args.batch_size or 8
+    record = {"model": args.model, "checkpoint": str(directory), "data": args.data, "split": args.split}
+    if args.task == "positions":
+        result = probes.loss_by_position(
+            model, tokens, args.block_size, windows=args.windows, batch_size=batch_size, dtype=args.dtype
+        )
+        if args.json:
+            print(json.dumps({**record, "task": "positions", **result.to_dict()}))
+            return
+        print(f"{args.model}: loss by position, {result.windows} windows of {result.length} tokens of {args.data}")
+        for (start, end), loss in zip(result.buckets, result.loss, strict=True):
+            print(f"  positions {start:>6,}-{end - 1:<6,}  {loss:.4f}")
+        return
+    limit = model.max_positions or 4 * model.config.block_size
+    fits = [d for d in probes.DEFAULT_DISTANCES if probes.retrieval_length(d, 4, 4, 16) - 1 <= limit]
+    distances = tuple(args.distances or fits)
+    exclude = () if meta.get("eot_token") is None else (meta["eot_token"],)
+    result = probes.retrieval_accuracy(
+        model,
+        tokens,
+        distances,
+        trials=args.trials,
+        candidates=probes.candidate_tokens(tokens, exclude=exclude),
+        batch_size=batch_size,
+        dtype=args.dtype,
+    )
+    if args.json:
+        print(json.dumps({**record, "task": "retrieval", **result.to_dict()}))
+        return
+    print(
+        f"{args.model}: retrieval of a {result.value_tokens}-token value after its {result.key_tokens}-token key, "
+        f"{result.trials} trials per distance (chance {result.chance:.3f})"
+    )
+    for distance, accuracy in zip(result.distances, result.accuracy, strict=True):
+        shown = "beyond the context" if accuracy is None else f"{accuracy:.3f}"
+        print(f"  distance {distance:>6,}  {shown}")
 
 
 def run_hellaswag(args: argparse.Namespace) -> None:

@@ -1,0 +1,205 @@
+"""Long-context probes: what a model does with the far context (`gptlab eval --task positions|retrieval`).
+
+- `loss_by_position`: the mean next-token loss at each position of a window, over many windows of a split,
+  grouped in buckets that double in width (1, 2, 4, ...). A model that uses its context gets lower loss further
+  in; a RoPE model can be asked for windows longer than its training context, which shows whether it
+  extrapolates (the learned position table has no rows past block_size).
+- `retrieval_accuracy`: a random key and value (a few tokens each) are planted in real text, followed by filler,
+  then the key again; the model must continue with the value. Accuracy is the share of value tokens it predicts
+  (greedy, given the key and the value's earlier tokens) against the distance back to the planted value. This is
+  measured in context, with no training for the task: a language model that has learned to copy (induction heads,
+  Olsson et al. 2022) finds the value wherever it can attend; a stack of L layers with windows of W tokens can
+  carry information at most L * (W - 1) positions back, so its accuracy must fall beyond that. It needs a model
+  that has learned to copy, as models pretrained on large corpora do; `make demo`'s character model of
+  Shakespeare has not (it scores at chance at every distance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptlab.device import autocast
+from gptlab.errors import GptlabError
+
+DEFAULT_DISTANCES = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+@dataclass(frozen=True)
+class PositionResult:
+    length: int  # tokens per window
+    windows: int  # windows averaged
+    buckets: list[tuple[int, int]]  # [start, end) positions of the targets
+    loss: list[float]  # mean loss (nats) of each bucket's targets
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    distances: list[int]  # positions from the queried value's first token back to the planted one's
+    accuracy: list[float | None]  # share of value tokens predicted at each distance; None: beyond the context
+    trials: int  # sequences per distance
+    key_tokens: int
+    value_tokens: int
+    chance: float  # accuracy of a uniform guess among the candidate tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_length(model, length: int) -> None:
+    limit = model.max_positions
+    if limit is not None and length > limit:
+        raise GptlabError(
+            f"a window of {length} tokens exceeds the model's block_size={limit}: its learned position table has "
+            "no rows past it (only a RoPE model takes longer windows)"
+        )
+
+
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of the target positions 0 .. length - 1 that double in width: [0, 1), [1, 2), [2, 4), ...;
+    the last ends at `length`."""
+    buckets, start = [], 0
+    while start < length:
+        end = min(length, max(1, 2 * start))
+        buckets.append((start, end))
+        start = end
+    return buckets
+
+
+@torch.no_grad()
+def per_position_loss(model, tokens: np.ndarray, length: int, windows: int, batch_size: int, dtype: str) -> np.ndarray:
+    """The mean loss (length,) of the target at each position, over `windows` windows of `length` + 1 tokens
+    starting at evenly spaced offsets of `tokens`. Position i predicts the window's token i + 1 from tokens 0..i."""
+    _check_length(model, length)
+    if len(tokens) < length + 1:
+        raise GptlabError(f"a split of {len(tokens):,} tokens holds no window of {length + 1}")
+    starts = np.linspace(0, len(tokens) - length - 1, num=windows).round().astype(np.int64)
+    device, total = _device(model), torch.zeros(length, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for first in range(0, len(starts), batch_size):
+            rows = np.stack(
+                [np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in starts[first : first + batch_size]]
+            )
+            idx = torch.from_numpy(rows).to(device)
+            with autocast(device, dtype):
+                logits = model(idx[:, :-1])
+            nll = F.cross_entropy(logits.float().transpose(1, 2), idx[:, 1:], reduction="none")  # (B, length)
+            total += nll.double().sum(0).cpu()
+    finally:
+        model.train(was_training)
+    return (total / len(starts)).numpy()
+
+
+def loss_by_position(
+    model,
+    tokens: np.ndarray,
+    length: int | None = None,
+    *,
+    windows: int = 64,
+    batch_size: int = 8,
+    dtype: str = "float32",
+) -> PositionResult:
+    """Mean loss by target position over `windows` windows of `length` tokens (default: the model's block_size),
+    in doubling buckets (`position_buckets`)."""
+    length = length or model.config.block_size
+    if length < 1 or windows < 1 or batch_size < 1:
+        raise GptlabError(f"length, windows and batch_size must be >= 1, got {length}, {windows}, {batch_size}")
+    losses = per_position_loss(model, tokens, length, windows, batch_size, dtype)
+    buckets = position_buckets(length)
+    return PositionResult(length, windows, buckets, [float(losses[a:b].mean()) for a, b in buckets])
+
+
+def candidate_tokens(tokens: np.ndarray, count: int = 32, exclude: tuple[int, ...] = ()) -> np.ndarray:
+    """The `count` most frequent tokens of `tokens` (ids in `exclude` left out): what keys and values are made of,
+    so that they look like the text around them rather than like ids the model never saw."""
+    sample = np.asarray(tokens[: 1 << 20], dtype=np.int64)
+    counts = np.bincount(sample)
+    counts[[t for t in exclude if t < len(counts)]] = 0
+    order = np.argsort(-counts, kind="stable")
+    return order[: min(count, int((counts > 0).sum()))]
+
+
+def retrieval_length(distance: int, key_tokens: int, value_tokens: int, lead: int) -> int:
+    """Tokens of a `retrieval_sequence`."""
+    return lead + distance + key_tokens + value_tokens
+
+
+def retrieval_sequence(
+    filler: np.ndarray, key: np.ndarray, value: np.ndarray, distance: int, lead: int
+) -> tuple[np.ndarray, int]:
+    """`lead` filler tokens, key, value, filler, key, value: the queried value's first token stands `distance`
+    positions after the planted value's first token. Returns the sequence and where the queried value starts."""
+    gap = distance - len(key) - len(value)
+    if gap < 0:
+        raise GptlabError(f"distance {distance} is shorter than the key and value ({len(key)} + {len(value)} tokens)")
+    parts = [filler[:lead], key, value, filler[lead : lead + gap], key, value]
+    sequence = np.concatenate(parts).astype(np.int64)
+    return sequence, len(sequence) - len(value)
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    model,
+    tokens: np.ndarray,
+    distances: tuple[int, ...] = DEFAULT_DISTANCES,
+    *,
+    trials: int = 64,
+    key_tokens: int = 4,
+    value_tokens: int = 4,
+    lead: int = 16,
+    candidates: np.ndarray | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    dtype: str = "float32",
+) -> RetrievalResult:
+    """Share of the planted value's tokens the model predicts (argmax, teacher-forced) at each distance, over
+    `trials` sequences each (`retrieval_sequence`; filler from `tokens` at random offsets, keys and values drawn
+    from `candidates`, by default `candidate_tokens(tokens)`). The same seed gives every model the same sequences.
+    A distance whose sequence exceeds a learned-position model's block_size gets None."""
+    if trials < 1 or key_tokens < 1 or value_tokens < 1 or batch_size < 1:
+        raise GptlabError("trials, key_tokens, value_tokens and batch_size must be >= 1")
+    candidates = candidate_tokens(tokens) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    device, limit = _device(model), model.max_positions
+    rng = np.random.default_rng(seed)
+    accuracies: list[float | None] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for distance in distances:
+            length = retrieval_length(distance, key_tokens, value_tokens, lead)
+            # drawn whatever the model, so that every model sees the same sequences at every distance
+            offsets = rng.integers(0, len(tokens) - length, size=trials)
+            keys = rng.choice(candidates, size=(trials, key_tokens))
+            values = rng.choice(candidates, size=(trials, value_tokens))
+            if limit is not None and length - 1 > limit:  # the model reads all but the last token
+                accuracies.append(None)
+                continue
+            rows, query = [], 0
+            for offset, key, value in zip(offsets, keys, values, strict=True):
+                filler = np.asarray(tokens[offset : offset + length], dtype=np.int64)
+                sequence, query = retrieval_sequence(filler, key, value, distance, lead)
+                rows.append(sequence)
+            batch = torch.from_numpy(np.stack(rows))
+            hits = 0
+            for first in range(0, trials, batch_size):
+                idx = batch[first : first + batch_size].to(device)
+                with autocast(device, dtype):
+                    logits = model(idx[:, :-1])
+                predicted = logits[:, query - 1 :].argmax(-1)  # the predictions of the queried value's tokens
+                hits += int((predicted == idx[:, query:]).sum())
+            accuracies.append(hits / (trials * value_tokens))
+    finally:
+        model.train(was_training)
+    return RetrievalResult(list(distances), accuracies, trials, key_tokens, value_tokens, 1.0 / len(candidates))
