@@ -12,7 +12,7 @@ import torch
 from gptlab import GPT
 from gptlab.cli import main
 from gptlab.errors import GptlabError
-from gptlab.hellaswag import ending_scores, evaluate_hellaswag, read_examples, validation_file
+from gptlab.hellaswag import Example, ending_scores, evaluate_hellaswag, picks, read_examples, validation_file
 from gptlab.tokenizer import load_tokenizer
 from helpers import make_hf_gpt2
 
@@ -86,10 +86,11 @@ def oracle_scores(hf, tokenizer, examples) -> list[list[tuple[float, int]]]:
         row = []
         for ending in example.endings:
             ending_ids = tokenizer.encode(" " + ending)
-            ids = (tokenizer.encode(example.context) + ending_ids)[-N_POSITIONS:]
+            # as lm-evaluation-harness cuts: the last n_positions + 1 tokens, the model reading all but the last
+            ids = (tokenizer.encode(example.context) + ending_ids)[-(N_POSITIONS + 1) :]
             n = min(len(ending_ids), len(ids) - 1)
             with torch.no_grad():
-                logprobs = hf(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+                logprobs = hf(torch.tensor([ids[:-1]])).logits[0].double().log_softmax(-1)
             targets = range(len(ids) - n, len(ids))
             row.append((sum(logprobs[t - 1, ids[t]].item() for t in targets), n))
         scores.append(row)
@@ -114,15 +115,25 @@ def test_ending_scores_equal_transformers_and_the_accuracies_follow(models, val_
     tokenizer = load_tokenizer("gpt2")
     examples = read_examples(val_file, prompt)
     expected = oracle_scores(hf, tokenizer, examples)
-    assert any(len(tokenizer.encode(ex.context)) > N_POSITIONS for ex in examples)  # one is cut to the context
+    assert any(len(tokenizer.encode(ex.context)) > N_POSITIONS + 1 for ex in examples)  # one is cut to the context
     for batch_size in (1, 3):
         got = ending_scores(model, tokenizer, examples, batch_size, "float32", progress=False)
         for got_row, expected_row in zip(got, expected, strict=True):
             assert [n for _, n in got_row] == [n for _, n in expected_row]
             assert [s for s, _ in got_row] == pytest.approx([s for s, _ in expected_row], abs=1e-4)
-    result = evaluate_hellaswag(model, tokenizer, examples, batch_size=2, prompt=prompt, progress=False)
+    result = evaluate_hellaswag(model, tokenizer, examples, batch_size=2, progress=False)
     assert result.n == len(RECORDS) and result.prompt == prompt
     assert {k: getattr(result, k) for k in ("acc", "acc_norm", "acc_token")} == accuracies(examples, expected)
+
+
+def test_each_accuracy_picks_by_its_own_normalisation():
+    # Hand-made (summed log-likelihood, tokens) on which the three criteria pick three different endings, and on
+    # which dividing by the characters of " " + ending (rather than of the ending) would pick another one.
+    example = Example("ctx", ("ab", "aaaaaaaaa", "abcd", "x"), 0, "fixture", "raw")
+    scores = [(-1.0, 1), (-2.0, 2), (-0.9, 1), (-3.0, 8)]
+    # sum: -1.0 -2.0 -0.9 -3.0 -> 2; per character: -0.5 -0.222 -0.225 -3.0 -> 1 (of " " + ending: -0.333 -0.2
+    # -0.18 -1.5 -> 2); per token: -1.0 -1.0 -0.9 -0.375 -> 3
+    assert picks(example, scores) == {"acc": 2, "acc_norm": 1, "acc_token": 3}
 
 
 def test_raw_prompt_is_the_files_ctx_and_endings(val_file):
@@ -175,6 +186,17 @@ def test_the_cli_prints_the_library_result_as_json(models, val_file, capsys):
     }
 
 
+def test_a_model_of_another_tokenizer_is_refused_and_a_foreign_character_named_by_line(val_file):
+    from gptlab import GPTConfig
+
+    small = GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(GptlabError, match="the tokenizer has 50257 tokens but the model only 100"):
+        evaluate_hellaswag(small, load_tokenizer("gpt2"), read_examples(val_file), progress=False)
+    chars = load_tokenizer("char", chars="abcdefghijklmnopqrstuvwxyz ")
+    with pytest.raises(GptlabError, match=r"hellaswag_val.jsonl, line 1: character '.' is not in the char"):
+        evaluate_hellaswag(small, chars, read_examples(val_file, "harness"), progress=False)
+
+
 def test_the_cli_names_a_malformed_line_and_exits_2(models, tmp_path, capsys):
     _, _, directory = models
     path = tmp_path / "bad.jsonl"
@@ -191,7 +213,12 @@ def test_the_validation_file_is_downloaded_once_then_read_offline(val_file, tmp_
     offline = "http://127.0.0.1:9/hellaswag_val.jsonl"  # the discard port: nothing answers
     with pytest.raises(GptlabError, match="is not in the cache .* cannot be downloaded .* pass --file PATH"):
         validation_file(offline)
-    assert not list((tmp_path / "cache").rglob("*.jsonl*"))  # no partial file left behind
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-written left behind
+    not_hellaswag = tmp_path / "error.html"
+    not_hellaswag.write_text("<html>rate limited</html>\n")
+    with pytest.raises(GptlabError, match="is not HellaSwag's jsonl .*line 1: not JSON.*nothing was cached"):
+        validation_file(not_hellaswag.as_uri())
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     cached = validation_file(val_file.as_uri())
     assert cached == tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl"
     assert cached.read_bytes() == val_file.read_bytes()

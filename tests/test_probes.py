@@ -122,9 +122,21 @@ def test_the_cli_runs_each_probe_on_a_checkpoint(char_data, tmp_path, capsys, ta
     config = GPTConfig(block_size=64, vocab_size=128, n_layer=1, n_head=2, n_embd=16)
     GPT(config).save_pretrained(tmp_path / "model")
     args = ["eval", str(tmp_path / "model"), "--task", task, "--data", str(char_data), "--json", "--device", "cpu"]
-    assert main([*args, "--windows", "4", "--trials", "4"]) == 0
+    assert main([*args, *(["--windows", "4"] if task == "positions" else ["--trials", "4"])]) == 0
     record = json.loads(capsys.readouterr().out)
     if task == "positions":
         assert record["length"] == 64 and len(record["loss"]) == len(record["buckets"]) == 7
     else:
         assert record["distances"] == [8, 16, 32] and all(0 <= a <= 1 for a in record["accuracy"])
+
+
+def test_an_option_of_another_task_is_refused(char_data, tmp_path, capsys):
+    GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path / "m"), "--task", "positions", "--data", str(char_data), "--trials", "8"])
+    assert exit_info.value.code == 2 and "--trials does not apply to --task positions" in capsys.readouterr().err
+
+
+def test_a_distance_longer_than_the_split_is_named(text_tokens):
+    with pytest.raises(GptlabError, match="distance 30000 needs sequences of 30,024 tokens, more than the split's"):
+        retrieval_accuracy(Copier(100), text_tokens, (8, 30000), trials=2)

@@ -178,7 +178,7 @@ def add_eval_parser(subparsers) -> None:
         help="loss; hellaswag; positions: loss by position in the window (--block_size past a RoPE model's context "
         "shows extrapolation); retrieval: a planted key's value recalled against distance (default: %(default)s)",
     )
-    p.add_argument("--data", help="loss: a directory written by gptlab prepare")
+    p.add_argument("--data", help="loss, positions, retrieval: a directory written by gptlab prepare")
     p.add_argument(
         "--file", help="hellaswag: a jsonl in the official format (default: the validation split, cached on first use)"
     )
@@ -195,7 +195,8 @@ def add_eval_parser(subparsers) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="retrieval: distances back to the planted value (default: 8 16 32 ... up to the model's context)",
+        help="retrieval: distances back to the planted value (default: 8 16 32 ... up to the model's block_size, or "
+        "4 x block_size for a RoPE model)",
     )
     p.add_argument("--trials", type=int, default=64, help="retrieval: sequences per distance (default: %(default)s)")
     p.add_argument("--split", default="val", help="val or train (default: %(default)s)")
@@ -204,7 +205,8 @@ def add_eval_parser(subparsers) -> None:
         "--batch_size",
         type=int,
         default=None,
-        help=f"windows per forward (default: {DEFAULT_BATCH_SIZE}); hellaswag: examples per forward (default: 8)",
+        help=f"loss: windows per forward (default: {DEFAULT_BATCH_SIZE}); hellaswag: examples (x 4 endings); "
+        "positions, retrieval: windows or sequences (default: 8)",
     )
     p.add_argument("--block_size", type=int, default=None, help="window length (default: the model's)")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu (default: %(default)s)")
@@ -235,6 +237,24 @@ def check_eval_data(directory: Path, model, meta: dict, model_name: str) -> None
         )
 
 
+# The eval options each task reads (beyond model, device, dtype, batch_size, json); the others are refused.
+TASK_OPTIONS = {
+    "loss": {"data", "split", "block_size"},
+    "hellaswag": {"file", "prompt", "limit"},
+    "positions": {"data", "split", "block_size", "windows"},
+    "retrieval": {"data", "split", "distances", "trials"},
+}
+TASK_DEFAULTS = {"data": None, "split": "val", "block_size": None, "file": None, "prompt": "raw", "limit": None,
+                 "windows": 64, "distances": None, "trials": 64}  # fmt: skip
+
+
+def check_task_options(args: argparse.Namespace) -> None:
+    """An option another task reads, set to anything but its default, is a mistake: say so rather than ignore it."""
+    for name, default in TASK_DEFAULTS.items():
+        if name not in TASK_OPTIONS[args.task] and getattr(args, name) != default:
+            raise GptlabError(f"--{name} does not apply to --task {args.task}")
+
+
 def run_eval(args: argparse.Namespace) -> None:
     import json
 
@@ -244,6 +264,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from gptlab.hf import resolve_checkpoint_dir
     from gptlab.model import GPT
 
+    check_task_options(args)
     if args.task == "hellaswag":
         return run_hellaswag(args)
     if args.task in ("positions", "retrieval"):
@@ -260,7 +281,7 @@ def run_eval(args: argparse.Namespace) -> None:
         tokens,
         tokenizer_from_meta(meta),
         block_size=args.block_size,
-        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
         dtype=args.dtype,
         progress=not args.json,
     )
@@ -292,7 +313,7 @@ def run_probe(args: argparse.Namespace) -> None:
     directory = resolve_checkpoint_dir(args.model)
     model = GPT.from_pretrained(directory).to(device)
     check_eval_data(directory, model, meta, args.model)
-    batch_size = args.batch_size or 8
+    batch_size = probes.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     record = {"model": args.model, "checkpoint": str(directory), "data": args.data, "split": args.split}
     if args.task == "positions":
         result = probes.loss_by_position(
@@ -306,7 +327,7 @@ def run_probe(args: argparse.Namespace) -> None:
             print(f"  positions {start:>6,}-{end - 1:<6,}  {loss:.4f}")
         return
     limit = model.max_positions or 4 * model.config.block_size
-    fits = [d for d in probes.DEFAULT_DISTANCES if probes.retrieval_length(d, 4, 4, 16) - 1 <= limit]
+    fits = [d for d in probes.DEFAULT_DISTANCES if probes.retrieval_length(d) - 1 <= limit]
     distances = tuple(args.distances or fits)
     exclude = () if meta.get("eot_token") is None else (meta["eot_token"],)
     result = probes.retrieval_accuracy(
@@ -350,9 +371,8 @@ def run_hellaswag(args: argparse.Namespace) -> None:
         model,
         tokenizer,
         examples,
-        batch_size=args.batch_size or hellaswag.DEFAULT_BATCH_SIZE,
+        batch_size=hellaswag.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
         dtype=args.dtype,
-        prompt=args.prompt,
         progress=not args.json,
     )
     if args.json:

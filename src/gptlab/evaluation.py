@@ -12,6 +12,7 @@ it does not depend on the tokenizer, so a character model and a BPE model of the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -42,6 +43,17 @@ class SplitResult:
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode (no dropout) inside the block, its own mode restored after, even on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -132,13 +144,9 @@ def evaluate_split(
     if len(tokens) < 2:
         raise GptlabError(f"a split of {len(tokens)} tokens has no target to predict")
     n_targets, n_bytes = len(tokens) - 1, target_bytes(tokens, token_byte_lengths(tokenizer))
-    was_training = model.training
-    model.eval()
     started = time.perf_counter()
-    try:
+    with eval_mode(model):
         total = summed_loss(model, tokens, block_size, batch_size, dtype, progress)
-    finally:
-        model.train(was_training)
     return SplitResult(
         loss=total / n_targets,
         bpb=total / math.log(2) / n_bytes if n_bytes else math.nan,

@@ -1,8 +1,9 @@
 """HellaSwag-format multiple choice (Zellers et al. 2019): which of four endings does the model find likeliest?
 
 Each example is a context and its endings; an ending is scored as the log-likelihood of `" " + ending` given the
-context, the two tokenized apart (as build-nanogpt, llm.c and lm-evaluation-harness do). Three choices of the
-winner are reported, because published GPT-2 numbers use different ones:
+context, the two tokenized apart (as build-nanogpt and llm.c do; lm-evaluation-harness encodes them together and
+splits, which gives the same GPT-2 tokens, the context being stripped and the ending starting with a space). Three
+choices of the winner are reported, because published GPT-2 numbers use different ones:
 
 - `acc`: the largest summed log-likelihood;
 - `acc_norm`: the largest log-likelihood per character of the ending (lm-evaluation-harness's acc_norm: it
@@ -18,6 +19,7 @@ into gptlab's cache (`$GPTLAB_CACHE`, else `$XDG_CACHE_HOME/gptlab`, else `~/.ca
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -32,11 +34,15 @@ from tqdm import tqdm
 
 from gptlab.device import autocast
 from gptlab.errors import GptlabError
+from gptlab.evaluation import eval_mode
+from gptlab.hf import write_atomically
 from gptlab.tokenizer import Tokenizer
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_FILE = "hellaswag_val.jsonl"
-DEFAULT_BATCH_SIZE = 8  # examples per forward (x 4 endings): GPT-2's logits of 32 x ~100 tokens, ~650 MB fp32
+# examples per forward (x 4 endings): GPT-2's float32 logits of 32 rows x ~100-200 tokens are 0.6-1.3 GB, and the
+# log-softmax about as much again
+DEFAULT_BATCH_SIZE = 8
 PROMPTS = ("raw", "harness")
 
 
@@ -45,6 +51,8 @@ class Example:
     context: str
     endings: tuple[str, ...]
     label: int  # index of the true ending
+    source: str  # "FILE, line N", for errors
+    prompt: str  # how the text was read: "raw" or "harness"
 
 
 @dataclass(frozen=True)
@@ -61,29 +69,40 @@ class HellaSwagResult:
 
 
 def cache_dir() -> Path:
+    """gptlab's download cache: $GPTLAB_CACHE, else $XDG_CACHE_HOME/gptlab, else ~/.cache/gptlab."""
     if os.environ.get("GPTLAB_CACHE"):
         return Path(os.environ["GPTLAB_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab"
 
 
 def validation_file(url: str = VAL_URL) -> Path:
-    """The cached validation jsonl, downloaded first if it is not there (written whole or not at all)."""
+    """The cached validation jsonl, downloaded first if it is not there. The download is checked (every line an
+    example) before it is renamed into place, so a cut connection or an error page is never cached, and two
+    processes downloading at once each write a file of their own."""
     path = cache_dir() / "hellaswag" / VAL_FILE
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as response:
-            partial.write_bytes(response.read())
-    except OSError as e:  # offline, DNS, HTTP errors (URLError and HTTPError are OSErrors)
-        partial.unlink(missing_ok=True)
+            body = response.read()
+        write_atomically(path, lambda tmp: _checked_download(Path(tmp), body, url))
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection, a full disk
         raise GptlabError(
             f"HellaSwag's validation file is not in the cache ({path}) and cannot be downloaded from {url} ({e}); "
             "run once online, or pass --file PATH"
         ) from None
-    partial.replace(path)
     return path
+
+
+def _checked_download(tmp: Path, body: bytes, url: str) -> None:
+    tmp.write_bytes(body)
+    try:
+        read_examples(tmp)
+    except GptlabError as e:
+        raise GptlabError(
+            f"the file downloaded from {url} is not HellaSwag's jsonl ({e}); nothing was cached"
+        ) from None
 
 
 def harness_text(text: str) -> str:
@@ -126,13 +145,11 @@ def _example(path: Path, number: int, line: str, prompt: str) -> Example:
     if prompt == "harness":
         if not all(isinstance(record.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
             raise GptlabError(f"{where}: the harness prompt needs the strings 'activity_label', 'ctx_a' and 'ctx_b'")
-        context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
-        return Example(
-            harness_text(record["activity_label"] + ": " + context), tuple(map(harness_text, endings)), label
-        )
+        context = harness_text(record["activity_label"] + ": " + record["ctx_a"] + " " + record["ctx_b"].capitalize())
+        return Example(context, tuple(map(harness_text, endings)), label, where, prompt)
     if not isinstance(record.get("ctx"), str):
         raise GptlabError(f"{where}: 'ctx' must be a string")
-    return Example(record["ctx"], tuple(endings), label)
+    return Example(record["ctx"], tuple(endings), label, where, prompt)
 
 
 @torch.no_grad()
@@ -142,14 +159,15 @@ def ending_scores(
     """(summed log-likelihood, tokens) of `" " + ending` after the context, for every ending of every example.
 
     A batch holds the endings of `batch_size` examples, right-padded (a causal model's earlier positions do not
-    see the padding). A sequence longer than a learned-position model's block_size keeps its last tokens."""
+    see the padding). A sequence longer than a learned-position model's block_size keeps its last block_size + 1
+    tokens (the model reads all but the last), as lm-evaluation-harness cuts."""
     device = model.lm_head.weight.device
     limit = model.max_positions
     scores: list[list[tuple[float, int]]] = []
     with tqdm(total=len(examples), unit="example", desc="hellaswag", disable=not progress) as bar:
         for first in range(0, len(examples), batch_size):
             batch = examples[first : first + batch_size]
-            rows = [_tokens(tokenizer, ex.context, ending, limit) for ex in batch for ending in ex.endings]
+            rows = [_tokens(tokenizer, ex, ending, limit) for ex in batch for ending in ex.endings]
             T = max(len(tokens) for tokens, _ in rows)
             idx = torch.zeros(len(rows), T, dtype=torch.long)
             scored = torch.zeros(len(rows), T - 1, dtype=torch.bool)  # targets that are ending tokens
@@ -167,17 +185,31 @@ def ending_scores(
     return scores
 
 
-def _tokens(tokenizer: Tokenizer, context: str, ending: str, limit: int | None) -> tuple[list[int], int]:
-    """The context's tokens then the ending's (`" " + ending`, tokenized on its own), cut to `limit` from the
-    left; and how many of the kept tokens are the ending's."""
-    ending_tokens = tokenizer.encode(" " + ending)
-    tokens = tokenizer.encode(context) + ending_tokens
+def _tokens(tokenizer: Tokenizer, example: Example, ending: str, limit: int | None) -> tuple[list[int], int]:
+    """The context's tokens then the ending's (`" " + ending`, tokenized on its own), cut to the model's `limit`
+    + 1 from the left; and how many of the kept tokens are the ending's."""
+    try:
+        ending_tokens = tokenizer.encode(" " + ending)
+        tokens = tokenizer.encode(example.context) + ending_tokens
+    except GptlabError as e:  # a character outside a char model's alphabet
+        raise GptlabError(f"{example.source}: {e}") from None
     if limit is not None:
-        tokens = tokens[-limit:]
+        tokens = tokens[-(limit + 1) :]
     n_ending = min(len(ending_tokens), len(tokens) - 1)  # the first kept token is never a target
     if n_ending < 1:
-        raise GptlabError(f"the ending {ending!r} has no tokens to score")
+        raise GptlabError(f"{example.source}: the ending {ending!r} has no tokens to score")
     return tokens, n_ending
+
+
+def picks(example: Example, scores: list[tuple[float, int]]) -> dict[str, int]:
+    """The ending each criterion picks, given every ending's (summed log-likelihood, tokens): `acc` by the sum,
+    `acc_norm` by the sum per character of the ending, `acc_token` by the mean per token (the first of equals)."""
+    criteria = {
+        "acc": [s for s, _ in scores],
+        "acc_norm": [s / max(1, len(ending)) for (s, _), ending in zip(scores, example.endings, strict=True)],
+        "acc_token": [s / n for s, n in scores],
+    }
+    return {name: max(range(len(values)), key=values.__getitem__) for name, values in criteria.items()}
 
 
 def evaluate_hellaswag(
@@ -187,30 +219,22 @@ def evaluate_hellaswag(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: str = "float32",
-    prompt: str = "raw",
     progress: bool = True,
 ) -> HellaSwagResult:
     """acc, acc_norm and acc_token of `model` over `examples` (see the module docstring), in eval mode."""
     if batch_size < 1:
         raise GptlabError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise GptlabError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: the "
+            "model was trained with another tokenizer"
+        )
     started = time.perf_counter()
-    try:
+    with eval_mode(model):
         scores = ending_scores(model, tokenizer, examples, batch_size, dtype, progress)
-    finally:
-        model.train(was_training)
     hits = {"acc": 0, "acc_norm": 0, "acc_token": 0}
-    for example, ending_scores_ in zip(examples, scores, strict=True):
-        chars = [max(1, len(ending)) for ending in example.endings]
-        picks = {
-            "acc": [s for s, _ in ending_scores_],
-            "acc_norm": [s / c for (s, _), c in zip(ending_scores_, chars, strict=True)],
-            "acc_token": [s / n for s, n in ending_scores_],
-        }
-        for name, values in picks.items():
-            hits[name] += max(range(len(values)), key=values.__getitem__) == example.label
-    n = len(examples)
-    return HellaSwagResult(
-        **{k: v / n for k, v in hits.items()}, n=n, prompt=prompt, seconds=time.perf_counter() - started
-    )
+    for example, example_scores in zip(examples, scores, strict=True):
+        for name, pick in picks(example, example_scores).items():
+            hits[name] += pick == example.label
+    n, seconds = len(examples), time.perf_counter() - started
+    return HellaSwagResult(**{k: v / n for k, v in hits.items()}, n=n, prompt=examples[0].prompt, seconds=seconds)

@@ -623,12 +623,13 @@ def save_pretrained(model: GPT, directory: str | Path) -> str:
     fmt = export_format(model.config)
     config_text = json.dumps(config_to_hf(model.config, model.lm_head.weight.dtype), indent=2) + "\n"
     state = from_gptlab_names(model, fmt)
-    _write_atomically(directory / SAFETENSORS_FILE, lambda path: save_file(state, path, metadata={"format": "pt"}))
-    _write_atomically(directory / "config.json", lambda path: Path(path).write_text(config_text))
+    write_atomically(directory / SAFETENSORS_FILE, lambda path: save_file(state, path, metadata={"format": "pt"}))
+    write_atomically(directory / "config.json", lambda path: Path(path).write_text(config_text))
     return fmt
 
 
-def _write_atomically(target: Path, write) -> None:
+def write_atomically(target: Path, write) -> None:
+    """`write(tmp)` into a temporary file beside `target`, then renamed onto it: `target` is whole or untouched."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

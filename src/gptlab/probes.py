@@ -24,8 +24,12 @@ import torch.nn.functional as F
 
 from gptlab.device import autocast
 from gptlab.errors import GptlabError
+from gptlab.evaluation import eval_mode
 
 DEFAULT_DISTANCES = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+KEY_TOKENS, VALUE_TOKENS = 4, 4  # the planted key's and value's lengths
+LEAD = 16  # filler tokens before the planted key, so that it never stands at position 0
+DEFAULT_BATCH_SIZE = 8  # windows or sequences per forward
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,7 @@ def per_position_loss(model, tokens: np.ndarray, length: int, windows: int, batc
         raise GptlabError(f"a split of {len(tokens):,} tokens holds no window of {length + 1}")
     starts = np.linspace(0, len(tokens) - length - 1, num=windows).round().astype(np.int64)
     device, total = _device(model), torch.zeros(length, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for first in range(0, len(starts), batch_size):
             rows = np.stack(
                 [np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in starts[first : first + batch_size]]
@@ -95,10 +97,8 @@ def per_position_loss(model, tokens: np.ndarray, length: int, windows: int, batc
             idx = torch.from_numpy(rows).to(device)
             with autocast(device, dtype):
                 logits = model(idx[:, :-1])
-            nll = F.cross_entropy(logits.float().transpose(1, 2), idx[:, 1:], reduction="none")  # (B, length)
-            total += nll.double().sum(0).cpu()
-    finally:
-        model.train(was_training)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
+            total += nll.view(len(rows), length).double().sum(0).cpu()
     return (total / len(starts)).numpy()
 
 
@@ -108,12 +108,12 @@ def loss_by_position(
     length: int | None = None,
     *,
     windows: int = 64,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: str = "float32",
 ) -> PositionResult:
     """Mean loss by target position over `windows` windows of `length` tokens (default: the model's block_size),
     in doubling buckets (`position_buckets`)."""
-    length = length or model.config.block_size
+    length = model.config.block_size if length is None else length
     if length < 1 or windows < 1 or batch_size < 1:
         raise GptlabError(f"length, windows and batch_size must be >= 1, got {length}, {windows}, {batch_size}")
     losses = per_position_loss(model, tokens, length, windows, batch_size, dtype)
@@ -131,7 +131,9 @@ def candidate_tokens(tokens: np.ndarray, count: int = 32, exclude: tuple[int, ..
     return order[: min(count, int((counts > 0).sum()))]
 
 
-def retrieval_length(distance: int, key_tokens: int, value_tokens: int, lead: int) -> int:
+def retrieval_length(
+    distance: int, key_tokens: int = KEY_TOKENS, value_tokens: int = VALUE_TOKENS, lead: int = LEAD
+) -> int:
     """Tokens of a `retrieval_sequence`."""
     return lead + distance + key_tokens + value_tokens
 
@@ -156,12 +158,12 @@ def retrieval_accuracy(
     distances: tuple[int, ...] = DEFAULT_DISTANCES,
     *,
     trials: int = 64,
-    key_tokens: int = 4,
-    value_tokens: int = 4,
-    lead: int = 16,
+    key_tokens: int = KEY_TOKENS,
+    value_tokens: int = VALUE_TOKENS,
+    lead: int = LEAD,
     candidates: np.ndarray | None = None,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: str = "float32",
 ) -> RetrievalResult:
     """Share of the planted value's tokens the model predicts (argmax, teacher-forced) at each distance, over
@@ -170,13 +172,16 @@ def retrieval_accuracy(
     A distance whose sequence exceeds a learned-position model's block_size gets None."""
     if trials < 1 or key_tokens < 1 or value_tokens < 1 or batch_size < 1:
         raise GptlabError("trials, key_tokens, value_tokens and batch_size must be >= 1")
+    longest = retrieval_length(max(distances), key_tokens, value_tokens, lead)
+    if len(tokens) <= longest:
+        raise GptlabError(
+            f"distance {max(distances)} needs sequences of {longest:,} tokens, more than the split's {len(tokens):,}"
+        )
     candidates = candidate_tokens(tokens) if candidates is None else np.asarray(candidates, dtype=np.int64)
     device, limit = _device(model), model.max_positions
     rng = np.random.default_rng(seed)
     accuracies: list[float | None] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for distance in distances:
             length = retrieval_length(distance, key_tokens, value_tokens, lead)
             # drawn whatever the model, so that every model sees the same sequences at every distance
@@ -200,6 +205,4 @@ def retrieval_accuracy(
                 predicted = logits[:, query - 1 :].argmax(-1)  # the predictions of the queried value's tokens
                 hits += int((predicted == idx[:, query:]).sum())
             accuracies.append(hits / (trials * value_tokens))
-    finally:
-        model.train(was_training)
     return RetrievalResult(list(distances), accuracies, trials, key_tokens, value_tokens, 1.0 / len(candidates))
