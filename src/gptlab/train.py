@@ -36,6 +36,7 @@ from gptlab.data import (
 )
 from gptlab.device import autocast
 from gptlab.errors import ConfigError, GptlabError
+from gptlab.evaluation import eval_mode
 from gptlab.hf import load_config, read_config
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import configure_optimizer, set_learning_rates
@@ -418,15 +419,15 @@ def evaluate(
     """Mean loss over `eval_steps` fixed validation batches (the same ones at every evaluation), starting at
     `candidates` when given (data.align). Every rank evaluates all of them: FSDP needs all ranks in each
     forward, and all ranks then agree on the result."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), device=device)
-    for i in range(cfg.eval_steps):
-        starts = batch_starts(len(tokens), block_size, micro_batch_size, cfg.seed, i, stream=1, candidates=candidates)
-        x, y = get_batch(tokens, starts, block_size, device)
-        with autocast:
-            total += model(x, targets=y).float()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(cfg.eval_steps):
+            starts = batch_starts(
+                len(tokens), block_size, micro_batch_size, cfg.seed, i, stream=1, candidates=candidates
+            )
+            x, y = get_batch(tokens, starts, block_size, device)
+            with autocast:
+                total += model(x, targets=y).float()
     return total.item() / cfg.eval_steps  # one wait for the device, after every batch is queued
 
 
