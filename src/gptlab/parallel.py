@@ -63,9 +63,11 @@ def init_world(cfg: ParallelConfig, device_name: str, tf32: bool = True) -> Worl
             )
         return World(device=use_device(resolve_device(device_name, key="train.device"), tf32))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    # a GPU per local rank when torchrun started several processes on this machine; else the one asked for
-    shared_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
-    device = resolve_device(device_name, local_rank if shared_node else None, key="train.device")
+    # A GPU per local rank when a launcher started several processes on this machine (torchrun says how many in
+    # LOCAL_WORLD_SIZE; a launcher that sets only LOCAL_RANK is taken to have); else the device asked for.
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    per_rank_gpu = "LOCAL_RANK" in os.environ and (local_world is None or int(local_world) > 1)
+    device = resolve_device(device_name, local_rank if per_rank_gpu else None, key="train.device")
     device = use_device(device, tf32)
     if not dist.is_initialized():
         backend = "gloo"
