@@ -13,10 +13,16 @@ from gptlab import GPT, GPTConfig
 from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.probes import (
+    RECALL_KEYS,
+    RECALL_VALUES,
+    RECALL_VOCAB,
+    associative_recall,
     candidate_tokens,
     loss_by_position,
     per_position_loss,
     position_buckets,
+    recall_accuracy,
+    recall_batch,
     retrieval_accuracy,
     retrieval_sequence,
 )
@@ -140,3 +146,32 @@ def test_an_option_of_another_task_is_refused(char_data, tmp_path, capsys):
 def test_a_distance_longer_than_the_split_is_named(text_tokens):
     with pytest.raises(GptlabError, match="distance 30000 needs sequences of 30,024 tokens, more than the split's"):
         retrieval_accuracy(Copier(100), text_tokens, (8, 30000), trials=2)
+
+
+def test_recall_rows_repeat_each_pair_at_the_rows_distance():
+    rows, mask = recall_batch(np.random.default_rng(0), 16, 64)
+    for row, row_mask in zip(rows.tolist(), mask, strict=True):
+        queries = torch.nonzero(row_mask)[:, 0].tolist()
+        assert queries, "every row holds at least one pair"
+        distances = set()
+        for q in queries:
+            key, value = row[q], row[q + 1]
+            assert key < RECALL_KEYS <= value < RECALL_KEYS + RECALL_VALUES
+            first = row.index(key)  # keys are distinct in a row: the planted one comes first, the query second
+            assert row[first + 1] == value and row.count(key) == 2
+            distances.add(q - first)
+        assert len(distances) == 1 and distances.pop() % 2 == 0  # one even distance per row
+
+
+def test_recall_accuracy_sees_exactly_a_copiers_reach():
+    # The copier (n=1) predicts the token after the latest earlier occurrence of the current one, within reach.
+    distances = (2, 10, 20, 30, 40, 50)
+    accuracy = recall_accuracy(Copier(RECALL_VOCAB, reach=20, n=1), 64, distances, rows=16)
+    assert accuracy == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_associative_recall_trains_a_fresh_model_of_the_config():
+    config = GPTConfig(block_size=32, vocab_size=7, n_layer=1, n_head=2, n_embd=16, pos_emb="rope")
+    result = associative_recall(config, (4, 16), steps=20, batch_size=8)
+    assert result.distances == [4, 16] and all(0.0 <= a <= 1.0 for a in result.accuracy)
+    assert result.steps == 20 and np.isfinite(result.final_loss) and result.chance == 1 / RECALL_VALUES
