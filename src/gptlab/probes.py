@@ -17,8 +17,9 @@
   queried again `d` positions later, with one `d` for the whole row, so that accuracy against `d` has no other
   cause (with pairs first and queries after, short distances also meant early queries, and accuracy rose with
   distance). On 2 CPU cores a 4-layer, 128-wide RoPE model learns it in 1,500 steps (~5 minutes): full attention
-  recalls ~0.5 of the values at every distance; a window of 16 on every layer 0.3 within one window and 0 past
-  the stack's reach of 4 x 15 positions.
+  recalls 0.39-0.72 of the values at every distance up to 120; a window of 16 on every layer 0.16-0.23 within one
+  window and 0.00-0.04 from 48 on, near and past the stack's reach of 4 x 15 positions (the README gives the
+  command).
 """
 
 from __future__ import annotations
