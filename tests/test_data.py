@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from gptlab import GptlabError
 from gptlab import data as data_module
 from gptlab.data import (
     batch_starts,
+    data_fingerprint,
     get_batch,
     load_meta,
     load_shakespeare,
@@ -601,6 +603,18 @@ def test_llmc_shards_are_read_in_place(tmp_path, llmc_shards):
     prepare(str(shards), shards)
     assert split_files(shards, "val") == ["fineweb_val_000000.bin"]
     np.testing.assert_array_equal(load_tokens(shards, "val"), expected["val"])
+
+
+def test_the_data_fingerprint_names_the_content_not_the_paths(tmp_path, llmc_shards):
+    # Two nodes' copies of the same llm.c shards, indexed at different paths: their meta.json files differ (absolute
+    # paths), their fingerprints do not; a shard of other content does.
+    shards, _ = llmc_shards
+    copy = tmp_path / "node-2" / "fineweb10B"
+    shutil.copytree(shards, copy)
+    here, there = prepare(str(shards), tmp_path / "data-1"), prepare(str(copy), tmp_path / "data-2")
+    assert here != there and data_fingerprint(here) == data_fingerprint(there)
+    write_llmc_shard(copy / "fineweb_val_000000.bin", llmc_documents(20, 7))
+    assert data_fingerprint(prepare(str(copy), tmp_path / "data-3")) != data_fingerprint(here)
 
 
 def test_bad_llmc_shards_are_named(tmp_path, llmc_shards):

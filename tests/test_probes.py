@@ -58,7 +58,7 @@ def test_position_buckets_double_and_cover_every_position():
 def test_a_learned_model_refuses_longer_windows_a_rope_model_takes_them():
     tokens = np.arange(400) % 50
     learned = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
-    with pytest.raises(GptlabError, match="a window of 64 tokens exceeds the model's block_size=32"):
+    with pytest.raises(GptlabError, match="block_size=64 exceeds the model's block_size=32"):
         loss_by_position(learned, tokens, 64, windows=2)
     rope = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16, pos_emb="rope"))
     assert loss_by_position(rope, tokens, 64, windows=2).buckets[-1] == (32, 64)

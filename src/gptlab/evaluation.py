@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from gptlab.device import autocast
@@ -54,6 +55,17 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
+
+def next_token_losses(model, idx: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
+    """Cross-entropy (B, T - 1), in float32, of each next token of `idx` (B, T) given the tokens before it, under
+    autocast in `dtype`. Unlike `model(x, targets=y)`, which fuses the head into the mean, it keeps every token's
+    loss: what scoring a continuation or a position needs (the (B, T - 1, vocab) logits exist for a moment)."""
+    device = idx.device
+    with autocast(device, dtype):
+        logits = model(idx[:, :-1])
+    losses = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
+    return losses.view(idx.size(0), idx.size(1) - 1)
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:

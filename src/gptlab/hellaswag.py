@@ -29,12 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from gptlab.device import autocast
 from gptlab.errors import GptlabError
-from gptlab.evaluation import eval_mode
+from gptlab.evaluation import eval_mode, next_token_losses
 from gptlab.hf import write_atomically
 from gptlab.tokenizer import Tokenizer
 
@@ -174,11 +172,8 @@ def ending_scores(
             for r, (tokens, n_ending) in enumerate(rows):
                 idx[r, : len(tokens)] = torch.tensor(tokens)
                 scored[r, len(tokens) - 1 - n_ending : len(tokens) - 1] = True
-            idx, scored = idx.to(device), scored.to(device)
-            with autocast(device, dtype):
-                logits = model(idx[:, :-1])
-            nll = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
-            sums = (-nll.view(len(rows), T - 1) * scored).sum(1).tolist()
+            nll = next_token_losses(model, idx.to(device), dtype)
+            sums = (-nll * scored.to(device)).sum(1).tolist()
             counts = iter(zip(sums, (n for _, n in rows), strict=True))
             scores += [[next(counts) for _ in ex.endings] for ex in batch]
             bar.update(len(batch))

@@ -40,7 +40,6 @@ class World:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -81,7 +80,7 @@ def init_world(cfg: ParallelConfig, device_name: str, tf32: bool = True) -> Worl
         else:  # a group of one on this machine
             address = f"tcp://127.0.0.1:{_free_port()}"
             dist.init_process_group(backend, init_method=address, rank=0, world_size=1, **options)
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return World(dist.get_rank(), dist.get_world_size(), device)
 
 
 def _restart_store() -> dist.Store:
@@ -148,9 +147,9 @@ def apply_activation_checkpointing(model: GPT) -> None:
 
 def compile_blocks(model: GPT) -> None:
     """torch.compile each block's forward (torchtitan's per-block compile). The blocks are alike, so one graph
-    serves them all; FSDP's hooks and DDP's gradient hooks stay outside the graphs (whole-model compile would
-    break its graph at every FSDP hook and hand DDP to Dynamo's DDP optimizer); the embeddings and the fused
-    loss stay eager. Parameter names stay as they are (no `_orig_mod.` wrapper)."""
+    serves them all; FSDP's hooks stay outside the graphs (whole-model compile would break its graph at every
+    FSDP hook; under DDP, Dynamo's DDP optimizer still splits each block's graph at the gradient buckets); the
+    embeddings and the fused loss stay eager. Parameter names stay as they are (no `_orig_mod.` wrapper)."""
     for block in model.transformer.h:
         block.forward = torch.compile(block.forward)
 

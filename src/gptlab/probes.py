@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from gptlab.device import autocast
 from gptlab.errors import GptlabError
-from gptlab.evaluation import eval_mode
+from gptlab.evaluation import check_block_size, eval_mode, next_token_losses
 from gptlab.model import GPT, GPTConfig
 
 DEFAULT_DISTANCES = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -69,15 +69,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_length(model, length: int) -> None:
-    limit = model.max_positions
-    if limit is not None and length > limit:
-        raise GptlabError(
-            f"a window of {length} tokens exceeds the model's block_size={limit}: its learned position table has "
-            "no rows past it (only a RoPE model takes longer windows)"
-        )
-
-
 def position_buckets(length: int) -> list[tuple[int, int]]:
     """[start, end) ranges of the target positions 0 .. length - 1 that double in width: [0, 1), [1, 2), [2, 4), ...;
     the last ends at `length`."""
@@ -93,7 +84,7 @@ def position_buckets(length: int) -> list[tuple[int, int]]:
 def per_position_loss(model, tokens: np.ndarray, length: int, windows: int, batch_size: int, dtype: str) -> np.ndarray:
     """The mean loss (length,) of the target at each position, over `windows` windows of `length` + 1 tokens
     starting at evenly spaced offsets of `tokens`. Position i predicts the window's token i + 1 from tokens 0..i."""
-    _check_length(model, length)
+    check_block_size(model, length)
     if len(tokens) < length + 1:
         raise GptlabError(f"a split of {len(tokens):,} tokens holds no window of {length + 1}")
     starts = np.linspace(0, len(tokens) - length - 1, num=windows).round().astype(np.int64)
@@ -103,11 +94,8 @@ def per_position_loss(model, tokens: np.ndarray, length: int, windows: int, batc
             rows = np.stack(
                 [np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in starts[first : first + batch_size]]
             )
-            idx = torch.from_numpy(rows).to(device)
-            with autocast(device, dtype):
-                logits = model(idx[:, :-1])
-            nll = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
-            total += nll.view(len(rows), length).double().sum(0).cpu()
+            nll = next_token_losses(model, torch.from_numpy(rows).to(device), dtype)
+            total += nll.double().sum(0).cpu()
     return (total / len(starts)).numpy()
 
 
