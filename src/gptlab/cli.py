@@ -158,6 +158,15 @@ def print_sample(model, tokenizer, prompt: torch.Tensor, args: argparse.Namespac
 # ------------------------------------------------------------------------------------------------ eval
 
 
+# The eval options each task reads (beyond model, device, dtype, batch_size, json); the others are refused.
+TASK_OPTIONS = {
+    "loss": {"data", "split", "block_size"},
+    "hellaswag": {"file", "prompt", "limit"},
+    "positions": {"data", "split", "block_size", "windows"},
+    "retrieval": {"data", "split", "distances", "trials"},
+}
+
+
 def add_eval_parser(subparsers) -> None:
     from gptlab.evaluation import DEFAULT_BATCH_SIZE
 
@@ -168,7 +177,9 @@ def add_eval_parser(subparsers) -> None:
         "non-overlapping windows of block_size tokens; the loss is the mean over all of them (nats per token), bits "
         "per byte divide its sum by the UTF-8 bytes of the text, which makes models with different tokenizers "
         "comparable. --task hellaswag: four-way multiple choice; acc (summed log-likelihood of the ending), "
-        "acc_norm (per character, lm-evaluation-harness's) and acc_token (per token, build-nanogpt's and llm.c's).",
+        "acc_norm (per character, lm-evaluation-harness's) and acc_token (per token, build-nanogpt's and llm.c's). "
+        "--task positions: the loss at each position of the window; --task retrieval: a planted key's value "
+        "recalled against the distance back to it.",
     )
     p.add_argument("model", metavar="MODEL_OR_RUN", help="checkpoint directory, training run (its latest), hub id")
     p.add_argument(
@@ -217,6 +228,8 @@ def add_eval_parser(subparsers) -> None:
         help="autocast dtype of the matmuls; weights stay float32, as in training's evaluation",
     )
     p.set_defaults(run=run_eval)
+    # what check_task_options compares each task option with: the parser's own defaults, not a copy of them
+    p.set_defaults(option_defaults={name: p.get_default(name) for name in set().union(*TASK_OPTIONS.values())})
 
 
 def check_eval_data(directory: Path, model, meta: dict, model_name: str) -> None:
@@ -237,45 +250,43 @@ def check_eval_data(directory: Path, model, meta: dict, model_name: str) -> None
         )
 
 
-# The eval options each task reads (beyond model, device, dtype, batch_size, json); the others are refused.
-TASK_OPTIONS = {
-    "loss": {"data", "split", "block_size"},
-    "hellaswag": {"file", "prompt", "limit"},
-    "positions": {"data", "split", "block_size", "windows"},
-    "retrieval": {"data", "split", "distances", "trials"},
-}
-TASK_DEFAULTS = {"data": None, "split": "val", "block_size": None, "file": None, "prompt": "raw", "limit": None,
-                 "windows": 64, "distances": None, "trials": 64}  # fmt: skip
-
-
 def check_task_options(args: argparse.Namespace) -> None:
     """An option another task reads, set to anything but its default, is a mistake: say so rather than ignore it."""
-    for name, default in TASK_DEFAULTS.items():
-        if name not in TASK_OPTIONS[args.task] and getattr(args, name) != default:
+    for name in set().union(*TASK_OPTIONS.values()) - TASK_OPTIONS[args.task]:
+        if getattr(args, name) != args.option_defaults[name]:
             raise GptlabError(f"--{name} does not apply to --task {args.task}")
+
+
+def load_eval_inputs(args: argparse.Namespace):
+    """(meta, tokens, checkpoint directory, model on its device) of a task that reads a prepared split: the data
+    first, as it fails fast, then the model, checked against the data's vocabulary and tokenizer."""
+    from gptlab.data import load_meta, load_tokens
+    from gptlab.device import resolve_device
+    from gptlab.hf import resolve_checkpoint_dir
+    from gptlab.model import GPT
+
+    if args.data is None:
+        raise GptlabError(f"gptlab eval --task {args.task} needs --data DIR (a directory written by gptlab prepare)")
+    device = resolve_device(args.device, key="--device")
+    meta, tokens = load_meta(args.data), load_tokens(args.data, args.split)
+    directory = resolve_checkpoint_dir(args.model)
+    model = GPT.from_pretrained(directory).to(device)
+    check_eval_data(directory, model, meta, args.model)
+    return meta, tokens, directory, model
 
 
 def run_eval(args: argparse.Namespace) -> None:
     import json
 
-    from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
-    from gptlab.device import resolve_device
+    from gptlab.data import tokenizer_from_meta
     from gptlab.evaluation import DEFAULT_BATCH_SIZE, evaluate_split
-    from gptlab.hf import resolve_checkpoint_dir
-    from gptlab.model import GPT
 
     check_task_options(args)
     if args.task == "hellaswag":
         return run_hellaswag(args)
     if args.task in ("positions", "retrieval"):
         return run_probe(args)
-    if args.data is None:
-        raise GptlabError("gptlab eval --task loss needs --data DIR (a directory written by gptlab prepare)")
-    device = resolve_device(args.device, key="--device")
-    meta, tokens = load_meta(args.data), load_tokens(args.data, args.split)  # the data first: it fails fast
-    directory = resolve_checkpoint_dir(args.model)
-    model = GPT.from_pretrained(directory).to(device)
-    check_eval_data(directory, model, meta, args.model)
+    meta, tokens, directory, model = load_eval_inputs(args)
     result = evaluate_split(
         model,
         tokens,
@@ -301,18 +312,8 @@ def run_probe(args: argparse.Namespace) -> None:
     import json
 
     from gptlab import probes
-    from gptlab.data import load_meta, load_tokens
-    from gptlab.device import resolve_device
-    from gptlab.hf import resolve_checkpoint_dir
-    from gptlab.model import GPT
 
-    if args.data is None:
-        raise GptlabError(f"gptlab eval --task {args.task} needs --data DIR (a directory written by gptlab prepare)")
-    device = resolve_device(args.device, key="--device")
-    meta, tokens = load_meta(args.data), load_tokens(args.data, args.split)
-    directory = resolve_checkpoint_dir(args.model)
-    model = GPT.from_pretrained(directory).to(device)
-    check_eval_data(directory, model, meta, args.model)
+    meta, tokens, directory, model = load_eval_inputs(args)
     batch_size = probes.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     record = {"model": args.model, "checkpoint": str(directory), "data": args.data, "split": args.split}
     if args.task == "positions":
