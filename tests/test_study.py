@@ -14,7 +14,10 @@ import torch
 from gptlab import GPT, ConfigError
 from gptlab.cli import main
 from gptlab.convert import init_kv_heads
+from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
+from gptlab.evaluation import evaluate_split
 from gptlab.study import (
+    BASELINE,
     CONVERSIONS,
     IMAGES,
     RUNS_MARKER,
@@ -27,6 +30,9 @@ from gptlab.study import (
     variant_configs,
     write_report,
 )
+from gptlab.study.grid import LR_KEYS
+from gptlab.study.report import reach
+from gptlab.study.run import EVAL_BATCH_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +67,24 @@ def test_every_variant_and_conversion_is_measured(study):
         assert set(record["val_loss"]) == {str(s) for s in scale.seeds}
         assert all(math.isfinite(v) and 0 < v < 6 for v in record["val_loss"].values())
         for curve in record["curves"].values():
-            assert [step for step, _ in curve] == [4, 8]
+            # (step, loss, training seconds so far)
+            assert [step for step, _, _ in curve] == [4, 8]
+            assert 0 < curve[0][2] < curve[1][2]
         assert set(record["decode_tokens_per_s"]) == {str(c) for c in scale.decode_contexts}
         assert all(speed > 0 for speed in record["decode_tokens_per_s"].values())
         assert record["train_tokens_per_s"] > 0
+    for record, variant in zip(results["variants"], VARIANTS, strict=True):
+        # loss by position: RoPE models past the training context, learned tables only inside it
+        extra = scale.position_extrapolation if record["config"]["pos_emb"] == "rope" else 1
+        assert record["positions"]["length"] == extra * scale.block_size
+        assert record["positions"]["buckets"][-1][1] == extra * scale.block_size
+        assert all(math.isfinite(v) for v in record["positions"]["loss"])
+        # the recall probe runs exactly on the variants marked for it
+        assert (record["recall"] is not None) == variant.recall
+        if variant.recall:
+            assert record["recall"]["distances"] == list(scale.recall_distances)
+            assert record["recall"]["steps"] == scale.recall_steps
+            assert all(0 <= a <= 1 for a in record["recall"]["accuracy"])
     assert [c["name"] for c in results["conversions"]] == [c.name for c in CONVERSIONS]
     for record in results["conversions"]:
         for key in ("converted", "uptrained_5pct", "uptrained_10pct"):
@@ -83,67 +103,124 @@ def test_report_files_hold_the_numbers_of_the_json(study):
     csv_rows = {row["variant"]: row for row in csv.DictReader((out / "variants.csv").open())}
     for record in results["variants"]:
         cells = rows[record["name"]]
-        assert cells[4] == f"{record['params']:,}"
-        assert cells[5] == f"{record['kv_bytes_per_token']:,} B"
-        assert cells[-1] == f"{record['val_loss_mean']:.4f} ± {record['val_loss_sd']:.4f}"
+        assert cells[2] == f"{record['params']:,}"
+        assert cells[3] == f"{record['kv_bytes_per_token']:,} B"
+        assert cells[8] == f"{record['eval_loss_mean']:.4f} ± {record['eval_loss_sd']:.4f}"
+        assert cells[10] == f"{record['eval_bpb_mean']:.4f}"
         assert int(csv_rows[record["name"]]["params"]) == record["params"]
-        assert float(csv_rows[record["name"]]["val_loss_mean"]) == pytest.approx(record["val_loss_mean"], abs=1e-6)
+        assert float(csv_rows[record["name"]]["eval_loss_mean"]) == pytest.approx(record["eval_loss_mean"], abs=1e-6)
+    recall = table_rows(markdown, "Reach")
+    probed = [record for record in results["variants"] if record["recall"]]
+    assert sorted(recall) == sorted(record["name"] for record in probed)
+    for record in probed:
+        assert recall[record["name"]][2:-2] == [f"{a:.2f}" for a in record["recall"]["accuracy"]]
+    positions = table_rows(markdown, "Loss by position")
+    for record in results["variants"]:
+        shown = [cell for cell in positions[record["name"]][1:] if cell != "—"]
+        assert shown == [f"{v:.3f}" for v in record["positions"]["loss"]]
     rows = table_rows(markdown, "Converting")
     for record in results["conversions"]:
         cells = rows[record["name"]]
-        assert cells[2] == f"{record['converted_mean']:.4f} ± {record['converted_sd']:.4f}"
-        assert cells[4] == f"{record['uptrained_10pct_mean']:.4f} ± {record['uptrained_10pct_sd']:.4f}"
+        assert cells[1] == f"`{record['source']}`"
+        assert cells[3] == f"{record['converted_mean']:.4f} ± {record['converted_sd']:.4f}"
+        assert cells[5] == f"{record['uptrained_10pct_mean']:.4f} ± {record['uptrained_10pct_sd']:.4f}"
 
 
 def test_sizes_equal_an_independent_count(study):
     results, _, _ = study
     variants = {record["name"]: record for record in results["variants"]}
     configs = variant_configs(SCALES["tiny"], results["data"]["vocab_size"])
-    base = variants["mha"]
+    base = variants[BASELINE]
     for name, config in configs.items():
         assert variants[name]["params"] == GPT(config).num_params()
         # K and V, n_kv_head heads of head_dim, fp32, in every layer
         assert variants[name]["kv_bytes_per_token"] == 2 * config.kv_heads * config.head_dim * 4 * config.n_layer
-    n_head, block = configs["mha"].n_head, configs["mha"].block_size
+    n_head, block = configs[BASELINE].n_head, configs[BASELINE].block_size
     assert variants["mqa"]["kv_bytes_full_context"] * n_head == base["kv_bytes_full_context"]
-    assert variants["gqa-quarter"]["kv_bytes_full_context"] * 4 == base["kv_bytes_full_context"]
-    assert variants["window-8"]["kv_bytes_full_context"] * 8 == base["kv_bytes_full_context"]
-    # half the layers keep block/4 positions, half all of them
-    assert variants["local-global"]["kv_bytes_full_context"] == base["kv_bytes_full_context"] * (1 / 4 + 1) / 2
-    assert variants["rope"]["params"] == base["params"] - block * configs["mha"].n_embd  # the position table
-    assert results["kv_cache_vs_context"]["mha"][-1] == base["kv_bytes_per_token"] * 16 * block
+    assert variants["gqa"]["kv_bytes_full_context"] * 2 == base["kv_bytes_full_context"]
+    assert variants["window"]["kv_bytes_full_context"] * 8 == base["kv_bytes_full_context"]
+    # half the layers keep block/8 positions, half all of them
+    assert variants["local-global"]["kv_bytes_full_context"] == base["kv_bytes_full_context"] * (1 / 8 + 1) / 2
+    # the position table
+    assert variants["learned-pos"]["params"] == base["params"] + block * configs[BASELINE].n_embd
+    assert results["kv_cache_vs_context"][BASELINE][-1] == base["kv_bytes_per_token"] * 16 * block
 
 
 def test_every_variant_trains_with_the_same_recipe(char_data, tmp_path):
     scale = SCALES["tiny"]
-    jobs = [
-        training_job(config, scale, char_data, tmp_path / name, seed=3)
-        for name, config in variant_configs(scale, 83).items()
-    ]
-    recipes = {json.dumps(job.train.model_dump(exclude={"out_dir"}), sort_keys=True) for job in jobs}
-    assert len(recipes) == 1 and jobs[0].train.seed == 3 and jobs[0].train.max_steps == scale.max_steps
-    # uptraining: a short schedule that starts where the baseline's ended (its min_lr), not at its peak
+    configs = variant_configs(scale, 83)
+    jobs = {
+        v.name: training_job(configs[v.name], scale, char_data, tmp_path / v.name, seed=3, train=v.train)
+        for v in VARIANTS
+    }
+    base = jobs[BASELINE].train.model_dump(exclude={"out_dir"})
+    assert base["optimizer"] == "muon" and jobs[BASELINE].train.seed == 3
+    assert base["max_steps"] == scale.max_steps and base["dtype"] == "float32"
+    for variant in VARIANTS:
+        # the baseline's recipe but for the variant's own training fields
+        recipe = jobs[variant.name].train.model_dump(exclude={"out_dir"})
+        assert {key for key in recipe if recipe[key] != base[key]} <= set(variant.train), variant.name
+    # uptraining: a short schedule that starts where the source's ended (every peak times min_lr / lr)
+    ended = scale.min_lr / scale.lr
     uptrain = training_job(None, scale, char_data, tmp_path / "up", seed=3, max_steps=2, init_from=str(tmp_path))
-    assert (uptrain.train.lr, uptrain.train.min_lr, uptrain.train.max_steps) == (scale.min_lr, scale.min_lr / 10, 2)
+    up = uptrain.train
+    assert (up.lr, up.min_lr, up.max_steps) == pytest.approx((scale.min_lr, scale.min_lr / 10, 2))
+    for key in LR_KEYS:
+        assert getattr(up, key) == pytest.approx(base[key] * ended), key
+
+
+def test_the_records_hold_what_gptlab_eval_measures(study, char_data):
+    results, _, runs = study
+    meta = load_meta(char_data)
+    tokens, tokenizer = load_tokens(char_data, "val"), tokenizer_from_meta(meta)
+    for name in (BASELINE, "learned-pos"):
+        record = next(r for r in results["variants"] if r["name"] == name)
+        model = GPT.from_pretrained(runs / f"{name}-s1")
+        split = evaluate_split(model, tokens, tokenizer, batch_size=EVAL_BATCH_SIZE, progress=False)
+        assert record["eval_loss"]["1"] == pytest.approx(split.loss, rel=1e-6)
+        assert record["eval_bpb"]["1"] == pytest.approx(split.bpb, rel=1e-6)
+        # characters of a one-byte alphabet: bits per byte are nats per character / ln 2
+        assert split.bpb == pytest.approx(split.loss / math.log(2), rel=0.02)
+
+
+def test_reach_is_layers_times_window_minus_one():
+    assert reach(16, 4) == 60
+    assert reach([16, 8], 2) == 15 + 7
+    assert reach(None, 4) is None and reach([16, None, 16, None], 4) is None
+
+
+def test_a_report_is_rewritten_from_the_saved_results(study, tmp_path, capsys):
+    results, out, _ = study
+    assert main(["study", "--report-from", str(out / "variants.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "variants.md").read_text() == (out / "variants.md").read_text()
+    (tmp_path / "bad.json").write_text('{"variants": []}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "--report-from", str(tmp_path / "bad.json"), "--out", str(tmp_path / "again")])
+    assert exit_info.value.code == 2
+    assert "bad.json: not a study's results" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
 
 
 def test_conversion_with_every_head_kept_is_the_baseline(study, char_data):
     results, _, runs = study
-    baseline = GPT.from_pretrained(runs / "mha-s0")
+    baseline = GPT.from_pretrained(runs / f"{BASELINE}-s0")
     converted = convert_model(baseline, baseline.config.replace(n_kv_head=baseline.config.n_head), "mean")
     idx = torch.randint(0, baseline.config.vocab_size, (2, baseline.config.block_size))
     with torch.no_grad():
         torch.testing.assert_close(converted(idx), baseline(idx), rtol=0, atol=0)
     job = training_job(baseline.config, SCALES["tiny"], char_data, runs / "unused", seed=0)
     assert validation_loss(converted, job) == results["variants"][0]["val_loss"]["0"]
-    # the study's control is that same identity conversion, on every seed
-    control = next(c for c in results["conversions"] if c["target"] == "mha")
-    assert control["name"] == "mha-continued" and control["converted"] == results["variants"][0]["val_loss"]
+    # the study's controls are that same identity conversion, on every seed
+    variants = {record["name"]: record for record in results["variants"]}
+    controls = [c for c in results["conversions"] if c["target"] == c["source"]]
+    assert [c["name"] for c in controls] == [f"{BASELINE}-continued", "learned-pos-continued"]
+    for control in controls:
+        assert control["converted"] == variants[control["source"]]["val_loss"]
 
 
 def test_first_head_and_random_ablations_differ_from_mean_pooling(study):
     results, _, runs = study
-    baseline = GPT.from_pretrained(runs / "mha-s0")
+    baseline = GPT.from_pretrained(runs / f"{BASELINE}-s0")
     config = baseline.config
     target = config.replace(n_kv_head=2)
     models = {kv_init: convert_model(baseline, target, kv_init, seed=0) for kv_init in ("mean", "first", "random")}

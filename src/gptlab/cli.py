@@ -673,17 +673,25 @@ def run_bench(args: argparse.Namespace) -> None:
 def add_study_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "study",
-        help="train and measure the variant grid (RoPE, GQA/MQA, windows) and write the report (docs/variants.md)",
+        help="train and measure the variant grid (GQA/MQA, windows, positions, the recipe's switches) and write "
+        "the report (docs/variants.md)",
         description="Trains every variant with the same recipe and seeds on the embedded corpus, measures sizes, "
-        "speeds and validation loss, runs the MHA -> GQA/MQA/RoPE conversion experiment, and writes "
-        "variants.md, variants.json, CSVs and img/*.png into --out.",
+        "speeds, loss and bits per byte over the validation split, loss by position and associative recall, runs "
+        "the MHA -> GQA/MQA and learned -> RoPE conversion experiment, and writes variants.md, variants.json, CSVs "
+        "and img/*.png into --out.",
     )
-    p.add_argument("--quick", action="store_true", help="the smaller scale: about 12 minutes on 2 idle CPU cores")
+    p.add_argument("--quick", action="store_true", help="a fifth of the steps, one seed: to try a change")
     p.add_argument("--scale", choices=["full", "quick", "tiny"], default=None, help="tiny: seconds, for tests")
-    p.add_argument("--out", default="out/study", help="directory for the report (gptlab study --quick --out docs)")
+    p.add_argument("--out", default="out/study", help="directory for the report (gptlab study --out docs)")
     p.add_argument("--runs", default="out/study-runs", help="directory for the training runs (cleared first)")
     p.add_argument("--data", default=None, help="a prepared dataset (default: the embedded corpus, char level)")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument(
+        "--report-from",
+        default=None,
+        metavar="JSON",
+        help="write the report from an earlier run's results (RUNS/results.json or variants.json), training nothing",
+    )
     p.set_defaults(run=run_study)
 
 
@@ -699,13 +707,22 @@ def study_command(args: argparse.Namespace, scale: str) -> str:
 
 
 def run_study(args: argparse.Namespace) -> None:
-    from gptlab.study import check_out_dir, run_study, write_report
+    import json
+
+    from gptlab.study import RESULTS_FILE, check_out_dir, read_results, run_study, write_report
 
     if args.quick and args.scale not in (None, "quick"):
         raise GptlabError(f"--quick and --scale {args.scale} contradict each other; pass one of them")
     scale = "quick" if args.quick else args.scale or "full"
+    if args.report_from is not None:
+        results = read_results(Path(args.report_from))
+        written = write_report(results, args.out)
+        print(f"wrote {len(written)} files into {args.out} from {args.report_from}")
+        return
     check_out_dir(Path(args.out), Path(args.runs))  # before the training, not after it
     results = run_study(scale, args.runs, args.data, args.device, command=study_command(args, scale))
+    # kept with the runs first: a report that fails to render can be written again from them (`--report-from`)
+    (Path(args.runs) / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     written = write_report(results, args.out)
     print(
         f"wrote {len(written)} files into {args.out} in {results['runtime_s']:.0f} s: {Path(args.out) / 'variants.md'}"

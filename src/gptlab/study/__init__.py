@@ -1,20 +1,28 @@
-"""The variant study: what RoPE, GQA/MQA and sliding windows change in size, speed and quality, from one run.
+"""The variant study: what each architecture change and each switch of the tuned recipe does to size, speed,
+quality and reach, from one run.
 
-    gptlab study --quick --out docs     # ~12 minutes on 2 idle CPU cores; writes docs/variants.md and its figures
+    gptlab study --out docs     # about 90 minutes on 2 CPU cores; writes docs/variants.md and its figures
 
-Every variant of `VARIANTS` is a set of `GPTConfig` fields on top of one base model. Each trains with the real
-training loop (`gptlab.train.train`) on the embedded Shakespeare corpus at character level, with the same recipe,
-token budget and seeds (seed s fixes both the data order and the initialisation). Then:
+Every variant of `VARIANTS` is a set of `GPTConfig` fields (and, for the optimizer rows, training fields) on top of
+one base: `make demo`'s model and recipe. Each trains with the real training loop (`gptlab.train.train`) on the
+embedded Shakespeare corpus at character level, with the same token budget and seeds (seed s fixes both the data
+order and the initialisation). Then:
 
+- quality is `gptlab eval` on each trained model: loss and bits per byte over the whole validation split, and loss
+  by position (past the training context for RoPE models);
+- reach is associative recall against distance (`gptlab.probes.associative_recall`), a fresh model of each
+  attention layout trained on the task;
 - sizes come from `gptlab.sizes` (parameters, KV-cache bytes);
 - training tokens/s from each run's own step times; decoding tokens/s from a KV-cached greedy decode at several
   context lengths, the variants taking turns (`gptlab.bench.interleaved_medians`);
 - the conversion experiment (Ainslie et al. 2023, "GQA", §2.1 and §3.3) converts each seed's trained baseline
   to GQA and MQA (mean-pooled K/V heads, and the paper's two ablations: each group's first head, random K/V),
-  and to RoPE (the learned position table dropped), then uptrains each for 5% and 10% of the original steps.
+  and the learned-position model to RoPE (its table dropped), then uptrains each for 5% and 10% of the original
+  steps, against controls uptrained without conversion.
 
 `run_study` returns the results as one JSON-able dict; `write_report` renders docs/variants.md, CSV/JSON and
-plots from that dict alone, so every number and every sentence of the report comes from the run that wrote it.
+plots from that dict alone, so every number and every sentence of the report comes from the run that wrote it
+(`gptlab study --report-from RUNS/results.json` renders it again without training).
 
 One module per job:
 - `grid`: the scales, the variants, the conversions and the shared training recipe (a new variant goes here);
@@ -39,14 +47,14 @@ from gptlab.study.grid import (
     variant_configs,
 )
 from gptlab.study.plots import IMAGES, plot_figures
-from gptlab.study.report import REPORT, check_out_dir, render_report, write_report
+from gptlab.study.report import REPORT, check_out_dir, read_results, render_report, write_report
 from gptlab.study.run import (
+    RESULTS_FILE,
     RUNS_MARKER,
     convert_model,
     decode_speed,
     prepare_runs_dir,
     run_study,
-    step_seconds,
     validation_loss,
 )
 
@@ -56,6 +64,7 @@ __all__ = [
     "FULL",
     "IMAGES",
     "REPORT",
+    "RESULTS_FILE",
     "RUNS_MARKER",
     "SCALES",
     "UPTRAIN_FRACTIONS",
@@ -70,9 +79,9 @@ __all__ = [
     "planned_steps",
     "plot_figures",
     "prepare_runs_dir",
+    "read_results",
     "render_report",
     "run_study",
-    "step_seconds",
     "training_job",
     "validation_loss",
     "variant_configs",

@@ -1,10 +1,10 @@
-"""What the study trains: its scales, the variants of the grid, the conversions of the trained baseline, and the
-training recipe they all share. Adding a variant or a conversion touches this file only."""
+"""What the study trains: its scales, the variants of the grid, the conversions of trained models, the probes,
+and the training recipe they all share. Adding a variant or a conversion touches this file only."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,28 @@ from gptlab.model import GPTConfig
 
 UPTRAIN_FRACTIONS = (0.05, 0.10)  # of the baseline's steps (the GQA paper uptrains with 5% of pre-training)
 # Uptraining draws its batches with seed + UPTRAIN_SEED_OFFSET: fresh text rather than a replay of the first
-# batches of pre-training. Its losses are measured on the baseline's own validation batches.
+# batches of pre-training. Its losses are measured on the source model's own validation batches.
 UPTRAIN_SEED_OFFSET = 1000
-# Uptraining continues at the learning rate the baseline's schedule ended with (its min_lr), decaying to a tenth
-# of that. Re-warming to the original peak was tried first: it set the unconverted control back by 0.05-0.08 in
-# validation loss (2.49 -> 2.57 after 5%, `gptlab study --quick`), so it measured the disruption, not the recovery.
-UPTRAIN_LR = "the baseline's final learning rate (min_lr), decaying to a tenth of it"
+# Uptraining continues at the learning rates the source's schedule ended with (every peak times min_lr / lr),
+# decaying to a tenth of them. Re-warming to the original peak was tried first: it set the unconverted control
+# back by 0.05-0.08 in validation loss (an earlier, shorter study), so it measured the disruption, not the recovery.
+UPTRAIN_LR = "the learning rates the source model's schedule ended with, decaying to a tenth of them"
+# The learning rates of the training config, each scaled alike for uptraining.
+LR_KEYS = ("lr", "muon_lr", "embedding_lr", "head_lr", "scalar_lr")
+
+# `make demo`'s model switches (configs/shakespeare_char.toml): the tuned recipe every variant starts from.
+TUNED_MODEL = {
+    "bias": False,
+    "pos_emb": "rope",
+    "mlp": "relu2",
+    "qk_norm": True,
+    "tie_embeddings": False,
+    "logit_softcap": 15.0,
+}
+# ... and its optimizer: Muon for the blocks' matrices, AdamW at these rates for the rest.
+TUNED_TRAIN = {"optimizer": "muon", "muon_lr": 0.05, "embedding_lr": 1e-2, "head_lr": 4e-3, "scalar_lr": 1e-2}
+# AdamW for every parameter at train.lr, as GPT-2 and nanoGPT train
+ADAMW = {"optimizer": "adamw", "embedding_lr": None, "head_lr": None, "scalar_lr": None}
 
 
 @dataclass(frozen=True)
@@ -29,10 +45,10 @@ class StudyScale:
 
     name: str
     n_layer: int
-    # a multiple of 8, so that n_head/2, n_head/4 and 1 KV head are three different variants
+    # a multiple of 2, so that n_head/2 and 1 KV head are two different variants (n_head > 2)
     n_head: int
     n_embd: int
-    # a multiple of 8 (windows of block/4 and block/8)
+    # a multiple of 8 (windows of block/8)
     block_size: int
     batch_size: int
     max_steps: int
@@ -47,46 +63,60 @@ class StudyScale:
     # tokens decoded (timed) at each context
     decode_tokens: int
     decode_repeats: int
+    # associative recall (`gptlab.probes.associative_recall`): training steps of each probe model, and distances
+    recall_steps: int
+    recall_distances: tuple[int, ...]
+    # loss by position: windows of the split averaged, and how many training contexts long they are for RoPE
+    position_windows: int
+    position_extrapolation: int
+    # the model switches and training fields every variant starts from (a variant's own fields override them)
+    model: dict[str, Any] = field(default_factory=lambda: dict(TUNED_MODEL))
+    train: dict[str, Any] = field(default_factory=lambda: dict(TUNED_TRAIN))
 
     @property
     def tokens_per_run(self) -> int:
         return self.max_steps * self.batch_size * self.block_size
 
 
-# The `make demo` model (configs/shakespeare_char.toml, 8 heads instead of 4) and recipe, three seeds.
+# `make demo`'s model and recipe (configs/shakespeare_char.toml, 700 steps of 16 x 128), two seeds.
 FULL = StudyScale(
     name="full",
     n_layer=4,
-    n_head=8,
+    n_head=4,
     n_embd=128,
     block_size=128,
-    batch_size=32,
-    max_steps=1200,
+    batch_size=16,
+    max_steps=700,
     lr=2e-3,
     min_lr=2e-4,
-    warmup_steps=100,
-    eval_interval=50,
+    warmup_steps=50,
+    eval_interval=70,
     eval_steps=20,
-    seeds=(0, 1, 2),
+    seeds=(0, 1),
     decode_contexts=(32, 128, 512, 2048, 8192),
     decode_tokens=64,
     decode_repeats=7,
+    recall_steps=1200,
+    recall_distances=(4, 8, 16, 32, 48, 64, 96, 120),
+    position_windows=64,
+    position_extrapolation=4,
 )
 SCALES = {
     "full": FULL,
-    # The same model with a tenth of the tokens per run and two seeds: 11-12 minutes on 2 idle CPU cores (measured).
+    # The same models with a fifth of the steps, one seed and a shorter recall probe: to try a change.
     "quick": replace(
         FULL,
         name="quick",
-        batch_size=16,
-        max_steps=250,
-        warmup_steps=25,
-        eval_interval=25,
+        max_steps=140,
+        warmup_steps=10,
+        eval_interval=20,
         eval_steps=8,
-        seeds=(0, 1),
+        seeds=(0,),
         decode_contexts=(32, 128, 512, 2048),
         decode_tokens=32,
         decode_repeats=5,
+        recall_steps=300,
+        position_windows=16,
     ),
     # Seconds, for the tests: every code path, numbers that mean nothing.
     "tiny": replace(
@@ -95,8 +125,8 @@ SCALES = {
         n_layer=2,
         n_embd=32,
         block_size=32,
-        batch_size=4,
         max_steps=8,
+        batch_size=4,
         lr=3e-3,
         min_lr=3e-4,
         warmup_steps=2,
@@ -106,68 +136,112 @@ SCALES = {
         decode_contexts=(8, 32),
         decode_tokens=4,
         decode_repeats=1,
+        recall_steps=3,
+        recall_distances=(4, 16),
+        position_windows=2,
+        position_extrapolation=2,
     ),
 }
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A model of the grid: `fields` are its GPTConfig overrides, given the base config."""
+    """A model of the grid: `model` gives its GPTConfig overrides from the base config, `train` its training
+    overrides; `recall` says whether its attention layout is probed with associative recall (the probe trains a
+    model of its own, so it runs once per attention layout, not for every switch)."""
 
     name: str
     label: str
-    fields: Callable[[GPTConfig], dict[str, Any]]
+    model: Callable[[GPTConfig], dict[str, Any]]
+    train: dict[str, Any] = field(default_factory=dict)
+    recall: bool = False
+    # the group of the grid this variant belongs to (the report's sections and plots)
+    group: str = "attention"
 
 
-BASELINE = "mha"
+BASELINE = "tuned"
+GPT2_MODEL = {
+    "bias": True,
+    "pos_emb": "learned",
+    "mlp": "gelu_tanh",
+    "qk_norm": False,
+    "tie_embeddings": True,
+    "logit_softcap": None,
+}
 VARIANTS = (
-    Variant(BASELINE, "MHA, learned positions (baseline)", lambda c: {}),
-    Variant("rope", "RoPE", lambda c: {"pos_emb": "rope"}),
-    Variant("gqa-half", "GQA, n_head/2 KV heads", lambda c: {"n_kv_head": c.n_head // 2}),
-    Variant("gqa-quarter", "GQA, n_head/4 KV heads", lambda c: {"n_kv_head": c.n_head // 4}),
-    Variant("mqa", "MQA, 1 KV head", lambda c: {"n_kv_head": 1}),
-    Variant("window-4", "window W = block/4", lambda c: {"window": c.block_size // 4}),
-    Variant("window-8", "window W = block/8", lambda c: {"window": c.block_size // 8}),
+    Variant(BASELINE, "the tuned recipe: RoPE, MHA, full attention (baseline)", lambda c: {}, recall=True),
+    # attention: what the issue's grid changes, on top of the tuned recipe
+    Variant("gqa", "GQA, n_head/2 KV heads", lambda c: {"n_kv_head": c.n_head // 2}, recall=True),
+    Variant("mqa", "MQA, 1 KV head", lambda c: {"n_kv_head": 1}, recall=True),
+    Variant("window", "window W = block/8 in every layer", lambda c: {"window": c.block_size // 8}, recall=True),
     Variant(
         "local-global",
-        "local/global: W = block/4, full in every other layer",
-        lambda c: {"window": [c.block_size // 4 if layer % 2 == 0 else None for layer in range(c.n_layer)]},
+        "local/global: W = block/8, full attention in every other layer",
+        lambda c: {"window": [c.block_size // 8 if layer % 2 == 0 else None for layer in range(c.n_layer)]},
+        recall=True,
     ),
+    Variant("learned-pos", "learned positions instead of RoPE", lambda c: {"pos_emb": "learned"}, recall=True),
+    # the recipe's switches, each turned off alone
+    Variant("gelu", "GELU MLP instead of ReLU²", lambda c: {"mlp": "gelu_tanh"}, group="recipe"),
+    Variant("no-qk-norm", "without QK-norm", lambda c: {"qk_norm": False}, group="recipe"),
+    Variant("tied", "LM head tied to the embedding", lambda c: {"tie_embeddings": True}, group="recipe"),
+    Variant("no-softcap", "without logit soft-capping", lambda c: {"logit_softcap": None}, group="recipe"),
+    Variant("adamw", "AdamW for every parameter instead of Muon", lambda c: {}, ADAMW, group="recipe"),
+    # whole architectures
     Variant(
-        "rope-gqa-window",
-        "RoPE + GQA n_head/4 + W = block/4",
-        lambda c: {"pos_emb": "rope", "n_kv_head": c.n_head // 4, "window": c.block_size // 4},
+        "gpt2",
+        "GPT-2: learned positions, GELU, biases, tied head, AdamW",
+        lambda c: GPT2_MODEL,
+        ADAMW,
+        group="architecture",
+    ),  # fmt: skip
+    Variant(
+        "llama",
+        "Llama-like: RoPE, RMSNorm, SwiGLU (8/3 C), GQA n_head/2, untied, AdamW",
+        lambda c: {
+            "norm": "rmsnorm",
+            "mlp": "swiglu",
+            # a multiple of 32 near 8/3 C: the parameters of a 4C two-matrix MLP
+            "mlp_hidden": 32 * round(8 * c.n_embd / 3 / 32),
+            "n_kv_head": c.n_head // 2,
+            "qk_norm": False,
+            "logit_softcap": None,
+        },
+        ADAMW,
+        group="architecture",
     ),
 )
 
 
 @dataclass(frozen=True)
 class Conversion:
-    """The trained baseline converted to a grid variant (`target`, also trained from scratch for comparison).
+    """A trained `source` variant converted to the `target` variant's architecture (also trained from scratch,
+    for comparison). A source converted to itself is the control: the same uptraining without any conversion."""
 
-    The baseline "converted" to itself is the control: the same uptraining without any conversion.
-    """
-
+    source: str
     target: str
     # for GQA/MQA: "mean", "first" or "random" (`gptlab.convert.init_kv_heads`)
-    kv_init: str | None
+    kv_init: str | None = None
 
     @property
     def name(self) -> str:
-        if self.target == BASELINE:
-            return f"{BASELINE}-continued"
-        return f"{self.target}-{self.kv_init}" if self.kv_init else f"{self.target}-from-learned"
+        if self.target == self.source:
+            return f"{self.source}-continued"
+        if self.kv_init:
+            return f"{self.target}-{self.kv_init}"
+        return f"{self.source}-to-{self.target}"
 
 
 CONVERSIONS = (
-    Conversion(BASELINE, None),  # the control: what the uptraining steps bring without any conversion
-    *(Conversion(target, kv_init) for target in ("gqa-quarter", "mqa") for kv_init in KV_INITS),
-    Conversion("rope", None),  # learned -> rotary positions: the position table is dropped
+    Conversion(BASELINE, BASELINE),  # the control: what the uptraining steps bring without any conversion
+    *(Conversion(BASELINE, target, kv_init) for target in ("gqa", "mqa") for kv_init in KV_INITS),
+    Conversion("learned-pos", "learned-pos"),  # the control of the position conversion
+    Conversion("learned-pos", BASELINE),  # learned -> rotary positions: the position table is dropped
 )
 
 
 def base_config(scale: StudyScale, vocab_size: int) -> GPTConfig:
-    """The baseline of a scale: GPT-2's architecture (learned positions, multi-head, full attention), no dropout."""
+    """The baseline of a scale: the tuned recipe's model (RoPE, multi-head, full attention), no dropout."""
     return GPTConfig(
         block_size=scale.block_size,
         vocab_size=vocab_size,
@@ -175,15 +249,21 @@ def base_config(scale: StudyScale, vocab_size: int) -> GPTConfig:
         n_head=scale.n_head,
         n_embd=scale.n_embd,
         dropout=0.0,
+        **scale.model,
     )
 
 
 def variant_configs(scale: StudyScale, vocab_size: int) -> dict[str, GPTConfig]:
     """The grid: each variant's model config, by name."""
-    if scale.n_head % 8 or scale.block_size % 8:
-        raise GptlabError(f"study scale {scale.name!r}: n_head and block_size must be multiples of 8")
+    if scale.n_head % 2 or scale.n_head < 4 or scale.block_size % 8:
+        raise GptlabError(f"study scale {scale.name!r}: n_head must be an even number >= 4, block_size a multiple of 8")
     base = base_config(scale, vocab_size)
-    return {variant.name: base.replace(**variant.fields(base)) for variant in VARIANTS}
+    return {variant.name: base.replace(**variant.model(base)) for variant in VARIANTS}
+
+
+def variant_train(name: str) -> dict[str, Any]:
+    """A variant's training overrides."""
+    return next(variant.train for variant in VARIANTS if variant.name == name)
 
 
 def training_job(
@@ -192,29 +272,33 @@ def training_job(
     data_dir: Path,
     out_dir: Path,
     seed: int,
+    train: dict[str, Any] | None = None,
     max_steps: int | None = None,
     init_from: str = "scratch",
     device: str = "auto",
 ) -> JobConfig:
-    """The shared recipe as a training job. `max_steps` shortens it for uptraining: a fresh warmup + cosine schedule
-    of that many steps (warmup the same fraction as the baseline's) that peaks at the learning rate the baseline
-    ended with and decays to a tenth of it (`UPTRAIN_LR`); `init_from` starts from saved weights, whose config is
-    then the model's (`config` None)."""
+    """The shared recipe as a training job, with a variant's `train` overrides. `max_steps` shortens it for
+    uptraining: a fresh warmup + cosine schedule of that many steps (warmup the same fraction as the baseline's)
+    that peaks at the learning rates the source ended with and decays to a tenth of them (`UPTRAIN_LR`);
+    `init_from` starts from saved weights, whose config is then the model's (`config` None)."""
     steps = max_steps or scale.max_steps
     warmup = round(scale.warmup_steps * steps / scale.max_steps)
-    lr, min_lr = (scale.lr, scale.min_lr) if max_steps is None else (scale.min_lr, scale.min_lr / 10)
+    recipe = {"lr": scale.lr, "min_lr": scale.min_lr, **scale.train, **(train or {})}
+    if max_steps is not None:
+        ended = scale.min_lr / scale.lr  # where the source's cosine schedule left every learning rate
+        recipe.update({key: recipe[key] * ended for key in LR_KEYS if recipe.get(key) is not None})
+        recipe["min_lr"] = recipe["lr"] / 10
     model = {} if config is None else config.to_dict()
     return JobConfig.model_validate(
         {
             "model": model,
             "data": {"dir": str(data_dir)},
             "train": {
+                **recipe,
                 "out_dir": str(out_dir),
                 "init_from": init_from,
                 "batch_size": scale.batch_size,
                 "max_steps": steps,
-                "lr": lr,
-                "min_lr": min_lr,
                 "warmup_steps": warmup,
                 "eval_interval": scale.eval_interval if max_steps is None else steps,
                 "eval_steps": scale.eval_steps,
@@ -222,6 +306,7 @@ def training_job(
                 "keep_checkpoints": 1,
                 "seed": seed,
                 "device": device,
+                "dtype": "float32",
             },
         }
     )
@@ -233,6 +318,8 @@ def uptrain_steps(scale: StudyScale, fraction: float) -> int:
 
 
 def planned_steps(scale: StudyScale) -> int:
-    """Optimizer steps of a whole study at `scale`: the grid, then the uptraining of every conversion."""
+    """Optimizer steps of a whole study at `scale`: the grid, the uptraining of every conversion, and the recall
+    probes (one model per probed variant, first seed)."""
     uptrain = sum(uptrain_steps(scale, fraction) for fraction in UPTRAIN_FRACTIONS)
-    return len(scale.seeds) * (len(VARIANTS) * scale.max_steps + len(CONVERSIONS) * uptrain)
+    recall = scale.recall_steps * sum(variant.recall for variant in VARIANTS)
+    return len(scale.seeds) * (len(VARIANTS) * scale.max_steps + len(CONVERSIONS) * uptrain) + recall

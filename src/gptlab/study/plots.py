@@ -11,8 +11,9 @@ from gptlab.errors import GptlabError
 
 # Where each figure is written, relative to the report's directory (variants.md links them).
 IMAGES = {
-    "val_loss": "img/variants-val-loss.png",
-    "params": "img/variants-params-vs-loss.png",
+    "loss_time": "img/variants-loss-vs-time.png",
+    "recall": "img/variants-recall.png",
+    "positions": "img/variants-loss-by-position.png",
     "kv_cache": "img/variants-kv-cache.png",
     "decode": "img/variants-decode.png",
     "conversion": "img/variants-conversion.png",
@@ -27,41 +28,73 @@ def plot_figures(results: dict[str, Any], directory: Path) -> None:
         raise GptlabError("gptlab study draws its plots with matplotlib: pip install 'gptlab[study]'") from None
     # each figure's drawing and size in inches
     figures = {
-        "val_loss": (val_loss_figure, (8, 5)),
-        "params": (params_figure, (7, 5)),
-        "kv_cache": (kv_cache_figure, (7, 5)),
-        "decode": (decode_figure, (7, 5)),
-        "conversion": (conversion_figure, (7, 5)),
+        "loss_time": (loss_time_figure, (13, 5), 2),
+        "recall": (recall_figure, (7, 5), 1),
+        "positions": (positions_figure, (8, 5), 1),
+        "kv_cache": (kv_cache_figure, (7, 5), 1),
+        "decode": (decode_figure, (7, 5), 1),
+        "conversion": (conversion_figure, (8, 5), 1),
     }
-    for key, (draw, size) in figures.items():
+    for key, (draw, size, panels) in figures.items():
         figure = Figure(figsize=size)
-        draw(results, figure.subplots())
+        draw(results, figure.subplots(1, panels))
         figure.tight_layout()
         path = directory / IMAGES[key]
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=110)
 
 
-def val_loss_figure(results: dict[str, Any], ax) -> None:
-    """Each variant's validation loss (mean over seeds) against training tokens."""
-    scale = results["scale"]
-    tokens_per_step = scale["batch_size"] * scale["block_size"]
-    for record in results["variants"]:
-        curves = list(record["curves"].values())
-        steps = [step for step, _ in curves[0]]
-        mean = [statistics.mean(curve[i][1] for curve in curves) for i in range(len(steps))]
-        ax.plot([s * tokens_per_step for s in steps], mean, label=record["name"], marker=".")
-    ax.set(xlabel="training tokens", ylabel="validation loss (mean over seeds)", title="Validation loss")
+def _mean_curve(record: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """A variant's validation curve averaged over seeds: (training seconds, loss) at each evaluation."""
+    curves = list(record["curves"].values())
+    points = range(len(curves[0]))
+    seconds = [statistics.mean(curve[i][2] for curve in curves) for i in points]
+    return seconds, [statistics.mean(curve[i][1] for curve in curves) for i in points]
+
+
+def loss_time_figure(results: dict[str, Any], axes) -> None:
+    """Validation loss against training time, mean over seeds: the attention and position variants on the left,
+    the recipe's switches and the whole architectures on the right, the baseline on both."""
+    panels = (
+        (axes[0], ("attention",), "Attention and positions"),
+        (axes[1], ("recipe", "architecture"), "Recipe switches and architectures"),
+    )
+    for ax, groups, title in panels:
+        for record in results["variants"]:
+            if record["group"] in groups or record["name"] == results["baseline"]:
+                style = {"color": "black", "linewidth": 2.5} if record["name"] == results["baseline"] else {}
+                ax.plot(*_mean_curve(record), label=record["name"], marker=".", **style)
+        ax.set(xlabel="training time (s, this machine)", ylabel="validation loss (mean over seeds)", title=title)
+        lows = [min(_mean_curve(r)[1]) for r in results["variants"]]
+        ax.set_ylim(min(lows) - 0.05, min(lows) + 1.0)  # the end of training, where the variants differ
+        ax.legend(fontsize="small")
+
+
+def recall_figure(results: dict[str, Any], ax) -> None:
+    """Associative-recall accuracy against distance, with chance and each windowed variant's reach."""
+    from gptlab.study.report import reach
+
+    probed = [r for r in results["variants"] if r.get("recall")]
+    for record in probed:
+        line = ax.plot(record["recall"]["distances"], record["recall"]["accuracy"], marker="o", label=record["name"])
+        limit = reach(record["config"]["window"], results["scale"]["n_layer"])
+        if limit is not None:
+            ax.axvline(limit, color=line[0].get_color(), linestyle=":", label=f"reach of {record['name']}")
+    if probed:
+        ax.axhline(probed[0]["recall"]["chance"], color="grey", linestyle="--", label="chance")
+    ax.set(xlabel="distance d (tokens)", ylabel="share of values recalled", title="Associative recall", ylim=(0, 1))
     ax.legend(fontsize="small")
 
 
-def params_figure(results: dict[str, Any], ax) -> None:
-    """Parameters against final validation loss (mean ± sd over seeds), one labelled point per variant."""
+def positions_figure(results: dict[str, Any], ax) -> None:
+    """Loss by position (each bucket at its last position), with the training context marked."""
     for record in results["variants"]:
-        ax.errorbar(record["params"], record["val_loss_mean"], yerr=record["val_loss_sd"], fmt="o", capsize=3)
-        ax.annotate(record["name"], (record["params"], record["val_loss_mean"]), fontsize="small",
-                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
-    ax.set(xlabel="parameters", ylabel="final validation loss (mean ± sd)", title="Parameters and quality")
+        positions = record["positions"]
+        ax.plot([b - 1 for _, b in positions["buckets"]][1:], positions["loss"][1:], marker=".", label=record["name"])
+    ax.axvline(results["scale"]["block_size"], color="grey", linestyle=":", label="training context")
+    ax.set(xscale="log", xlabel="position in the window (bucket end)", ylabel="mean loss (nats)",
+           title="Loss by position")  # fmt: skip
+    ax.legend(fontsize="small", ncol=2)
 
 
 def kv_cache_figure(results: dict[str, Any], ax) -> None:
@@ -91,8 +124,12 @@ def conversion_figure(results: dict[str, Any], ax) -> None:
     keys = ["converted", *(f"uptrained_{round(100 * f)}pct" for f in results["uptrain_fractions"])]
     for record in results["conversions"]:
         ax.plot(xs, [record[f"{key}_mean"] for key in keys], marker="o", label=record["name"])
-    base = next(record for record in results["variants"] if record["name"] == results["baseline"])
-    ax.axhline(base["val_loss_mean"], color="black", linestyle="--", label="baseline (MHA)")
+    ax.set_yscale("log")
+    variants = {record["name"]: record for record in results["variants"]}
+    for source in dict.fromkeys(record["source"] for record in results["conversions"]):
+        ax.axhline(variants[source]["val_loss_mean"], color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"{source} (source)", (xs[-1], variants[source]["val_loss_mean"]), fontsize="small",
+                    ha="right", va="bottom")  # fmt: skip
     ax.set(xlabel="uptraining (% of the original steps)", ylabel="validation loss (mean over seeds)",
-           title="Conversion from the trained baseline, then uptraining")  # fmt: skip
+           title="Conversion of trained models, then uptraining")  # fmt: skip
     ax.legend(fontsize="small")

@@ -74,29 +74,57 @@ def _window_text(window: Any) -> str:
 # ------------------------------------------------------------------------------------------------- findings
 
 
-def _compare_loss(delta: float, noise: float) -> str:
+def _base(results: dict[str, Any]) -> dict[str, Any]:
+    return _by_name(results)[results["baseline"]]
+
+
+def _noise(a: dict[str, Any], b: dict[str, Any], key: str = "eval_loss") -> float:
+    """The seed spread two mean losses are compared against: the sum of their standard deviations."""
+    return a[f"{key}_sd"] + b[f"{key}_sd"]
+
+
+def _compare_loss(delta: float, noise: float, what: str = "the baseline") -> str:
     """How a loss difference reads against the seed-to-seed spread `noise`."""
     if abs(delta) <= noise:
-        return f"within the seed spread (difference {delta:+.4f}, spread ±{noise:.4f})"
+        return f"within the seed spread of {what} (difference {delta:+.4f}, spread ±{noise:.4f})"
     direction = "higher" if delta > 0 else "lower"
-    return f"{abs(delta):.4f} {direction} than the baseline, beyond the seed spread (±{noise:.4f})"
+    return f"{abs(delta):.4f} {direction} than {what}, beyond the seed spread (±{noise:.4f})"
 
 
-def variant_finding(record: dict[str, Any], base: dict[str, Any], short: str, long: str) -> str:
+def loss_delta(record: dict[str, Any], base: dict[str, Any]) -> str:
+    """The table's Δ cell: the difference to the baseline, starred when it exceeds the seed spread."""
+    delta = record["eval_loss_mean"] - base["eval_loss_mean"]
+    if record is base:
+        return ""
+    return f"{delta:+.4f}" + (" *" if abs(delta) > _noise(record, base) else "")
+
+
+def kv_at(results: dict[str, Any], name: str, context: int) -> int:
+    """KV-cache bytes of variant `name` at `context` tokens (one of `kv_cache_vs_context`'s lengths)."""
+    kv = results["kv_cache_vs_context"]
+    return kv[name][kv["contexts"].index(context)]
+
+
+def longest_kv_context(results: dict[str, Any]) -> int:
+    return results["kv_cache_vs_context"]["contexts"][-1]
+
+
+def variant_finding(record: dict[str, Any], base: dict[str, Any], results: dict[str, Any]) -> str:
     """One computed sentence: what the variant changes against the baseline."""
+    short, long = _decode_contexts(results)
     parts = []
     if record["params"] != base["params"]:
         change = record["params"] - base["params"]
         parts.append(f"{change:+,} parameters ({100 * change / base['params']:+.1f}%)")
     else:
         parts.append("the same parameters")
-    kv_ratio = base["kv_bytes_full_context"] / record["kv_bytes_full_context"]
+    context = longest_kv_context(results)
+    kv_ratio = kv_at(results, base["name"], context) / kv_at(results, record["name"], context)
     if kv_ratio != 1:
-        parts.append(f"a KV cache {kv_ratio:.3g}× smaller at full context")
-    noise = record["val_loss_sd"] + base["val_loss_sd"]
+        parts.append(f"a KV cache {kv_ratio:.3g}× smaller at {context:,} tokens of context")
     parts.append(
-        f"validation loss {loss(record['val_loss_mean'])}, "
-        + _compare_loss(record["val_loss_mean"] - base["val_loss_mean"], noise)
+        f"loss {loss(record['eval_loss_mean'])}, "
+        + _compare_loss(record["eval_loss_mean"] - base["eval_loss_mean"], _noise(record, base))
     )
     speeds = record["decode_tokens_per_s"], base["decode_tokens_per_s"]
     parts.append(
@@ -108,13 +136,394 @@ def variant_finding(record: dict[str, Any], base: dict[str, Any], short: str, lo
 
 
 def loss_extremes(results: dict[str, Any]) -> str:
-    """The lowest and highest mean validation loss of the grid, computed."""
-    ranked = sorted(results["variants"], key=lambda r: r["val_loss_mean"])
+    """The lowest and highest mean loss of the grid, computed."""
+    ranked = sorted(results["variants"], key=lambda r: r["eval_loss_mean"])
     lowest, highest = ranked[0], ranked[-1]
     return (
-        f"- Lowest mean validation loss: `{lowest['name']}` ({loss(lowest['val_loss_mean'])}); highest: "
-        f"`{highest['name']}` ({loss(highest['val_loss_mean'])}), a spread of "
-        f"{highest['val_loss_mean'] - lowest['val_loss_mean']:.4f} across the grid."
+        f"- Lowest mean loss: `{lowest['name']}` ({loss(lowest['eval_loss_mean'])}); highest: "
+        f"`{highest['name']}` ({loss(highest['eval_loss_mean'])}), a spread of "
+        f"{highest['eval_loss_mean'] - lowest['eval_loss_mean']:.4f} across the grid."
+    )
+
+
+def reach(window: Any, n_layer: int) -> int | None:
+    """How far back a stack of attention layers can pass information: L * (W - 1) for windows of W in every
+    layer (summed per layer when they differ), None (the whole context) when any layer attends fully."""
+    windows = window if isinstance(window, list) else [window] * n_layer
+    if any(w is None for w in windows):
+        return None
+    return sum(w - 1 for w in windows)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def recall_finding(record: dict[str, Any], base: dict[str, Any], n_layer: int) -> str:
+    """A probed variant's recall against the baseline's, split at its reach when it has one."""
+    probe, reference = record["recall"], base["recall"]
+    distances, accuracy = probe["distances"], probe["accuracy"]
+    limit = reach(record["config"]["window"], n_layer)
+    if limit is None:
+        mean, base_mean = _mean(accuracy), _mean(reference["accuracy"])
+        return (
+            f"- `{record['name']}`: mean accuracy {mean:.2f} over all distances (the baseline {base_mean:.2f}); "
+            f"lowest {min(accuracy):.2f}, at distance {distances[accuracy.index(min(accuracy))]}."
+        )
+    inside = [a for d, a in zip(distances, accuracy, strict=True) if d <= limit]
+    beyond = [a for d, a in zip(distances, accuracy, strict=True) if d > limit]
+    base_in = [a for d, a in zip(distances, reference["accuracy"], strict=True) if d <= limit]
+    base_out = [a for d, a in zip(distances, reference["accuracy"], strict=True) if d > limit]
+    text = f"- `{record['name']}` (reach {limit} positions): mean accuracy "
+    if inside:
+        text += f"{_mean(inside):.2f} at distances up to {limit} (the baseline {_mean(base_in):.2f})"
+    if beyond:
+        text += (", " if inside else "") + f"{_mean(beyond):.2f} beyond (the baseline {_mean(base_out):.2f}; "
+        text += f"chance {probe['chance']:.3f})"
+    return text + "."
+
+
+def position_finding(record: dict[str, Any], block_size: int) -> str:
+    """Loss inside the context (its last bucket) against the buckets past it, for a model measured beyond it."""
+    positions = record["positions"]
+    inside = [(a, b, v) for (a, b), v in zip(positions["buckets"], positions["loss"], strict=True) if b <= block_size]
+    beyond = [(a, b, v) for (a, b), v in zip(positions["buckets"], positions["loss"], strict=True) if a >= block_size]
+    first = next(v for a, b, v in inside if a >= 1) if len(inside) > 1 else inside[0][2]
+    a, b, last = inside[-1]
+    text = f"- `{record['name']}`: {first:.3f} at position 1, {last:.3f} at {a}–{b - 1}"
+    if beyond:
+        text += ", then past the training context " + ", ".join(f"{v:.3f} at {a}–{b - 1}" for a, b, v in beyond)
+    return text + "."
+
+
+# -------------------------------------------------------------------------------------------------- sections
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """docs/variants.md from the results dict alone: tables, computed findings, figures, runtime."""
+    sections = (
+        title_section,
+        setup_section,
+        use_section,
+        grid_section,
+        recall_section,
+        positions_section,
+        conversion_section,
+        runtime_section,
+    )
+    return "\n".join(line for section in sections for line in section(results))
+
+
+def machine(results: dict[str, Any]) -> str:
+    hw = results["hardware"]
+    return f"{hw['cpu']}, {hw['cpu_count']} CPU cores, {hw['torch_threads']} torch threads" + (
+        f", {hw['gpu']}" if "gpu" in hw else ""
+    )
+
+
+def title_section(results: dict[str, Any]) -> list[str]:
+    """The title, and which command made the page on which machine."""
+    hw = results["hardware"]
+    return [
+        "# What each variant changes: size, speed, quality and reach",
+        "",
+        "<!-- Generated by `gptlab study` (src/gptlab/study/) from variants.json; rerun the command to update. -->",
+        "",
+        f"Generated by `{results['command']}` in {duration(results['runtime_s'])} on {machine(results)} "
+        f"(torch {hw['torch']}, device {results['device']}), {results['date']}. Every number and figure here "
+        "comes from that run; the raw figures are in [variants.json](variants.json), "
+        "[variants.csv](variants.csv) and [variants-conversion.csv](variants-conversion.csv).",
+        "",
+    ]
+
+
+def setup_section(results: dict[str, Any]) -> list[str]:
+    """The model, data and recipe every variant shares, and how each figure is measured."""
+    scale = results["scale"]
+    seeds = ", ".join(str(s) for s in scale["seeds"])
+    tokens = scale["max_steps"] * scale["batch_size"] * scale["block_size"]
+    train = scale["train"]
+    return [
+        "## Setup",
+        "",
+        f"Scale `{scale['name']}`. The baseline is `make demo`'s model and recipe (configs/shakespeare_char.toml): "
+        f"{scale['n_layer']} layers, {scale['n_head']} heads, C = {scale['n_embd']}, context "
+        f"{scale['block_size']}, rotary positions, a ReLU² MLP, QK-norm, an untied head soft-capped at "
+        f"{scale['model']['logit_softcap']:g}, no biases; Muon (lr {train['muon_lr']:g}) for the blocks' matrices "
+        f"and AdamW for the rest; {scale['max_steps']} steps of {scale['batch_size']} × {scale['block_size']} "
+        f"characters ({tokens:,} tokens), warmup {scale['warmup_steps']} steps, cosine decay to "
+        f"{scale['min_lr']:g}/{scale['lr']:g} of every peak. Each other row changes one thing (or, for `gpt2` and "
+        "`llama`, a whole architecture) and keeps the rest. AdamW rows train every parameter at "
+        f"{scale['lr']:g}. Data: the embedded Shakespeare corpus at character level (vocabulary "
+        f"{results['data']['vocab_size']}, {results['data']['train_tokens']:,} training and "
+        f"{results['data']['val_tokens']:,} validation characters). A seed fixes both the data order and the "
+        f"initialisation; every row trains with seeds {seeds}.",
+        "",
+        "How each figure is measured:",
+        "",
+        "- **loss** and **bpb**: `gptlab eval` on each trained model over the whole validation split "
+        "(non-overlapping windows of the model's context; nats per character, bits per UTF-8 byte), mean ± "
+        f"standard deviation over the {len(scale['seeds'])} seeds. With so few seeds the standard deviation is "
+        "itself rough: a difference is called real (starred in the tables) only when it exceeds the sum of the two "
+        "rows' standard deviations, and findings below the spread are reported as such.",
+        "- **loss by position**: `gptlab eval --task positions`, the mean loss at each position over "
+        f"{scale['position_windows']} windows of the split, in doubling buckets; RoPE models are measured on "
+        f"windows {scale['position_extrapolation']}× their training context, to show whether they extrapolate.",
+        "- **associative recall** (`gptlab.probes.associative_recall`, multi-query associative recall as in Arora "
+        'et al. 2023, "Zoology"): a fresh model of the row\'s architecture is trained on the task for '
+        f"{scale['recall_steps']} steps (batch 32, AdamW 1e-3, seed {scale['seeds'][0]}), then asked for the value "
+        "of keys seen d positions earlier, one d per row of "
+        f"{scale['block_size']} tokens; accuracy over 64 rows × up to 6 queries "
+        "per distance (a binomial standard error of at most 0.03). One training seed per architecture: its "
+        "seed-to-seed spread is not measured. Only the rows that change attention or positions are probed.",
+        "- **sizes**: exact (`gptlab.sizes`; the KV cache in fp32 for one sequence).",
+        "- **speed**: training tokens/s from each run's median step time, the runs one after another; decoding "
+        f"tokens/s from a KV-cached greedy decode of {scale['decode_tokens']} tokens, batch 1, after a prompt of "
+        f"each length, the variants taking turns (median of {scale['decode_repeats']} rounds) with random weights. "
+        "Absolute times drift on a shared machine; the ratios to the baseline are the robust figures.",
+        "",
+    ]
+
+
+def use_section(results: dict[str, Any]) -> list[str]:
+    """What to use when: one computed line per question a user of the switches has."""
+    variants, base = _by_name(results), _base(results)
+    context = longest_kv_context(results)
+    short, long = _decode_contexts(results)
+    lines = ["## What to use when", "", "Each line follows from the tables below (loss: whole validation split).", ""]
+
+    def cost(name: str) -> str:
+        record = variants[name]
+        return _compare_loss(record["eval_loss_mean"] - base["eval_loss_mean"], _noise(record, base))
+
+    def kv_smaller(name: str) -> str:
+        return f"{kv_at(results, base['name'], context) / kv_at(results, name, context):.3g}×"
+
+    def recall_mean(name: str) -> str:
+        probe = variants[name].get("recall")
+        return f"{_mean(probe['accuracy']):.2f}" if probe else "not probed"
+
+    if "gqa" in variants and "mqa" in variants:
+        lines.append(
+            f"- **Short of memory for the KV cache (long prompts, large batches)**: GQA with n_head/2 KV heads keeps "
+            f"a cache {kv_smaller('gqa')} smaller and its loss is {cost('gqa')}; MQA's is {kv_smaller('mqa')} "
+            f"smaller and its loss {cost('mqa')}. Mean recall accuracy: baseline {recall_mean(base['name'])}, GQA "
+            f"{recall_mean('gqa')}, MQA {recall_mean('mqa')}. {decode_gain(variants, base, long)}"
+        )
+    if "window" in variants and "local-global" in variants:
+        window = variants["window"]
+        limit = reach(window["config"]["window"], results["scale"]["n_layer"])
+        lines.append(
+            f"- **Contexts longer than memory allows**: a window on every layer bounds the cache "
+            f"({kv_smaller('window')} smaller at {context:,} tokens) at a loss {cost('window')}, but cannot "
+            f"recall past its reach of {limit} positions (see the recall table); alternating windowed and full "
+            "layers (`local-global`) keeps the whole context in reach with a cache "
+            f"{kv_smaller('local-global')} smaller and a loss {cost('local-global')}."
+        )
+    if "learned-pos" in variants:
+        learned = variants["learned-pos"]
+        lines.append(
+            f"- **Positions**: RoPE (the baseline) against a learned table: the learned table's loss is "
+            f"{cost('learned-pos')}, it adds {learned['params'] - base['params']:,} parameters and cannot run past "
+            "its training context at all; whether RoPE runs usefully past it is in the loss-by-position table."
+        )
+    switches = [r for r in results["variants"] if r["group"] == "recipe"]
+    if switches:
+        ranked = sorted(switches, key=lambda r: r["eval_loss_mean"] - base["eval_loss_mean"], reverse=True)
+        worth = ", ".join(
+            f"{r['name']} {r['eval_loss_mean'] - base['eval_loss_mean']:+.4f}"
+            + ("" if abs(r["eval_loss_mean"] - base["eval_loss_mean"]) > _noise(r, base) else " (within spread)")
+            for r in ranked
+        )
+        lines.append(
+            "- **The training recipe**: turning each switch off alone changes the loss by (largest first): "
+            f"{worth}. Keep the switches whose removal costs more than the spread."
+        )
+    for name in ("gpt2", "llama"):
+        if name in variants:
+            lines.append(
+                f"- **{variants[name]['label']}**: loss {loss(variants[name]['eval_loss_mean'])}, {cost(name)}."
+            )
+    last = _uptrain_keys(results)[-1]
+    kv = [c for c in results["conversions"] if c["kv_init"]]
+    if kv:
+        best = min(kv, key=lambda c: c[f"{last}_mean"])
+        lines.append(
+            f"- **Already have a trained multi-head model**: convert it ({KV_INIT_LABELS[best['kv_init']]} K/V was "
+            f"best here, `{best['name']}`: {loss(best[f'{last}_mean'])} after {results['uptrain_fractions'][-1]:.0%} "
+            f"uptraining, against {loss(variants[best['target']]['val_loss_mean'])} for the same architecture "
+            "trained from scratch; validation batches of the training loop) rather than train again."
+        )
+    return [*lines, ""]
+
+
+def decode_gain(variants: dict[str, dict[str, Any]], base: dict[str, Any], context: str) -> str:
+    """Whether fewer KV heads made decoding faster at the longest context measured."""
+    speeds = {name: variants[name]["decode_tokens_per_s"][context] / base["decode_tokens_per_s"][context]
+              for name in ("gqa", "mqa")}  # fmt: skip
+    text = f"With {context} tokens of context GQA decodes at {speeds['gqa']:.2f}× and MQA at {speeds['mqa']:.2f}× "
+    if max(speeds.values()) < 1.1:
+        return text + (
+            "the baseline's speed: at this size decoding is not limited by reading the cache, so the gain is "
+            "memory, not speed."
+        )
+    return text + "the baseline's speed."
+
+
+def grid_section(results: dict[str, Any]) -> list[str]:
+    """The grid's table, the findings computed from it, and its figures."""
+    base = _base(results)
+    short, long = _decode_contexts(results)
+    context = longest_kv_context(results)
+    return [
+        "## The grid",
+        "",
+        "Δ is the loss difference to the baseline; * marks one beyond the seed spread (the sum of the two standard "
+        "deviations).",
+        "",
+        "| variant | change | parameters | KV cache per token | KV cache at "
+        f"{context:,} tokens | training tokens/s | decode tokens/s at {short} | decode tokens/s at {long} | "
+        "loss | Δ | bpb |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(_grid_row(record, base, results) for record in results["variants"]),
+        "",
+        "Findings, each computed from the table:",
+        "",
+        loss_extremes(results),
+        *(variant_finding(r, base, results) for r in results["variants"] if r["name"] != results["baseline"]),
+        "",
+        f"![validation loss against training time]({IMAGES['loss_time']})",
+        "",
+        f"![KV cache against context length]({IMAGES['kv_cache']})",
+        "",
+        f"![decoding speed against context length]({IMAGES['decode']})",
+        "",
+    ]
+
+
+def _grid_row(record: dict[str, Any], base: dict[str, Any], results: dict[str, Any]) -> str:
+    short, long = _decode_contexts(results)
+    decode, base_decode = record["decode_tokens_per_s"], base["decode_tokens_per_s"]
+    context = longest_kv_context(results)
+    return (
+        f"| `{record['name']}` | {record['label']} | {record['params']:,} | {record['kv_bytes_per_token']:,} B | "
+        f"{kib(kv_at(results, record['name'], context))} | {record['train_tokens_per_s']:,.0f} "
+        f"({ratio(record['train_tokens_per_s'], base['train_tokens_per_s'])}) | {decode[short]:,.0f} "
+        f"({ratio(decode[short], base_decode[short])}) | {decode[long]:,.0f} "
+        f"({ratio(decode[long], base_decode[long])}) | "
+        f"{loss_pm(record['eval_loss_mean'], record['eval_loss_sd'])} | {loss_delta(record, base)} | "
+        f"{record['eval_bpb_mean']:.4f} |"
+    )
+
+
+def recall_section(results: dict[str, Any]) -> list[str]:
+    """Associative recall against distance, for every probed variant."""
+    probed = [r for r in results["variants"] if r.get("recall")]
+    if not probed:
+        return []
+    base, n_layer = _base(results), results["scale"]["n_layer"]
+    distances = probed[0]["recall"]["distances"]
+    rows = []
+    for record in probed:
+        limit = reach(record["config"]["window"], n_layer)
+        probe = record["recall"]
+        cells = " | ".join(f"{a:.2f}" for a in probe["accuracy"])
+        rows.append(
+            f"| `{record['name']}` | {'whole context' if limit is None else limit} | {cells} | "
+            f"{probe['final_loss']:.3f} | {probe['seconds']:.0f} s |"
+        )
+    return [
+        "## Reach: associative recall against distance",
+        "",
+        f"Share of queried values recalled at each distance (chance {probed[0]['recall']['chance']:.3f}). A stack "
+        f"of {n_layer} layers with windows of W tokens can pass information at most {n_layer} · (W − 1) positions "
+        "back (the reach column).",
+        "",
+        "| variant | reach | " + " | ".join(f"d = {d}" for d in distances) + " | final training loss | time |",
+        "| --- | ---: | " + " | ".join("---:" for _ in distances) + " | ---: | ---: |",
+        *rows,
+        "",
+        *(recall_finding(r, base, n_layer) for r in probed if r is not base),
+        "",
+        f"![associative recall against distance]({IMAGES['recall']})",
+        "",
+    ]
+
+
+def positions_section(results: dict[str, Any]) -> list[str]:
+    """Loss by position, inside the training context and, for RoPE models, past it."""
+    block = results["scale"]["block_size"]
+    longest = max(results["variants"], key=lambda r: r["positions"]["length"])
+    buckets = [tuple(b) for b in longest["positions"]["buckets"]]
+    rows = []
+    for record in results["variants"]:
+        by_bucket = dict(
+            zip((tuple(b) for b in record["positions"]["buckets"]), record["positions"]["loss"], strict=True)
+        )
+        cells = " | ".join(f"{by_bucket[b]:.3f}" if b in by_bucket else "—" for b in buckets)
+        rows.append(f"| `{record['name']}` | {cells} |")
+    header = " | ".join(f"{a}" if b - a == 1 else f"{a}–{b - 1}" for a, b in buckets)
+    beyond = [r for r in results["variants"] if r["positions"]["length"] > block]
+    return [
+        "## Loss by position",
+        "",
+        f"Mean loss (nats) of the targets at each position of a window, by bucket; the training context is {block}. "
+        "Learned-position models have no rows past it (—).",
+        "",
+        f"| variant | {header} |",
+        "| --- | " + " | ".join("---:" for _ in buckets) + " |",
+        *rows,
+        "",
+        *(position_finding(r, block) for r in beyond if r["group"] == "attention"),
+        "",
+        f"![loss by position]({IMAGES['positions']})",
+        "",
+    ]
+
+
+def conversion_section(results: dict[str, Any]) -> list[str]:
+    """The conversion experiment: the method, its table, the findings and the figure."""
+    fractions = results["uptrain_fractions"]
+    return [
+        "## Converting trained models (Ainslie et al. 2023)",
+        "",
+        "Each seed's trained source model is converted (`gptlab.convert`) and evaluated on that seed's validation "
+        "batches (the training loop's, not the whole split) right away, then uptrained with the same batch size "
+        "and optimizer for "
+        + " and ".join(f"{f:.0%}" for f in fractions)
+        + f" of the original steps (a fresh warmup + cosine schedule of that length peaking at {UPTRAIN_LR}, on "
+        "batches the source did not start with). Multi-head → GQA/MQA compares the paper's method, "
+        "mean-pooling each group's key and value heads, with its two ablations: keeping each group's first head, "
+        "and initialising K/V at random "
+        "(the paper found mean-pooling best, then the first head, then random; §3.3, Figure 4). "
+        "Learned → RoPE drops the position table of the `learned-pos` row. Each source's `-continued` row is its "
+        'control: the source uptrained the same way, unconverted. "From scratch" is the grid\'s model of the '
+        "target architecture, trained with the full budget, on the same kind of validation batches.",
+        "",
+        "| conversion | from | K/V | right after conversion | "
+        + " | ".join(f"after {f:.0%} uptraining" for f in fractions)
+        + " | from scratch |",
+        "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in fractions) + " | ---: |",
+        *(_conversion_row(results, record) for record in results["conversions"]),
+        "",
+        *conversion_findings(results),
+        "",
+        f"![conversion and uptraining]({IMAGES['conversion']})",
+        "",
+    ]
+
+
+def _conversion_row(results: dict[str, Any], record: dict[str, Any]) -> str:
+    scratch = _by_name(results)[record["target"]]
+    if record["target"] == record["source"]:
+        method = "(no conversion: the control)"
+    else:
+        method = KV_INIT_LABELS[record["kv_init"]] if record["kv_init"] else "(position table dropped)"
+    cells = [loss_pm(record[f"{key}_mean"], record[f"{key}_sd"]) for key in ["converted", *_uptrain_keys(results)]]
+    return (
+        f"| `{record['name']}` | `{record['source']}` | {method} | "
+        + " | ".join(cells)
+        + f" | {loss_pm(scratch['val_loss_mean'], scratch['val_loss_sd'])} |"
     )
 
 
@@ -123,51 +532,59 @@ def _versus(value: float, reference: float, what: str) -> str:
 
 
 def conversion_findings(results: dict[str, Any]) -> list[str]:
-    """Computed sentences: the control, then for each conversion target the methods against each other and the
-    uptrained models against the baseline trained on for as long (the control) and against training from scratch."""
+    """Computed sentences, per source: its control, then for each target the methods against each other and the
+    uptrained models against the source trained on for as long (the control) and against training from scratch."""
     variants = _by_name(results)
-    base = variants[results["baseline"]]
     fractions = results["uptrain_fractions"]
     last = _uptrain_keys(results)[-1]
-    by_target: dict[str, list[dict[str, Any]]] = {}
-    for record in results["conversions"]:
-        by_target.setdefault(record["target"], []).append(record)
-    (control,) = by_target.pop(results["baseline"])
-    continued = control[f"{last}_mean"]
-    lines = [
-        f"- **Control**: the baseline itself, trained on for {fractions[-1]:.0%} of the steps with the same "
-        f"uptraining schedule, goes from {loss(base['val_loss_mean'])} to {loss(continued)}. The uptrained "
-        "conversions are measured against it, so that what the extra steps alone bring is not credited to them."
-    ]
-    for target, records in by_target.items():
-        if records[0]["kv_init"] is None:
-            (record,) = records
-            lines.append(_rope_finding(results, record, variants[target], continued))
-        else:
-            lines.append(_kv_init_finding(results, records, variants[target], continued))
+    lines = []
+    sources = dict.fromkeys(record["source"] for record in results["conversions"])
+    for source in sources:
+        records = [r for r in results["conversions"] if r["source"] == source]
+        (control,) = [r for r in records if r["target"] == source]
+        continued = control[f"{last}_mean"]
+        lines.append(
+            f"- **Control, `{source}`**: trained on for {fractions[-1]:.0%} of the steps with the same uptraining "
+            f"schedule, it goes from {loss(variants[source]['val_loss_mean'])} to {loss(continued)}. Its "
+            "conversions are measured against it, so that what the extra steps alone bring is not credited to them."
+        )
+        by_target: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            if record is not control:
+                by_target.setdefault(record["target"], []).append(record)
+        for target, group in by_target.items():
+            if group[0]["kv_init"] is None:
+                (record,) = group
+                lines.append(_rope_finding(results, record, variants[source], variants[target], continued))
+            else:
+                lines.append(_kv_init_finding(results, group, variants[source], variants[target], continued))
     return lines
 
 
-def _rope_finding(results: dict[str, Any], record: dict[str, Any], scratch: dict[str, Any], continued: float) -> str:
+def _rope_finding(
+    results: dict[str, Any], record: dict[str, Any], source: dict[str, Any], scratch: dict[str, Any], continued: float
+) -> str:
     """Learned positions converted to RoPE: what dropping the table costs, and what uptraining recovers."""
-    base = _by_name(results)[results["baseline"]]
     fraction, last = results["uptrain_fractions"][-1], _uptrain_keys(results)[-1]
-    lost = record["converted_mean"] - base["val_loss_mean"]
+    lost = record["converted_mean"] - source["val_loss_mean"]
     return (
         f"- **Learned positions → RoPE**: dropping the position table "
-        f"{'raises' if lost > 0 else 'lowers'} the validation loss from {loss(base['val_loss_mean'])} to "
+        f"{'raises' if lost > 0 else 'lowers'} the validation loss from {loss(source['val_loss_mean'])} to "
         f"{loss(record['converted_mean'])} ({lost:+.4f}). Uptraining with {fraction:.0%} of the steps "
         f"brings it to {loss(record[f'{last}_mean'])}, "
-        f"{_versus(record[f'{last}_mean'], continued, 'the continued baseline')}; RoPE trained from scratch "
-        f"reaches {loss(scratch['val_loss_mean'])}."
+        f"{_versus(record[f'{last}_mean'], continued, 'the continued learned-position model')}; RoPE trained from "
+        f"scratch reaches {loss(scratch['val_loss_mean'])}."
     )
 
 
 def _kv_init_finding(
-    results: dict[str, Any], records: list[dict[str, Any]], scratch: dict[str, Any], continued: float
+    results: dict[str, Any],
+    records: list[dict[str, Any]],
+    source: dict[str, Any],
+    scratch: dict[str, Any],
+    continued: float,
 ) -> str:
     """Multi-head converted to fewer K/V heads: the K/V initialisations ranked against the paper's order."""
-    base = _by_name(results)[results["baseline"]]
     fractions = results["uptrain_fractions"]
     first, last = _uptrain_keys(results)[0], _uptrain_keys(results)[-1]
     after = ", ".join(f"{KV_INIT_LABELS[c['kv_init']]} {loss(c['converted_mean'])}" for c in records)
@@ -184,177 +601,32 @@ def _kv_init_finding(
     best = min(records, key=lambda c: c[f"{last}_mean"])
     value = best[f"{last}_mean"]
     return (
-        f"- **{scratch['label']}**: right after conversion {after} (the baseline: "
-        f"{loss(base['val_loss_mean'])}). After {fractions[0]:.0%} uptraining (the paper's setting) the order is "
+        f"- **{scratch['label']}**: right after conversion {after} (the source: "
+        f"{loss(source['val_loss_mean'])}). After {fractions[0]:.0%} uptraining (the paper's setting) the order is "
         f"{order}, {'which is' if agrees else 'which is not'} the paper's order. After {fractions[-1]:.0%} the "
         f"best is {KV_INIT_LABELS[best['kv_init']]} at {loss(value)}, "
-        f"{_versus(value, continued, 'the continued baseline')} and "
+        f"{_versus(value, continued, 'the continued source')} and "
         f"{_versus(value, scratch['val_loss_mean'], 'the same architecture trained from scratch')} "
         f"({loss(scratch['val_loss_mean'])})."
     )
 
 
-# -------------------------------------------------------------------------------------------------- sections
-
-
-def render_report(results: dict[str, Any]) -> str:
-    """docs/variants.md from the results dict alone: tables, computed findings, figures, runtime."""
-    sections = (title_section, setup_section, grid_section, conversion_section, runtime_section)
-    return "\n".join(line for section in sections for line in section(results))
-
-
-def title_section(results: dict[str, Any]) -> list[str]:
-    """The title, and which command made the page on which machine."""
-    hw = results["hardware"]
-    machine = f"{hw['cpu']}, {hw['cpu_count']} CPU cores, {hw['torch_threads']} torch threads" + (
-        f", {hw['gpu']}" if "gpu" in hw else ""
-    )
-    return [
-        "# What RoPE, GQA/MQA and sliding windows change: size, speed and quality",
-        "",
-        "<!-- Generated by `gptlab study` (src/gptlab/study/) from variants.json; rerun the command to update. -->",
-        "",
-        f"Generated by `{results['command']}` in {duration(results['runtime_s'])} on {machine} "
-        f"(torch {hw['torch']}, device {results['device']}), {results['date']}. Every number and figure here "
-        "comes from that run; the raw figures are in [variants.json](variants.json), "
-        "[variants.csv](variants.csv) and [variants-conversion.csv](variants-conversion.csv).",
-        "",
-    ]
-
-
-def setup_section(results: dict[str, Any]) -> list[str]:
-    """The model, data and recipe every variant shares, and how each figure is measured."""
-    scale = results["scale"]
-    seeds = ", ".join(str(s) for s in scale["seeds"])
-    tokens = scale["max_steps"] * scale["batch_size"] * scale["block_size"]
-    return [
-        "## Setup",
-        "",
-        f"Scale `{scale['name']}`. Every variant is a GPT of {scale['n_layer']} layers, {scale['n_head']} heads, "
-        f"C = {scale['n_embd']}, context {scale['block_size']}, trained on the embedded Shakespeare corpus at "
-        f"character level (vocabulary {results['data']['vocab_size']}, {results['data']['train_tokens']:,} "
-        f"training characters) with one recipe: {scale['max_steps']} steps of {scale['batch_size']} × "
-        f"{scale['block_size']} characters ({tokens:,} tokens), AdamW, learning rate {scale['lr']:g} after "
-        f"{scale['warmup_steps']} warmup steps, cosine decay to {scale['min_lr']:g}. A seed fixes both the data "
-        f"order and the initialisation; every variant trains with seeds {seeds}. Validation loss is the mean over "
-        f"{scale['eval_steps']} fixed batches of held-out text, reported as mean ± standard deviation over the "
-        "seeds.",
-        "",
-        "Sizes are exact (`gptlab.sizes`; KV cache in fp32 for one sequence). Training tokens/s comes from the "
-        "median step time of each run, the runs one after another; decoding tokens/s is a KV-cached greedy decode of "
-        f"{scale['decode_tokens']} tokens, batch 1, after a prompt of the given length, the variants taking turns "
-        f"(median of {scale['decode_repeats']} rounds) with random weights (speed does not depend on their values). "
-        "On a shared machine absolute times drift; the ratios to the baseline are the robust figures.",
-        "",
-    ]
-
-
-def grid_section(results: dict[str, Any]) -> list[str]:
-    """The grid's table, the findings computed from it, and its figures."""
-    base = _by_name(results)[results["baseline"]]
-    short, long = _decode_contexts(results)
-    return [
-        "## The grid",
-        "",
-        "| variant | positions | KV heads | window | parameters | KV cache per token | KV cache at full "
-        f"context | training tokens/s | decode tokens/s at {short} | decode tokens/s at {long} | validation loss |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        *(_grid_row(record, base, results["scale"]["n_head"], short, long) for record in results["variants"]),
-        "",
-        "Findings, each computed from the table (a loss difference counts only when it exceeds the sum of the two "
-        "standard deviations over seeds):",
-        "",
-        loss_extremes(results),
-        *(variant_finding(r, base, short, long) for r in results["variants"] if r["name"] != results["baseline"]),
-        "",
-        f"![validation loss during training]({IMAGES['val_loss']})",
-        f"![parameters against final validation loss]({IMAGES['params']})",
-        f"![KV cache against context length]({IMAGES['kv_cache']})",
-        f"![decoding speed against context length]({IMAGES['decode']})",
-        "",
-    ]
-
-
-def _grid_row(record: dict[str, Any], base: dict[str, Any], n_head: int, short: str, long: str) -> str:
-    config, decode, base_decode = record["config"], record["decode_tokens_per_s"], base["decode_tokens_per_s"]
-    return (
-        f"| `{record['name']}` | {config['pos_emb']} | {config['n_kv_head'] or n_head} | "
-        f"{_window_text(config['window'])} | {record['params']:,} | {record['kv_bytes_per_token']:,} B | "
-        f"{kib(record['kv_bytes_full_context'])} | {record['train_tokens_per_s']:,.0f} "
-        f"({ratio(record['train_tokens_per_s'], base['train_tokens_per_s'])}) | {decode[short]:,.0f} "
-        f"({ratio(decode[short], base_decode[short])}) | {decode[long]:,.0f} "
-        f"({ratio(decode[long], base_decode[long])}) | "
-        f"{loss_pm(record['val_loss_mean'], record['val_loss_sd'])} |"
-    )
-
-
-def conversion_section(results: dict[str, Any]) -> list[str]:
-    """The conversion experiment: the method, its table, the findings and the figure."""
-    fractions = results["uptrain_fractions"]
-    base = _by_name(results)[results["baseline"]]
-    return [
-        "## Converting the trained baseline (Ainslie et al. 2023)",
-        "",
-        "Each seed's trained baseline is converted (`gptlab.convert`) and evaluated on that seed's validation "
-        "batches right away, then uptrained with the same batch size for "
-        + " and ".join(f"{f:.0%}" for f in fractions)
-        + f" of the original steps (a fresh warmup + cosine schedule of that length peaking at {UPTRAIN_LR}, on "
-        "batches the baseline did not start with). Multi-head → GQA/MQA compares the paper's method, "
-        "mean-pooling each group's key and value heads, with its two ablations: keeping each group's first head, "
-        "and initialising K/V at random "
-        "(the paper found mean-pooling best, then the first head, then random; §3.3, Figure 4). "
-        "Learned → RoPE, the swap the ancestor of this project attempted, drops the position table. "
-        f"`{results['baseline']}-continued` is the control: the baseline uptrained the same way, unconverted. "
-        "\"From scratch\" is the grid's model of the same architecture, trained with the baseline's budget (the "
-        "uptrained conversions have seen that budget plus the uptraining).",
-        "",
-        "| conversion | K/V from | right after conversion | "
-        + " | ".join(f"after {f:.0%} uptraining" for f in fractions)
-        + " | from scratch |",
-        "| --- | --- | ---: | " + " | ".join("---:" for _ in fractions) + " | ---: |",
-        *(_conversion_row(results, record) for record in results["conversions"]),
-        "",
-        f"The baseline itself: {loss_pm(base['val_loss_mean'], base['val_loss_sd'])}.",
-        "",
-        *conversion_findings(results),
-        "",
-        f"![conversion and uptraining]({IMAGES['conversion']})",
-        "",
-    ]
-
-
-def _conversion_row(results: dict[str, Any], record: dict[str, Any]) -> str:
-    scratch = _by_name(results)[record["target"]]
-    if record["target"] == results["baseline"]:
-        source = "(no conversion: the control)"
-    else:
-        source = KV_INIT_LABELS[record["kv_init"]] if record["kv_init"] else "(position table dropped)"
-    cells = [loss_pm(record[f"{key}_mean"], record[f"{key}_sd"]) for key in ["converted", *_uptrain_keys(results)]]
-    return (
-        f"| `{record['name']}` | {source} | "
-        + " | ".join(cells)
-        + f" | {loss_pm(scratch['val_loss_mean'], scratch['val_loss_sd'])} |"
-    )
-
-
 def runtime_section(results: dict[str, Any]) -> list[str]:
-    """This run's measured runtime, the full study's estimate, and the command that regenerates the page."""
-    full = results["full_scale"]
-    lines = [
-        "## Runtime and the full study",
+    """This run's measured runtime and the command that regenerates the page."""
+    recall = sum(r["recall"]["seconds"] for r in results["variants"] if r.get("recall"))
+    return [
+        "## Runtime",
         "",
-        f"This run: {duration(results['runtime_s'])} for {results['planned_steps']:,} training steps in all "
-        f"(measured).",
+        f"This run: {duration(results['runtime_s'])} on {machine(results)} for {results['planned_steps']:,} "
+        f"training steps in all, of which the recall probes took {duration(recall)} (measured).",
+        "",
+        "To regenerate this page:",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
     ]
-    if results["full_runtime_estimate_s"] is not None:
-        lines.append(
-            f"The full study (`gptlab study`: {full['max_steps']} steps of {full['batch_size']} × "
-            f"{full['block_size']} per run, seeds {', '.join(str(s) for s in full['seeds'])}) would take about "
-            f"{duration(results['full_runtime_estimate_s'])} on this machine: **estimated**, not measured, by "
-            "scaling this run's runtime by the two scales' step counts and their step times, measured side by "
-            "side at the end of this run."
-        )
-    return [*lines, "", "To regenerate this page:", "", "```", results["command"], "```", ""]
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -362,22 +634,32 @@ def runtime_section(results: dict[str, Any]) -> list[str]:
 
 def variant_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The grid as flat rows (variants.csv)."""
-    return [
-        {
-            "variant": record["name"],
-            "pos_emb": record["config"]["pos_emb"],
-            "n_kv_head": record["config"]["n_kv_head"] or results["scale"]["n_head"],
-            "window": _window_text(record["config"]["window"]),
-            "params": record["params"],
-            "kv_bytes_per_token": record["kv_bytes_per_token"],
-            "kv_bytes_full_context": record["kv_bytes_full_context"],
-            "train_tokens_per_s": round(record["train_tokens_per_s"], 1),
-            **{f"decode_tokens_per_s_at_{c}": round(s, 1) for c, s in record["decode_tokens_per_s"].items()},
-            "val_loss_mean": round(record["val_loss_mean"], 6),
-            "val_loss_sd": round(record["val_loss_sd"], 6),
-        }
-        for record in results["variants"]
-    ]
+    context = longest_kv_context(results)
+    rows = []
+    for record in results["variants"]:
+        config = record["config"]
+        recall = record.get("recall")
+        rows.append(
+            {
+                "variant": record["name"],
+                "group": record["group"],
+                **{key: _window_text(value) if key == "window" else value for key, value in config.items()},
+                "n_kv_head": config["n_kv_head"] or results["scale"]["n_head"],
+                "optimizer": record["optimizer"],
+                "params": record["params"],
+                "kv_bytes_per_token": record["kv_bytes_per_token"],
+                f"kv_bytes_at_{context}": kv_at(results, record["name"], context),
+                "train_tokens_per_s": round(record["train_tokens_per_s"], 1),
+                **{f"decode_tokens_per_s_at_{c}": round(s, 1) for c, s in record["decode_tokens_per_s"].items()},
+                **{
+                    f"{key}_{stat}": round(record[f"{key}_{stat}"], 6)
+                    for key in ("eval_loss", "eval_bpb", "val_loss")
+                    for stat in ("mean", "sd")
+                },
+                "recall_mean_accuracy": round(_mean(recall["accuracy"]), 4) if recall else "",
+            }
+        )
+    return rows
 
 
 def conversion_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -386,6 +668,7 @@ def conversion_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "conversion": record["name"],
+            "source": record["source"],
             "target": record["target"],
             "kv_init": record["kv_init"] or "",
             **{f"{key}_{stat}": round(record[f"{key}_{stat}"], 6) for key in keys for stat in ("mean", "sd")},
@@ -400,6 +683,19 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A study's results dict from its JSON file (`RESULTS_FILE` in the runs, or a report's variants.json)."""
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GptlabError(f"--report-from {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GptlabError(f"--report-from {path}: not a study's results ({error})") from None
+    if not isinstance(results, dict) or not {"variants", "conversions", "scale"} <= results.keys():
+        raise GptlabError(f"--report-from {path}: not a study's results (no variants, conversions and scale)")
+    return results
 
 
 def check_out_dir(out: Path, runs: Path | None = None) -> None:

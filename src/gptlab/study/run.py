@@ -19,16 +19,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from gptlab.bench import device_name, interleaved_medians, training_step
-from gptlab.config import JobConfig, TrainConfig
+from gptlab.bench import device_name, interleaved_medians
+from gptlab.config import JobConfig
 from gptlab.convert import convert_state_dict
-from gptlab.data import load_meta, load_tokens, prepare
+from gptlab.data import load_meta, load_tokens, prepare, tokenizer_from_meta
 from gptlab.device import autocast, resolve_device, synced
 from gptlab.errors import GptlabError
+from gptlab.evaluation import evaluate_split
 from gptlab.generate import decode_n_tokens, prefill
 from gptlab.model import GPT, GPTConfig
+from gptlab.probes import associative_recall, loss_by_position
 from gptlab.rundir import METRICS_FILE
 from gptlab.sizes import config_breakdown, kv_cache_bytes
 from gptlab.study.grid import (
@@ -40,23 +43,30 @@ from gptlab.study.grid import (
     VARIANTS,
     StudyScale,
     Variant,
-    base_config,
     planned_steps,
     training_job,
     uptrain_steps,
     variant_configs,
+    variant_train,
 )
+from gptlab.tokenizer import Tokenizer
 from gptlab.train import evaluate, train
 
 # marks a runs directory as the study's own, so a rerun may clear it
 RUNS_MARKER = ".gptlab-study"
+# the results, written into the runs directory before the report is (a failed report can be redone from them)
+RESULTS_FILE = "results.json"
+EVAL_BATCH_SIZE = 32  # windows per forward of the whole-split evaluation
+# the config fields the report shows
+CONFIG_KEYS = ("pos_emb", "n_kv_head", "window", "mlp", "norm", "bias", "qk_norm", "tie_embeddings", "logit_softcap")
 
 # ------------------------------------------------------------------------------------------------- training
 
 
 def run_training(job: JobConfig) -> tuple[GPT, dict[str, Any]]:
     """Train the job from scratch (its out_dir must be new); the trained model and what its metrics say: the
-    final validation loss, the validation curve and the training speed (median step time, first step left out)."""
+    final validation loss, the validation curve as (step, loss, training seconds so far) and the training speed
+    (median step time, first step left out)."""
     # the loop's per-evaluation lines; the study prints its own
     with contextlib.redirect_stdout(io.StringIO()):
         result = train(job, progress=False)
@@ -64,9 +74,14 @@ def run_training(job: JobConfig) -> tuple[GPT, dict[str, Any]]:
     steps = [r for r in records if "step_time" in r]
     tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
     step_times = [r["step_time"] for r in steps]
+    curve, elapsed = [], 0.0
+    for record in records:
+        elapsed += record.get("step_time", 0.0)
+        if "val_loss" in record:
+            curve.append([record["step"], record["val_loss"], round(elapsed, 3)])
     return GPT.from_pretrained(result.checkpoint), {
         "val_loss": result.val_loss,
-        "curve": [[r["step"], r["val_loss"]] for r in records if "val_loss" in r],
+        "curve": curve,
         "train_tokens_per_s": tokens_per_step / statistics.median(step_times[1:] or step_times),
         "seconds": result.seconds,
     }
@@ -138,36 +153,6 @@ def decode_speed(
     return speed
 
 
-def step_seconds(steps: dict[str, tuple[GPTConfig, TrainConfig]], repeats: int = 5) -> dict[str, float]:
-    """Median seconds of one training step of each (model config, training config), the step `gptlab train`
-    takes (`gptlab.bench.training_step`: its optimizer, autocast and clipping, one batch of `batch_size`) on the
-    config's device, the cases interleaved: how the full study's runtime is estimated from a quick run."""
-    cases = {}
-    for name, (config, cfg) in steps.items():
-        device = resolve_device(cfg.device, key="train.device")
-        torch.manual_seed(0)
-        model = GPT(config).to(device).train()
-        idx = torch.randint(0, config.vocab_size, (cfg.batch_size, config.block_size + 1), device=device)
-        cases[name] = training_step(model, idx, device, cfg=cfg)
-    return interleaved_medians(cases, repeats)
-
-
-def full_runtime_estimate(
-    measured: float, scale: StudyScale, vocab_size: int, data_dir: Path, runs: Path, device: str
-) -> float:
-    """The full study's runtime, estimated from this run's `measured` seconds at `scale`, scaled by the two scales'
-    step counts and their step times measured side by side, each with the job the study trains."""
-    full = SCALES["full"]
-    steps = {}
-    for name, each in (("this", scale), ("full", full)):
-        config = base_config(each, vocab_size)
-        # nothing is written to out_dir: only the recipe is used
-        job = training_job(config, each, data_dir, runs / "step-time", seed=0, device=device)
-        steps[name] = (config, job.train)
-    seconds = step_seconds(steps)
-    return measured * (planned_steps(full) * seconds["full"]) / (planned_steps(scale) * seconds["this"])
-
-
 def kv_cache_vs_context(configs: dict[str, GPTConfig], block_size: int) -> dict[str, list[int]]:
     """KV-cache bytes of each variant at context lengths 1, 2, 4, ... up to 16 times the training context."""
     longest = 16 * block_size
@@ -231,56 +216,107 @@ class _Progress:
         return model, figures
 
 
+def model_figures(model: GPT, tokens: np.ndarray, tokenizer: Tokenizer, scale: StudyScale) -> dict[str, Any]:
+    """What `gptlab eval` says of a trained model on the validation split: loss and bits per byte over all of it
+    (`--task loss`), and loss by position (`--task positions`) over windows of its context, and for RoPE models
+    of `position_extrapolation` contexts (the learned table has no rows past it)."""
+    split = evaluate_split(model, tokens, tokenizer, batch_size=EVAL_BATCH_SIZE, progress=False)
+    length = model.config.block_size
+    if model.config.pos_emb == "rope":
+        length *= scale.position_extrapolation
+    positions = loss_by_position(model, tokens, length, windows=scale.position_windows)
+    return {"eval_loss": split.loss, "eval_bpb": split.bpb, "positions": positions.to_dict()}
+
+
 def train_grid(
-    configs: dict[str, GPTConfig], scale: StudyScale, runs: Path, jobs: Callable[..., JobConfig], progress: _Progress
-) -> tuple[list[dict[str, Any]], dict[int, tuple[GPT, JobConfig]]]:
-    """Every variant with every seed and the same recipe: a record per variant, and each seed's trained baseline
-    with its job."""
-    variants, baselines = [], {}
+    configs: dict[str, GPTConfig],
+    scale: StudyScale,
+    runs: Path,
+    jobs: Callable[..., JobConfig],
+    progress: _Progress,
+    split: tuple[np.ndarray, Tokenizer],
+) -> tuple[list[dict[str, Any]], dict[str, dict[int, tuple[GPT, JobConfig]]]]:
+    """Every variant with every seed and the same recipe: a record per variant, and the trained models (with
+    their jobs) of the conversions' sources, by variant and seed."""
+    sources = {conversion.source for conversion in CONVERSIONS}
+    variants, trained = [], {name: {} for name in sources}
     for variant in VARIANTS:
         config = configs[variant.name]
         per_seed = {}
         for seed in scale.seeds:
-            job = jobs(config, out_dir=runs / f"{variant.name}-s{seed}", seed=seed)
+            job = jobs(config, out_dir=runs / f"{variant.name}-s{seed}", seed=seed, train=variant.train)
             model, per_seed[seed] = progress.train(variant.name, seed, job)
-            if variant.name == BASELINE:
-                baselines[seed] = (model, job)
+            per_seed[seed].update(model_figures(model, *split, scale))
+            if variant.name in sources:
+                trained[variant.name][seed] = (model, job)
         variants.append(_variant_record(variant, config, per_seed))
-    return variants, baselines
+    return variants, trained
+
+
+def _per_seed(record: dict[str, Any], key: str, per_seed: dict[int, dict[str, Any]]) -> None:
+    """`key` of every seed into `record`, with its mean and standard deviation."""
+    record[key] = {str(seed): figures[key] for seed, figures in per_seed.items()}
+    record[f"{key}_mean"], record[f"{key}_sd"] = _mean_sd(list(record[key].values()))
 
 
 def _variant_record(variant: Variant, config: GPTConfig, per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """A variant's entry of the results: its config, sizes, losses and curves by seed, training speed."""
-    val_mean, val_sd = _mean_sd([figures["val_loss"] for figures in per_seed.values()])
-    return {
+    """A variant's entry of the results: its config, sizes, losses and curves by seed, training speed, and its
+    loss by position averaged over seeds."""
+    record: dict[str, Any] = {
         "name": variant.name,
         "label": variant.label,
-        "config": {key: config.to_dict()[key] for key in ("pos_emb", "n_kv_head", "window")},
+        "group": variant.group,
+        "config": {key: config.to_dict()[key] for key in CONFIG_KEYS},
+        "optimizer": variant.train.get("optimizer", "muon"),
         **size_figures(config),
-        "val_loss_mean": val_mean,
-        "val_loss_sd": val_sd,
-        "val_loss": {str(seed): figures["val_loss"] for seed, figures in per_seed.items()},
-        "curves": {str(seed): figures["curve"] for seed, figures in per_seed.items()},
-        "train_tokens_per_s": statistics.mean(figures["train_tokens_per_s"] for figures in per_seed.values()),
     }
+    for key in ("val_loss", "eval_loss", "eval_bpb"):
+        _per_seed(record, key, per_seed)
+    record["curves"] = {str(seed): figures["curve"] for seed, figures in per_seed.items()}
+    record["train_tokens_per_s"] = statistics.mean(figures["train_tokens_per_s"] for figures in per_seed.values())
+    positions = [figures["positions"] for figures in per_seed.values()]
+    record["positions"] = {
+        **{key: positions[0][key] for key in ("length", "windows", "buckets")},
+        "loss": [statistics.mean(values) for values in zip(*(p["loss"] for p in positions), strict=True)],
+    }
+    return record
+
+
+def recall_probes(
+    configs: dict[str, GPTConfig], scale: StudyScale, device: torch.device, log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Associative recall (`gptlab.probes.associative_recall`) of every variant marked `recall`: a fresh model of
+    its architecture trained on the task for `scale.recall_steps` steps, seed the study's first."""
+    probes = {}
+    for variant in (v for v in VARIANTS if v.recall):
+        started = time.perf_counter()
+        result = associative_recall(
+            configs[variant.name], scale.recall_distances, scale.recall_steps, seed=scale.seeds[0], device=device
+        )
+        probes[variant.name] = {**result.to_dict(), "seconds": time.perf_counter() - started}
+        accuracy = " ".join(f"{a:.2f}" for a in result.accuracy)
+        seconds = probes[variant.name]["seconds"]
+        log(f"recall {variant.name}: {accuracy} at distances {result.distances}, {seconds:.0f} s")
+    return probes
 
 
 def conversion_experiment(
     configs: dict[str, GPTConfig],
-    baselines: dict[int, tuple[GPT, JobConfig]],
+    trained: dict[str, dict[int, tuple[GPT, JobConfig]]],
     scale: StudyScale,
     runs: Path,
     jobs: Callable[..., JobConfig],
     progress: _Progress,
 ) -> list[dict[str, Any]]:
-    """Each seed's baseline converted (`CONVERSIONS`), evaluated right away on the baseline's own validation
-    batches, then uptrained for each of `UPTRAIN_FRACTIONS` of its steps and evaluated on the same batches."""
+    """Each seed's trained source converted (`CONVERSIONS`), evaluated right away on the source's own validation
+    batches, then uptrained for each of `UPTRAIN_FRACTIONS` of its steps (with the source's training overrides)
+    and evaluated on the same batches."""
     records = []
     for conversion in CONVERSIONS:
         per_seed = {}
-        for seed, (baseline, baseline_job) in baselines.items():
-            converted = convert_model(baseline, configs[conversion.target], conversion.kv_init or "mean", seed)
-            figures = {"converted": validation_loss(converted, baseline_job)}
+        for seed, (source, source_job) in trained[conversion.source].items():
+            converted = convert_model(source, configs[conversion.target], conversion.kv_init or "mean", seed)
+            figures = {"converted": validation_loss(converted, source_job)}
             run_dir = runs / f"convert-{conversion.name}-s{seed}"
             converted.save_pretrained(run_dir / "init")
             for fraction in UPTRAIN_FRACTIONS:
@@ -289,16 +325,21 @@ def conversion_experiment(
                     None,
                     out_dir=run_dir / key,
                     seed=seed + UPTRAIN_SEED_OFFSET,
+                    train=variant_train(conversion.source),
                     max_steps=uptrain_steps(scale, fraction),
                     init_from=str(run_dir / "init"),
                 )
-                _, uptrained = progress.train(f"{conversion.name} uptrained {fraction:.0%}", seed, job, baseline_job)
+                _, uptrained = progress.train(f"{conversion.name} uptrained {fraction:.0%}", seed, job, source_job)
                 figures[key] = uptrained["val_loss"]
             per_seed[seed] = figures
-        record: dict[str, Any] = {"name": conversion.name, "target": conversion.target, "kv_init": conversion.kv_init}
+        record: dict[str, Any] = {
+            "name": conversion.name,
+            "source": conversion.source,
+            "target": conversion.target,
+            "kv_init": conversion.kv_init,
+        }
         for key in per_seed[scale.seeds[0]]:
-            record[key] = {str(seed): figures[key] for seed, figures in per_seed.items()}
-            record[f"{key}_mean"], record[f"{key}_sd"] = _mean_sd(list(record[key].values()))
+            _per_seed(record, key, per_seed)
         records.append(record)
     return records
 
@@ -328,32 +369,30 @@ def run_study(
     configs = variant_configs(scale, meta["vocab_size"])
     progress = _Progress(len(scale.seeds) * (len(VARIANTS) + len(CONVERSIONS) * len(UPTRAIN_FRACTIONS)), log)
     jobs = functools.partial(training_job, scale=scale, data_dir=data_dir, device=device)
-    variants, baselines = train_grid(configs, scale, runs, jobs, progress)
-    conversions = conversion_experiment(configs, baselines, scale, runs, jobs, progress)
+    split = load_tokens(data_dir, "val"), tokenizer_from_meta(meta)
+    resolved = resolve_device(device, key="--device")
+    variants, trained = train_grid(configs, scale, runs, jobs, progress, split)
+    conversions = conversion_experiment(configs, trained, scale, runs, jobs, progress)
+    recall = recall_probes(configs, scale, resolved, log)
+    for record in variants:
+        record["recall"] = recall.get(record["name"])
 
     log("decoding speed ...")
-    resolved = resolve_device(device, key="--device")
     decode = decode_speed(configs, scale.decode_contexts, scale.decode_tokens, scale.decode_repeats, resolved)
     for record in variants:
         record["decode_tokens_per_s"] = {str(context): speed for context, speed in decode[record["name"]].items()}
 
-    # The full study's runtime: measured when this is it, else this run's scaled by the step cost of each scale.
-    estimate = None
-    if scale.name != "full":
-        measured = time.perf_counter() - started
-        estimate = full_runtime_estimate(measured, scale, meta["vocab_size"], data_dir, runs, device)
     return {
         "command": command or f"gptlab.study.run_study({scale.name!r}, ...)",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "runtime_s": time.perf_counter() - started,
-        "full_runtime_estimate_s": estimate,
         "hardware": hardware(),
         "device": str(resolved),
         "scale": asdict(scale),
-        "full_scale": asdict(SCALES["full"]),
         "planned_steps": planned_steps(scale),
         "data": {key: meta[key] for key in ("source", "vocab_size", "train_tokens", "val_tokens")},
         "baseline": BASELINE,
+        "eval_batch_size": EVAL_BATCH_SIZE,
         "uptrain_fractions": list(UPTRAIN_FRACTIONS),
         "variants": variants,
         "conversions": conversions,
