@@ -16,10 +16,12 @@ from gptlab.cli import main
 from gptlab.convert import init_kv_heads
 from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
 from gptlab.evaluation import evaluate_split
+from gptlab.probes import loss_by_position
 from gptlab.study import (
     BASELINE,
     CONVERSIONS,
     IMAGES,
+    RESULTS_FILE,
     RUNS_MARKER,
     SCALES,
     VARIANTS,
@@ -179,6 +181,13 @@ def test_the_records_hold_what_gptlab_eval_measures(study, char_data):
         split = evaluate_split(model, tokens, tokenizer, batch_size=EVAL_BATCH_SIZE, progress=False)
         assert record["eval_loss"]["1"] == pytest.approx(split.loss, rel=1e-6)
         assert record["eval_bpb"]["1"] == pytest.approx(split.bpb, rel=1e-6)
+        # loss by position, averaged over the seeds' models
+        scale, models = SCALES["tiny"], [GPT.from_pretrained(runs / f"{name}-s{seed}") for seed in SCALES["tiny"].seeds]
+        length = record["positions"]["length"]
+        each = [loss_by_position(m, tokens, length, windows=scale.position_windows).loss for m in models]
+        assert record["positions"]["loss"] == pytest.approx(
+            [sum(v) / len(v) for v in zip(*each, strict=True)], rel=1e-5
+        )
         # characters of a one-byte alphabet: bits per byte are nats per character / ln 2
         assert split.bpb == pytest.approx(split.loss / math.log(2), rel=0.02)
 
@@ -190,7 +199,9 @@ def test_reach_is_layers_times_window_minus_one():
 
 
 def test_a_report_is_rewritten_from_the_saved_results(study, tmp_path, capsys):
-    results, out, _ = study
+    results, out, runs = study
+    # the CLI kept the results with the runs before writing the report
+    assert json.loads((runs / RESULTS_FILE).read_text()) == results
     assert main(["study", "--report-from", str(out / "variants.json"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "variants.md").read_text() == (out / "variants.md").read_text()
     (tmp_path / "bad.json").write_text('{"variants": []}')
@@ -263,8 +274,9 @@ def test_a_failed_report_leaves_the_previous_one(study, tmp_path):
     results, _, _ = study
     write_report(results, tmp_path)
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    broken = {**results, "kv_cache_vs_context": {"contexts": [1]}}  # no variant's figures: the plot fails
-    with pytest.raises(KeyError):
+    # curves only the plots read: the page renders, then the first figure fails
+    broken = {**results, "variants": [{**record, "curves": {}} for record in results["variants"]]}
+    with pytest.raises(IndexError):
         write_report(broken, tmp_path)
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
@@ -294,6 +306,6 @@ def test_bad_arguments_stop_before_any_training(args, message, tmp_path, capsys)
 def test_a_rerun_starts_from_an_empty_runs_directory(tmp_path):
     runs = tmp_path / "runs"
     prepare_runs_dir(runs)
-    (runs / "mha-s0").mkdir()  # an earlier study's run: train() would resume it instead of training afresh
+    (runs / f"{BASELINE}-s0").mkdir()  # an earlier study's run: train() would resume it instead of training afresh
     prepare_runs_dir(runs)
     assert sorted(p.name for p in runs.iterdir()) == [RUNS_MARKER]

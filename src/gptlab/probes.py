@@ -274,12 +274,13 @@ def associative_recall(
     *,
     batch_size: int = 32,
     lr: float = 1e-3,
+    rows: int = 64,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> RecallResult:
     """Train a fresh model of `config` (its vocabulary replaced by recall's) on `recall_batch` rows of its
     block_size for `steps` AdamW steps (gradient norm clipped to 1; loss on the queried values only), then measure
-    `recall_accuracy` at `distances`."""
+    `recall_accuracy` at `distances` over `rows` fresh rows each."""
     if steps < 1 or batch_size < 1:
         raise GptlabError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     torch.manual_seed(seed)
@@ -295,5 +296,5 @@ def associative_recall(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-    accuracy = recall_accuracy(model, length, distances, seed=seed + 1)
+    accuracy = recall_accuracy(model, length, distances, rows=rows, seed=seed + 1)
     return RecallResult(list(distances), accuracy, steps, float(np.mean(losses[-50:])), 1.0 / RECALL_VALUES)

@@ -1,7 +1,7 @@
 """The variant study: what each architecture change and each switch of the tuned recipe does to size, speed,
 quality and reach, from one run.
 
-    gptlab study --out docs     # about 90 minutes on 2 CPU cores; writes docs/variants.md and its figures
+    gptlab study --out docs     # writes docs/variants.md and its figures; the report states its runtime
 
 Every variant of `VARIANTS` is a set of `GPTConfig` fields (and, for the optimizer rows, training fields) on top of
 one base: `make demo`'s model and recipe. Each trains with the real training loop (`gptlab.train.train`) on the

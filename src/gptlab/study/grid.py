@@ -21,6 +21,9 @@ UPTRAIN_SEED_OFFSET = 1000
 # decaying to a tenth of them. Re-warming to the original peak was tried first: it set the unconverted control
 # back by 0.05-0.08 in validation loss (an earlier, shorter study), so it measured the disruption, not the recovery.
 UPTRAIN_LR = "the learning rates the source model's schedule ended with, decaying to a tenth of them"
+# The associative-recall probe's training batch, AdamW learning rate and measured rows (`associative_recall`'s own
+# defaults, passed explicitly so that the report can say what ran).
+RECALL_BATCH_SIZE, RECALL_LR, RECALL_ROWS = 32, 1e-3, 64
 # The learning rates of the training config, each scaled alike for uptraining.
 LR_KEYS = ("lr", "muon_lr", "embedding_lr", "head_lr", "scalar_lr")
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import GptlabError
-from gptlab.study.grid import UPTRAIN_LR
+from gptlab.probes import RECALL_PAIRS
+from gptlab.study.grid import RECALL_BATCH_SIZE, RECALL_LR, RECALL_ROWS, UPTRAIN_LR
 from gptlab.study.plots import IMAGES, plot_figures
 
 REPORT = "variants.md"
@@ -121,7 +122,8 @@ def variant_finding(record: dict[str, Any], base: dict[str, Any], results: dict[
     context = longest_kv_context(results)
     kv_ratio = kv_at(results, base["name"], context) / kv_at(results, record["name"], context)
     if kv_ratio != 1:
-        parts.append(f"a KV cache {kv_ratio:.3g}× smaller at {context:,} tokens of context")
+        size = f"{kv_ratio:.3g}× smaller" if kv_ratio > 1 else f"{1 / kv_ratio:.3g}× larger"
+        parts.append(f"a KV cache {size} at {context:,} tokens of context")
     parts.append(
         f"loss {loss(record['eval_loss_mean'])}, "
         + _compare_loss(record["eval_loss_mean"] - base["eval_loss_mean"], _noise(record, base))
@@ -170,13 +172,14 @@ def recall_finding(record: dict[str, Any], base: dict[str, Any], n_layer: int) -
             f"- `{record['name']}`: mean accuracy {mean:.2f} over all distances (the baseline {base_mean:.2f}); "
             f"lowest {min(accuracy):.2f}, at distance {distances[accuracy.index(min(accuracy))]}."
         )
-    inside = [a for d, a in zip(distances, accuracy, strict=True) if d <= limit]
-    beyond = [a for d, a in zip(distances, accuracy, strict=True) if d > limit]
-    base_in = [a for d, a in zip(distances, reference["accuracy"], strict=True) if d <= limit]
-    base_out = [a for d, a in zip(distances, reference["accuracy"], strict=True) if d > limit]
+    # the value stands one position after the first key: recalling it at distance d looks d - 1 positions back
+    inside = [a for d, a in zip(distances, accuracy, strict=True) if d - 1 <= limit]
+    beyond = [a for d, a in zip(distances, accuracy, strict=True) if d - 1 > limit]
+    base_in = [a for d, a in zip(distances, reference["accuracy"], strict=True) if d - 1 <= limit]
+    base_out = [a for d, a in zip(distances, reference["accuracy"], strict=True) if d - 1 > limit]
     text = f"- `{record['name']}` (reach {limit} positions): mean accuracy "
     if inside:
-        text += f"{_mean(inside):.2f} at distances up to {limit} (the baseline {_mean(base_in):.2f})"
+        text += f"{_mean(inside):.2f} at distances up to {limit + 1} (the baseline {_mean(base_in):.2f})"
     if beyond:
         text += (", " if inside else "") + f"{_mean(beyond):.2f} beyond (the baseline {_mean(base_out):.2f}; "
         text += f"chance {probe['chance']:.3f})"
@@ -271,10 +274,12 @@ def setup_section(results: dict[str, Any]) -> list[str]:
         f"windows {scale['position_extrapolation']}× their training context, to show whether they extrapolate.",
         "- **associative recall** (`gptlab.probes.associative_recall`, multi-query associative recall as in Arora "
         'et al. 2023, "Zoology"): a fresh model of the row\'s architecture is trained on the task for '
-        f"{scale['recall_steps']} steps (batch 32, AdamW 1e-3, seed {scale['seeds'][0]}), then asked for the value "
-        "of keys seen d positions earlier, one d per row of "
-        f"{scale['block_size']} tokens; accuracy over 64 rows × up to 6 queries "
-        "per distance (a binomial standard error of at most 0.03). One training seed per architecture: its "
+        f"{scale['recall_steps']} steps (batch {RECALL_BATCH_SIZE}, AdamW {RECALL_LR:g}, seed {scale['seeds'][0]}), "
+        "then asked for the value of keys seen d positions earlier, one d per row of "
+        f"{scale['block_size']} tokens; accuracy over {RECALL_ROWS} rows of up to {RECALL_PAIRS} queries each "
+        "(fewer where the distance leaves less room), so the standard error of a share is at most "
+        f"0.5/√({RECALL_ROWS} q) for q queries a row ({0.5 / (RECALL_ROWS * RECALL_PAIRS) ** 0.5:.3f} at q = "
+        f"{RECALL_PAIRS}). One training seed per architecture: its "
         "seed-to-seed spread is not measured. Only the rows that change attention or positions are probed.",
         "- **sizes**: exact (`gptlab.sizes`; the KV cache in fp32 for one sequence).",
         "- **speed**: training tokens/s from each run's median step time, the runs one after another; decoding "
@@ -344,30 +349,48 @@ def use_section(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"- **{variants[name]['label']}**: loss {loss(variants[name]['eval_loss_mean'])}, {cost(name)}."
             )
-    last = _uptrain_keys(results)[-1]
-    kv = [c for c in results["conversions"] if c["kv_init"]]
-    if kv:
-        best = min(kv, key=lambda c: c[f"{last}_mean"])
-        lines.append(
-            f"- **Already have a trained multi-head model**: convert it ({KV_INIT_LABELS[best['kv_init']]} K/V was "
-            f"best here, `{best['name']}`: {loss(best[f'{last}_mean'])} after {results['uptrain_fractions'][-1]:.0%} "
-            f"uptraining, against {loss(variants[best['target']]['val_loss_mean'])} for the same architecture "
-            "trained from scratch; validation batches of the training loop) rather than train again."
-        )
+    lines.extend(conversion_advice(results))
     return [*lines, ""]
 
 
+def conversion_advice(results: dict[str, Any]) -> list[str]:
+    """For each GQA/MQA target: the best conversion after the longest uptraining against the same architecture
+    trained from scratch, and what that advises (training-loop validation batches, as the conversion table)."""
+    variants, fraction = _by_name(results), results["uptrain_fractions"][-1]
+    last = _uptrain_keys(results)[-1]
+    by_target: dict[str, list[dict[str, Any]]] = {}
+    for record in results["conversions"]:
+        if record["kv_init"]:
+            by_target.setdefault(record["target"], []).append(record)
+    lines = []
+    for target, records in by_target.items():
+        best = min(records, key=lambda c: c[f"{last}_mean"])
+        scratch = variants[target]
+        delta = best[f"{last}_mean"] - scratch["val_loss_mean"]
+        noise = best[f"{last}_sd"] + scratch["val_loss_sd"]
+        if delta < -noise:
+            advice = "converting and uptraining beats training it again"
+        elif delta <= noise:
+            advice = f"converting with {fraction:.0%} of the steps matches training it again (within the seed spread)"
+        else:
+            advice = "training it from scratch is better than this conversion"
+        lines.append(
+            f"- **A trained multi-head model, wanted as `{target}`**: the best conversion, "
+            f"{KV_INIT_LABELS[best['kv_init']]} K/V (`{best['name']}`), reaches {loss(best[f'{last}_mean'])} after "
+            f"{fraction:.0%} uptraining against {loss(scratch['val_loss_mean'])} for `{target}` trained from "
+            f"scratch ({delta:+.4f}, spread ±{noise:.4f}): {advice}."
+        )
+    return lines
+
+
 def decode_gain(variants: dict[str, dict[str, Any]], base: dict[str, Any], context: str) -> str:
-    """Whether fewer KV heads made decoding faster at the longest context measured."""
+    """Fewer KV heads' decoding speed at the longest context measured, against the baseline's."""
     speeds = {name: variants[name]["decode_tokens_per_s"][context] / base["decode_tokens_per_s"][context]
               for name in ("gqa", "mqa")}  # fmt: skip
-    text = f"With {context} tokens of context GQA decodes at {speeds['gqa']:.2f}× and MQA at {speeds['mqa']:.2f}× "
-    if max(speeds.values()) < 1.1:
-        return text + (
-            "the baseline's speed: at this size decoding is not limited by reading the cache, so the gain is "
-            "memory, not speed."
-        )
-    return text + "the baseline's speed."
+    return (
+        f"With {context} tokens of context GQA decodes at {speeds['gqa']:.2f}× and MQA at {speeds['mqa']:.2f}× the "
+        "baseline's speed."
+    )
 
 
 def grid_section(results: dict[str, Any]) -> list[str]:
@@ -600,9 +623,10 @@ def _kv_init_finding(
         order += f" ({'; '.join(ties)} are within the seed spread of each other)"
     best = min(records, key=lambda c: c[f"{last}_mean"])
     value = best[f"{last}_mean"]
+    paper = " (the paper's setting)" if fractions[0] == 0.05 else ""
     return (
         f"- **{scratch['label']}**: right after conversion {after} (the source: "
-        f"{loss(source['val_loss_mean'])}). After {fractions[0]:.0%} uptraining (the paper's setting) the order is "
+        f"{loss(source['val_loss_mean'])}). After {fractions[0]:.0%} uptraining{paper} the order is "
         f"{order}, {'which is' if agrees else 'which is not'} the paper's order. After {fractions[-1]:.0%} the "
         f"best is {KV_INIT_LABELS[best['kv_init']]} at {loss(value)}, "
         f"{_versus(value, continued, 'the continued source')} and "

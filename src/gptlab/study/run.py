@@ -1,4 +1,5 @@
-"""Running the study: training the grid with the real training loop, converting and uptraining the baseline,
+"""Running the study: training the grid with the real training loop, converting and uptraining the conversions'
+sources,
 measuring sizes and speeds, and gathering everything into one JSON-able results dict."""
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from gptlab.sizes import config_breakdown, kv_cache_bytes
 from gptlab.study.grid import (
     BASELINE,
     CONVERSIONS,
+    RECALL_BATCH_SIZE,
+    RECALL_LR,
+    RECALL_ROWS,
     SCALES,
     UPTRAIN_FRACTIONS,
     UPTRAIN_SEED_OFFSET,
@@ -156,7 +160,7 @@ def decode_speed(
 def kv_cache_vs_context(configs: dict[str, GPTConfig], block_size: int) -> dict[str, list[int]]:
     """KV-cache bytes of each variant at context lengths 1, 2, 4, ... up to 16 times the training context."""
     longest = 16 * block_size
-    contexts = [2**i for i in range(int(math.log2(longest)) + 1)]
+    contexts = sorted({*(2**i for i in range(int(math.log2(longest)) + 1)), longest})
     return {
         "contexts": contexts,
         **{name: [kv_cache_bytes(config, t) for t in contexts] for name, config in configs.items()},
@@ -249,7 +253,7 @@ def train_grid(
             per_seed[seed].update(model_figures(model, *split, scale))
             if variant.name in sources:
                 trained[variant.name][seed] = (model, job)
-        variants.append(_variant_record(variant, config, per_seed))
+        variants.append(_variant_record(variant, config, per_seed, scale))
     return variants, trained
 
 
@@ -259,7 +263,9 @@ def _per_seed(record: dict[str, Any], key: str, per_seed: dict[int, dict[str, An
     record[f"{key}_mean"], record[f"{key}_sd"] = _mean_sd(list(record[key].values()))
 
 
-def _variant_record(variant: Variant, config: GPTConfig, per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _variant_record(
+    variant: Variant, config: GPTConfig, per_seed: dict[int, dict[str, Any]], scale: StudyScale
+) -> dict[str, Any]:
     """A variant's entry of the results: its config, sizes, losses and curves by seed, training speed, and its
     loss by position averaged over seeds."""
     record: dict[str, Any] = {
@@ -267,7 +273,7 @@ def _variant_record(variant: Variant, config: GPTConfig, per_seed: dict[int, dic
         "label": variant.label,
         "group": variant.group,
         "config": {key: config.to_dict()[key] for key in CONFIG_KEYS},
-        "optimizer": variant.train.get("optimizer", "muon"),
+        "optimizer": {**scale.train, **variant.train}.get("optimizer", "adamw"),
         **size_figures(config),
     }
     for key in ("val_loss", "eval_loss", "eval_bpb"):
@@ -291,7 +297,14 @@ def recall_probes(
     for variant in (v for v in VARIANTS if v.recall):
         started = time.perf_counter()
         result = associative_recall(
-            configs[variant.name], scale.recall_distances, scale.recall_steps, seed=scale.seeds[0], device=device
+            configs[variant.name],
+            scale.recall_distances,
+            scale.recall_steps,
+            batch_size=RECALL_BATCH_SIZE,
+            lr=RECALL_LR,
+            rows=RECALL_ROWS,
+            seed=scale.seeds[0],
+            device=device,
         )
         probes[variant.name] = {**result.to_dict(), "seconds": time.perf_counter() - started}
         accuracy = " ".join(f"{a:.2f}" for a in result.accuracy)
