@@ -30,7 +30,7 @@ def plot_figures(results: dict[str, Any], directory: Path) -> None:
     figures = {
         "loss_time": (loss_time_figure, (13, 5), 2),
         "recall": (recall_figure, (7, 5), 1),
-        "positions": (positions_figure, (8, 5), 1),
+        "positions": (positions_figure, (13, 5), 2),
         "kv_cache": (kv_cache_figure, (7, 5), 1),
         "decode": (decode_figure, (7, 5), 1),
         "conversion": (conversion_figure, (8, 5), 1),
@@ -44,6 +44,14 @@ def plot_figures(results: dict[str, Any], directory: Path) -> None:
         figure.savefig(path, dpi=110)
 
 
+def _panels(axes) -> tuple[tuple[Any, tuple[str, ...], str], ...]:
+    """The two panels of a two-panel figure: (axes, the variant groups drawn there, title)."""
+    return (
+        (axes[0], ("attention",), "Attention and positions"),
+        (axes[1], ("recipe", "architecture"), "Recipe switches and architectures"),
+    )
+
+
 def _mean_curve(record: dict[str, Any]) -> tuple[list[float], list[float]]:
     """A variant's validation curve averaged over seeds: (training seconds, loss) at each evaluation."""
     curves = list(record["curves"].values())
@@ -55,11 +63,7 @@ def _mean_curve(record: dict[str, Any]) -> tuple[list[float], list[float]]:
 def loss_time_figure(results: dict[str, Any], axes) -> None:
     """Validation loss against training time, mean over seeds: the attention and position variants on the left,
     the recipe's switches and the whole architectures on the right, the baseline on both."""
-    panels = (
-        (axes[0], ("attention",), "Attention and positions"),
-        (axes[1], ("recipe", "architecture"), "Recipe switches and architectures"),
-    )
-    for ax, groups, title in panels:
+    for ax, groups, title in _panels(axes):
         for record in results["variants"]:
             if record["group"] in groups or record["name"] == results["baseline"]:
                 style = {"color": "black", "linewidth": 2.5} if record["name"] == results["baseline"] else {}
@@ -86,15 +90,20 @@ def recall_figure(results: dict[str, Any], ax) -> None:
     ax.legend(fontsize="small")
 
 
-def positions_figure(results: dict[str, Any], ax) -> None:
-    """Loss by position (each bucket at its last position), with the training context marked."""
-    for record in results["variants"]:
-        positions = record["positions"]
-        ax.plot([b - 1 for _, b in positions["buckets"]][1:], positions["loss"][1:], marker=".", label=record["name"])
-    ax.axvline(results["scale"]["block_size"], color="grey", linestyle=":", label="training context")
-    ax.set(xscale="log", xlabel="position in the window (bucket end)", ylabel="mean loss (nats)",
-           title="Loss by position")  # fmt: skip
-    ax.legend(fontsize="small", ncol=2)
+def positions_figure(results: dict[str, Any], axes) -> None:
+    """Loss by position (each bucket at its last position), with the training context marked: the attention and
+    position variants on the left, the recipe's switches and architectures on the right, the baseline on both."""
+    for ax, groups, title in _panels(axes):
+        for record in results["variants"]:
+            if record["group"] in groups or record["name"] == results["baseline"]:
+                style = {"color": "black", "linewidth": 2.5} if record["name"] == results["baseline"] else {}
+                positions = record["positions"]
+                ends = [b - 1 for _, b in positions["buckets"]]
+                ax.plot(ends[1:], positions["loss"][1:], marker=".", label=record["name"], **style)
+        ax.axvline(results["scale"]["block_size"], color="grey", linestyle=":", label="training context")
+        ax.set(xscale="log", xlabel="position in the window (bucket end)", ylabel="mean loss (nats)",
+               title=f"Loss by position: {title.lower()}")  # fmt: skip
+        ax.legend(fontsize="small")
 
 
 def kv_cache_figure(results: dict[str, Any], ax) -> None:
