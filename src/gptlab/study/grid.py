@@ -18,8 +18,8 @@ UPTRAIN_FRACTIONS = (0.05, 0.10)  # of the baseline's steps (the GQA paper uptra
 # batches of pre-training. Its losses are measured on the source model's own validation batches.
 UPTRAIN_SEED_OFFSET = 1000
 # Uptraining continues at the learning rates the source's schedule ended with (every peak times min_lr / lr),
-# decaying to a tenth of them. Re-warming to the original peak was tried first: it set the unconverted control
-# back by 0.05-0.08 in validation loss (an earlier, shorter study), so it measured the disruption, not the recovery.
+# decaying to a tenth of them. Re-warming to the original peaks sets the unconverted control back (1.58 -> 1.63 at
+# the full scale; scripts/uptrain_lr.py), so it would measure the disruption along with the recovery.
 UPTRAIN_LR = "the learning rates the source model's schedule ended with, decaying to a tenth of them"
 # The associative-recall probe's training batch, AdamW learning rate and measured rows (`associative_recall`'s own
 # defaults, passed explicitly so that the report can say what ran).
@@ -197,7 +197,7 @@ VARIANTS = (
         lambda c: GPT2_MODEL,
         ADAMW,
         group="architecture",
-    ),  # fmt: skip
+    ),
     Variant(
         "llama",
         "Llama-like: RoPE, RMSNorm, SwiGLU (8/3 C), GQA n_head/2, untied, AdamW",
