@@ -32,8 +32,8 @@ from gptlab.study import (
     variant_configs,
     write_report,
 )
-from gptlab.study.grid import LR_KEYS
-from gptlab.study.report import reach
+from gptlab.study.grid import LR_KEYS, reach
+from gptlab.study.report import untrained_probe
 from gptlab.study.run import EVAL_BATCH_SIZE
 
 
@@ -162,6 +162,7 @@ def test_every_variant_trains_with_the_same_recipe(char_data, tmp_path):
         # the baseline's recipe but for the variant's own training fields
         recipe = jobs[variant.name].train.model_dump(exclude={"out_dir"})
         assert {key for key in recipe if recipe[key] != base[key]} <= set(variant.train), variant.name
+        assert {key: recipe[key] for key in variant.train} == variant.train, variant.name
     # uptraining: a short schedule that starts where the source's ended (every peak times min_lr / lr)
     ended = scale.min_lr / scale.lr
     uptrain = training_job(None, scale, char_data, tmp_path / "up", seed=3, max_steps=2, init_from=str(tmp_path))
@@ -190,6 +191,18 @@ def test_the_records_hold_what_gptlab_eval_measures(study, char_data):
         )
         # characters of a one-byte alphabet: bits per byte are nats per character / ln 2
         assert split.bpb == pytest.approx(split.loss / math.log(2), rel=0.02)
+
+
+def test_a_probe_near_the_guessing_loss_is_called_untrained(study):
+    chance = 1 / 64
+    assert untrained_probe({"chance": chance, "final_loss": 0.95 * math.log(64)}).startswith(" Its probe model")
+    assert untrained_probe({"chance": chance, "final_loss": 1.5}) == ""
+    # the tiny study's probes train 3 steps: every one of its recall findings carries the caveat
+    results, out, _ = study
+    section = (out / "variants.md").read_text().split("\n## Reach")[1].split("\n## ")[0]
+    findings = [line for line in section.splitlines() if line.startswith("- `")]
+    assert len(findings) == sum(1 for r in results["variants"] if r["recall"]) - 1  # all but the baseline
+    assert all("barely learned the task" in line for line in findings)
 
 
 def test_reach_is_layers_times_window_minus_one():
@@ -289,6 +302,7 @@ def test_a_failed_report_leaves_the_previous_one(study, tmp_path):
         (["--out", "{file}"], "is a file"),
         (["--out", "{runs}/report"], "is inside --runs"),
         (["--runs", "{full}"], "was not made by gptlab study"),
+        (["--report-from", "{file}"], "--report-from renders an earlier run and trains nothing: --scale"),
     ],
 )
 def test_bad_arguments_stop_before_any_training(args, message, tmp_path, capsys):

@@ -711,14 +711,17 @@ def study_command(args: argparse.Namespace, scale: str) -> str:
 
 
 def run_study(args: argparse.Namespace) -> None:
-    import json
-
-    from gptlab.study import RESULTS_FILE, check_out_dir, read_results, run_study, write_report
+    from gptlab.study import RESULTS_FILE, check_out_dir, read_results, results_json, run_study, write_report
 
     if args.quick and args.scale not in (None, "quick"):
         raise GptlabError(f"--quick and --scale {args.scale} contradict each other; pass one of them")
     scale = "quick" if args.quick else args.scale or "full"
     if args.report_from is not None:
+        given = [f"--{flag}" for flag in ("quick", "scale", "data") if getattr(args, flag) not in (None, False)]
+        if given:
+            raise GptlabError(
+                f"--report-from renders an earlier run and trains nothing: {', '.join(given)} does not apply"
+            )
         results = read_results(Path(args.report_from))
         written = write_report(results, args.out)
         print(f"wrote {len(written)} files into {args.out} from {args.report_from}")
@@ -726,7 +729,7 @@ def run_study(args: argparse.Namespace) -> None:
     check_out_dir(Path(args.out), Path(args.runs))  # before the training, not after it
     results = run_study(scale, args.runs, args.data, args.device, command=study_command(args, scale))
     # kept with the runs first: a report that fails to render can be written again from them (`--report-from`)
-    (Path(args.runs) / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    (Path(args.runs) / RESULTS_FILE).write_text(results_json(results))
     written = write_report(results, args.out)
     print(
         f"wrote {len(written)} files into {args.out} in {results['runtime_s']:.0f} s: {Path(args.out) / 'variants.md'}"

@@ -295,6 +295,7 @@ def associative_recall(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read once at the end: no host sync per step
     accuracy = recall_accuracy(model, length, distances, rows=rows, seed=seed + 1)
-    return RecallResult(list(distances), accuracy, steps, float(np.mean(losses[-50:])), 1.0 / RECALL_VALUES)
+    final_loss = torch.stack(losses[-50:]).mean().item()
+    return RecallResult(list(distances), accuracy, steps, final_loss, 1.0 / RECALL_VALUES)

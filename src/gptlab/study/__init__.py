@@ -47,7 +47,7 @@ from gptlab.study.grid import (
     variant_configs,
 )
 from gptlab.study.plots import IMAGES, plot_figures
-from gptlab.study.report import REPORT, check_out_dir, read_results, render_report, write_report
+from gptlab.study.report import REPORT, check_out_dir, read_results, render_report, results_json, write_report
 from gptlab.study.run import (
     RESULTS_FILE,
     RUNS_MARKER,
@@ -81,6 +81,7 @@ __all__ = [
     "prepare_runs_dir",
     "read_results",
     "render_report",
+    "results_json",
     "run_study",
     "training_job",
     "validation_loss",

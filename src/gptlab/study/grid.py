@@ -265,6 +265,15 @@ def variant_configs(scale: StudyScale, vocab_size: int) -> dict[str, GPTConfig]:
     return {variant.name: base.replace(**variant.model(base)) for variant in VARIANTS}
 
 
+def reach(window: Any, n_layer: int) -> int | None:
+    """How far back a stack of attention layers can pass information: L * (W - 1) for windows of W in every
+    layer (summed per layer when they differ), None (the whole context) when any layer attends fully."""
+    windows = window if isinstance(window, list) else [window] * n_layer
+    if any(w is None for w in windows):
+        return None
+    return sum(w - 1 for w in windows)
+
+
 def variant_train(name: str) -> dict[str, Any]:
     """A variant's training overrides."""
     return next(variant.train for variant in VARIANTS if variant.name == name)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import GptlabError
+from gptlab.study.grid import reach
 
 # Where each figure is written, relative to the report's directory (variants.md links them).
 IMAGES = {
@@ -76,8 +77,6 @@ def loss_time_figure(results: dict[str, Any], axes) -> None:
 
 def recall_figure(results: dict[str, Any], ax) -> None:
     """Associative-recall accuracy against distance, with chance and each windowed variant's reach."""
-    from gptlab.study.report import reach
-
     probed = [r for r in results["variants"] if r.get("recall")]
     for record in probed:
         line = ax.plot(record["recall"]["distances"], record["recall"]["accuracy"], marker="o", label=record["name"])

@@ -7,6 +7,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from typing import Any
 
 from gptlab.errors import GptlabError
 from gptlab.probes import RECALL_PAIRS
-from gptlab.study.grid import RECALL_BATCH_SIZE, RECALL_LR, RECALL_ROWS, UPTRAIN_LR
+from gptlab.study.grid import RECALL_BATCH_SIZE, RECALL_LR, RECALL_ROWS, UPTRAIN_LR, reach
 from gptlab.study.plots import IMAGES, plot_figures
 
 REPORT = "variants.md"
@@ -23,6 +24,8 @@ KV_INIT_LABELS = {"mean": "mean-pooled", "first": "first head of each group", "r
 # Ainslie et al. 2023, §3.3 (Figure 4, T5-Large to MQA, 5% uptraining): mean-pooling works best, then keeping the
 # first head, then random initialisation.
 PAPER_KV_INIT_ORDER = ("mean", "first", "random")
+# A recall probe whose final training loss is above this share of the loss of guessing has not learned the task.
+UNTRAINED_SHARE = 0.9
 
 
 # Number formats of the report: the tests rebuild the same strings from variants.json.
@@ -148,17 +151,26 @@ def loss_extremes(results: dict[str, Any]) -> str:
     )
 
 
-def reach(window: Any, n_layer: int) -> int | None:
-    """How far back a stack of attention layers can pass information: L * (W - 1) for windows of W in every
-    layer (summed per layer when they differ), None (the whole context) when any layer attends fully."""
-    windows = window if isinstance(window, list) else [window] * n_layer
-    if any(w is None for w in windows):
-        return None
-    return sum(w - 1 for w in windows)
+def table_head(columns: list[str], text_columns: int) -> list[str]:
+    """A markdown table's header and alignment rows: the first `text_columns` left-aligned, the rest numbers."""
+    align = ["---" if i < text_columns else "---:" for i in range(len(columns))]
+    return [f"| {' | '.join(columns)} |", f"| {' | '.join(align)} |"]
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def untrained_probe(probe: dict[str, Any]) -> str:
+    """A caveat when a recall probe's model ended near the loss of guessing among the values (ln of their count):
+    its accuracies then say that it did not learn the task, not how far it reaches."""
+    chance_loss = -math.log(probe["chance"])
+    if probe["final_loss"] < UNTRAINED_SHARE * chance_loss:
+        return ""
+    return (
+        f" Its probe model barely learned the task (final training loss {probe['final_loss']:.2f}, guessing "
+        f"{chance_loss:.2f}), so these accuracies say little about its reach."
+    )
 
 
 def recall_finding(record: dict[str, Any], base: dict[str, Any], n_layer: int) -> str:
@@ -171,6 +183,7 @@ def recall_finding(record: dict[str, Any], base: dict[str, Any], n_layer: int) -
         return (
             f"- `{record['name']}`: mean accuracy {mean:.2f} over all distances (the baseline {base_mean:.2f}); "
             f"lowest {min(accuracy):.2f}, at distance {distances[accuracy.index(min(accuracy))]}."
+            + untrained_probe(probe)
         )
     # the value stands one position after the first key: recalling it at distance d looks d - 1 positions back
     inside = [a for d, a in zip(distances, accuracy, strict=True) if d - 1 <= limit]
@@ -183,7 +196,7 @@ def recall_finding(record: dict[str, Any], base: dict[str, Any], n_layer: int) -
     if beyond:
         text += (", " if inside else "") + f"{_mean(beyond):.2f} beyond (the baseline {_mean(base_out):.2f}; "
         text += f"chance {probe['chance']:.3f})"
-    return text + "."
+    return text + "." + untrained_probe(probe)
 
 
 def position_finding(record: dict[str, Any], block_size: int) -> str:
@@ -340,9 +353,21 @@ def use_section(results: dict[str, Any]) -> list[str]:
             + ("" if abs(r["eval_loss_mean"] - base["eval_loss_mean"]) > _noise(r, base) else " (within spread)")
             for r in ranked
         )
+
+        def beyond(sign: int) -> list[str]:
+            return [
+                f"`{r['name']}`"
+                for r in ranked
+                if sign * (r["eval_loss_mean"] - base["eval_loss_mean"]) > _noise(r, base)
+            ]
+
+        keep, drop = beyond(+1), beyond(-1)
+        advice = f" Rows that lose beyond the spread: {', '.join(keep)} (keep those switches)." if keep else ""
+        if drop:
+            advice += f" Rows that did better than the recipe's choice, beyond the spread: {', '.join(drop)}."
         lines.append(
             "- **The training recipe**: turning each switch off alone changes the loss by (largest first): "
-            f"{worth}. Keep the switches whose removal costs more than the spread."
+            f"{worth}.{advice}"
         )
     for name in ("gpt2", "llama"):
         if name in variants:
@@ -404,10 +429,22 @@ def grid_section(results: dict[str, Any]) -> list[str]:
         "Δ is the loss difference to the baseline; * marks one beyond the seed spread (the sum of the two standard "
         "deviations).",
         "",
-        "| variant | change | parameters | KV cache per token | KV cache at "
-        f"{context:,} tokens | training tokens/s | decode tokens/s at {short} | decode tokens/s at {long} | "
-        "loss | Δ | bpb |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *table_head(
+            [
+                "variant",
+                "change",
+                "parameters",
+                "KV cache per token",
+                f"KV cache at {context:,} tokens",
+                "training tokens/s",
+                f"decode tokens/s at {short}",
+                f"decode tokens/s at {long}",
+                "loss",
+                "Δ",
+                "bpb",
+            ],
+            text_columns=2,
+        ),  # fmt: skip
         *(_grid_row(record, base, results) for record in results["variants"]),
         "",
         "Findings, each computed from the table:",
@@ -462,8 +499,9 @@ def recall_section(results: dict[str, Any]) -> list[str]:
         f"of {n_layer} layers with windows of W tokens can pass information at most {n_layer} · (W − 1) positions "
         "back (the reach column).",
         "",
-        "| variant | reach | " + " | ".join(f"d = {d}" for d in distances) + " | final training loss | time |",
-        "| --- | ---: | " + " | ".join("---:" for _ in distances) + " | ---: | ---: |",
+        *table_head(
+            ["variant", "reach", *(f"d = {d}" for d in distances), "final training loss", "time"], text_columns=1
+        ),
         *rows,
         "",
         *(recall_finding(r, base, n_layer) for r in probed if r is not base),
@@ -485,7 +523,6 @@ def positions_section(results: dict[str, Any]) -> list[str]:
         )
         cells = " | ".join(f"{by_bucket[b]:.3f}" if b in by_bucket else "—" for b in buckets)
         rows.append(f"| `{record['name']}` | {cells} |")
-    header = " | ".join(f"{a}" if b - a == 1 else f"{a}–{b - 1}" for a, b in buckets)
     beyond = [r for r in results["variants"] if r["positions"]["length"] > block]
     return [
         "## Loss by position",
@@ -493,8 +530,7 @@ def positions_section(results: dict[str, Any]) -> list[str]:
         f"Mean loss (nats) of the targets at each position of a window, by bucket; the training context is {block}. "
         "Learned-position models have no rows past it (—).",
         "",
-        f"| variant | {header} |",
-        "| --- | " + " | ".join("---:" for _ in buckets) + " |",
+        *table_head(["variant", *(f"{a}" if b - a == 1 else f"{a}–{b - 1}" for a, b in buckets)], text_columns=1),
         *rows,
         "",
         *(position_finding(r, block) for r in beyond if r["group"] == "attention"),
@@ -523,10 +559,17 @@ def conversion_section(results: dict[str, Any]) -> list[str]:
         'control: the source uptrained the same way, unconverted. "From scratch" is the grid\'s model of the '
         "target architecture, trained with the full budget, on the same kind of validation batches.",
         "",
-        "| conversion | from | K/V | right after conversion | "
-        + " | ".join(f"after {f:.0%} uptraining" for f in fractions)
-        + " | from scratch |",
-        "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in fractions) + " | ---: |",
+        *table_head(
+            [
+                "conversion",
+                "from",
+                "K/V",
+                "right after conversion",
+                *(f"after {f:.0%} uptraining" for f in fractions),
+                "from scratch",
+            ],
+            text_columns=3,
+        ),  # fmt: skip
         *(_conversion_row(results, record) for record in results["conversions"]),
         "",
         *conversion_findings(results),
@@ -709,6 +752,11 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def results_json(results: dict[str, Any]) -> str:
+    """The results as the JSON files hold them (variants.json, the runs' results.json)."""
+    return json.dumps(results, indent=1) + "\n"
+
+
 def read_results(path: Path) -> dict[str, Any]:
     """A study's results dict from its JSON file (`RESULTS_FILE` in the runs, or a report's variants.json)."""
     try:
@@ -742,7 +790,7 @@ def write_report(results: dict[str, Any], out: str | Path) -> list[Path]:
     staging = Path(tempfile.mkdtemp(prefix=".variants-", suffix=".partial", dir=out))
     try:
         (staging / REPORT).write_text(render_report(results))
-        (staging / "variants.json").write_text(json.dumps(results, indent=1) + "\n")
+        (staging / "variants.json").write_text(results_json(results))
         (staging / "variants.csv").write_text(_csv(variant_rows(results)))
         (staging / "variants-conversion.csv").write_text(_csv(conversion_rows(results)))
         plot_figures(results, staging)
