@@ -170,8 +170,16 @@ def test_recall_accuracy_sees_exactly_a_copiers_reach():
     assert accuracy == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
-def test_associative_recall_trains_a_fresh_model_of_the_config():
-    config = GPTConfig(block_size=32, vocab_size=7, n_layer=1, n_head=2, n_embd=16, pos_emb="rope")
-    result = associative_recall(config, (4, 16), steps=20, batch_size=8)
-    assert result.distances == [4, 16] and all(0.0 <= a <= 1.0 for a in result.accuracy)
-    assert result.steps == 20 and np.isfinite(result.final_loss) and result.chance == 1 / RECALL_VALUES
+def test_associative_recall_learns_the_task_within_reach_and_not_beyond():
+    # Two layers can form an induction head. With full attention every distance is recalled well above chance
+    # (1/64); with windows of 4 (reach 2 x 3 = 6 positions) the distances up to 7 are, and none beyond.
+    distances = (2, 4, 8, 16, 24)
+    accuracy = {}
+    for window in (None, 4):
+        config = GPTConfig(block_size=32, vocab_size=7, n_layer=2, n_head=2, n_embd=64, pos_emb="rope", window=window)
+        result = associative_recall(config, distances, steps=400, batch_size=16)
+        assert result.distances == list(distances) and result.steps == 400 and result.chance == 1 / RECALL_VALUES
+        assert np.isfinite(result.final_loss)
+        accuracy[window] = result.accuracy
+    assert min(accuracy[None]) > 0.1
+    assert min(accuracy[4][:2]) > 0.25 and max(accuracy[4][2:]) < 0.06

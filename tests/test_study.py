@@ -195,8 +195,9 @@ def test_the_records_hold_what_gptlab_eval_measures(study, char_data):
 
 def test_a_probe_near_the_guessing_loss_is_called_untrained(study):
     chance = 1 / 64
-    assert untrained_probe({"chance": chance, "final_loss": 0.95 * math.log(64)}).startswith(" Its probe model")
-    assert untrained_probe({"chance": chance, "final_loss": 1.5}) == ""
+    assert untrained_probe({"chance": chance, "accuracy": [0.05, 0.02, 0.01]}).startswith(" Its probe model")
+    # a window that recalls well within its reach and nothing beyond it has learned the task
+    assert untrained_probe({"chance": chance, "accuracy": [0.3, 0.01, 0.0]}) == ""
     # the tiny study's probes train 3 steps: every one of its recall findings carries the caveat
     results, out, _ = study
     section = (out / "variants.md").read_text().split("\n## Reach")[1].split("\n## ")[0]

@@ -21,9 +21,9 @@ UPTRAIN_SEED_OFFSET = 1000
 # decaying to a tenth of them. Re-warming to the original peaks sets the unconverted control back (1.58 -> 1.63 at
 # the full scale; scripts/uptrain_lr.py), so it would measure the disruption along with the recovery.
 UPTRAIN_LR = "the learning rates the source model's schedule ended with, decaying to a tenth of them"
-# The associative-recall probe's training batch, AdamW learning rate and measured rows (`associative_recall`'s own
-# defaults, passed explicitly so that the report can say what ran).
-RECALL_BATCH_SIZE, RECALL_LR, RECALL_ROWS = 32, 1e-3, 64
+# The associative-recall probe's training batch and measured rows (`associative_recall`'s own defaults, passed
+# explicitly so that the report can say what ran; its optimizer is `gptlab.probes.RECALL_TRAIN`).
+RECALL_BATCH_SIZE, RECALL_ROWS = 32, 64
 # The learning rates of the training config, each scaled alike for uptraining.
 LR_KEYS = ("lr", "muon_lr", "embedding_lr", "head_lr", "scalar_lr")
 
@@ -99,7 +99,7 @@ FULL = StudyScale(
     decode_contexts=(32, 128, 512, 2048, 8192),
     decode_tokens=64,
     decode_repeats=7,
-    recall_steps=1200,
+    recall_steps=600,
     recall_distances=(4, 8, 16, 32, 48, 64, 96, 120),
     position_windows=64,
     position_extrapolation=4,
@@ -119,7 +119,7 @@ SCALES = {
         decode_contexts=(32, 128, 512, 2048),
         decode_tokens=32,
         decode_repeats=5,
-        recall_steps=300,
+        recall_steps=150,
         position_windows=16,
     ),
     # Seconds, for the tests: every code path, numbers that mean nothing.
