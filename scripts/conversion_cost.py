@@ -1,7 +1,9 @@
 """What converting multi-head attention to GQA costs before any uptraining, for trained study models of several
 recipes: a side measurement to `gptlab study`, read from its runs directory.
 
-    python scripts/conversion_cost.py out/study-runs    # after `gptlab study --out docs`; ~30 s on 2 CPU cores
+    python scripts/conversion_cost.py out/study-runs
+
+Run it after `gptlab study --out docs` (17 s on 2 cores of an Intel Xeon).
 
 Each row's model of each seed is converted to n_head/2 KV heads by mean-pooling (`gptlab.study.convert_model`) and
 scored on the validation batches its own training evaluated on (`gptlab.study.validation_loss`), before and after.

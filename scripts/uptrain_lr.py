@@ -1,7 +1,9 @@
 """Does a converted model recover more when uptraining re-warms to the original learning rates? A side measurement to
 `gptlab study`, read from its runs directory.
 
-    python scripts/uptrain_lr.py out/study-runs    # after `gptlab study --out docs`; ~3 minutes on 2 CPU cores
+    python scripts/uptrain_lr.py out/study-runs
+
+Run it after `gptlab study --out docs` (78 s on 2 cores of an Intel Xeon).
 
 The baseline of each seed is converted to GQA (n_head/2 KV heads, mean-pooled) and uptrained for 10% of its steps
 twice: with the study's schedule (peaking at the learning rates the baseline ended with) and re-warmed to the

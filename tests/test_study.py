@@ -33,7 +33,7 @@ from gptlab.study import (
     write_report,
 )
 from gptlab.study.grid import LR_KEYS, reach
-from gptlab.study.report import untrained_probe
+from gptlab.study.report import recall_finding, recall_spans, relays_little, untrained_probe
 from gptlab.study.run import EVAL_BATCH_SIZE
 
 
@@ -204,6 +204,28 @@ def test_a_probe_near_the_guessing_loss_is_called_untrained(study):
     findings = [line for line in section.splitlines() if line.startswith("- `")]
     assert len(findings) == sum(1 for r in results["variants"] if r["recall"]) - 1  # all but the baseline
     assert all("barely learned the task" in line for line in findings)
+
+
+def test_windowed_recall_is_split_at_one_window_and_at_the_reach():
+    # windows of 16 in 4 layers: one layer looks 15 back, the stack 60; recalling at distance d looks d - 1 back
+    distances = [16, 17, 61, 62]
+    base = {"name": "tuned", "recall": {"distances": distances, "accuracy": [0.4, 0.4, 0.4, 0.4], "chance": 1 / 64}}
+    record = {
+        "name": "window",
+        "config": {"window": 16},
+        "recall": {"distances": distances, "accuracy": [0.4, 0.1, 0.1, 0.0], "chance": 1 / 64},
+    }
+    widest, spans = recall_spans(record, base, 4)
+    assert widest == 16
+    assert spans == {"window": (0.4, 0.4), "relayed": (pytest.approx(0.1), pytest.approx(0.4)), "beyond": (0.0, 0.4)}
+    assert relays_little(spans)
+    finding = recall_finding(record, base, 4)
+    assert "0.40 within one window, d ≤ 16 (the baseline 0.40)" in finding and "beyond the reach, d > 61" in finding
+    assert "practical reach is nearer one window (16) than its bound of 60" in finding
+    # relaying half of the baseline's share or more is not called little
+    record["recall"]["accuracy"] = [0.4, 0.2, 0.2, 0.0]
+    assert not relays_little(recall_spans(record, base, 4)[1])
+    assert "practical reach" not in recall_finding(record, base, 4)
 
 
 def test_reach_is_layers_times_window_minus_one():

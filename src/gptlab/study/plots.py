@@ -76,13 +76,17 @@ def loss_time_figure(results: dict[str, Any], axes) -> None:
 
 
 def recall_figure(results: dict[str, Any], ax) -> None:
-    """Associative-recall accuracy against distance, with chance and each windowed variant's reach."""
+    """Associative-recall accuracy against distance, with chance, and for each windowed variant the farthest
+    distance one window sees and the stack's reach (recalling at distance d looks d - 1 positions back)."""
     probed = [r for r in results["variants"] if r.get("recall")]
     for record in probed:
         line = ax.plot(record["recall"]["distances"], record["recall"]["accuracy"], marker="o", label=record["name"])
-        limit = reach(record["config"]["window"], results["scale"]["n_layer"])
+        window = record["config"]["window"]
+        limit = reach(window, results["scale"]["n_layer"])
         if limit is not None:
-            ax.axvline(limit, color=line[0].get_color(), linestyle=":", label=f"reach of {record['name']}")
+            color, widest = line[0].get_color(), max(window) if isinstance(window, list) else window
+            ax.axvline(widest, color=color, linestyle="-.", label=f"{record['name']}: one window")
+            ax.axvline(limit + 1, color=color, linestyle=":", label=f"{record['name']}: reach")
     if probed:
         ax.axhline(probed[0]["recall"]["chance"], color="grey", linestyle="--", label="chance")
     ax.set(xlabel="distance d (tokens)", ylabel="share of values recalled", title="Associative recall", ylim=(0, 1))

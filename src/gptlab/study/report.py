@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,18 +186,54 @@ def recall_finding(record: dict[str, Any], base: dict[str, Any], n_layer: int) -
             f"lowest {min(accuracy):.2f}, at distance {distances[accuracy.index(min(accuracy))]}."
             + untrained_probe(probe)
         )
-    # the value stands one position after the first key: recalling it at distance d looks d - 1 positions back
-    inside = [a for d, a in zip(distances, accuracy, strict=True) if d - 1 <= limit]
-    beyond = [a for d, a in zip(distances, accuracy, strict=True) if d - 1 > limit]
-    base_in = [a for d, a in zip(distances, reference["accuracy"], strict=True) if d - 1 <= limit]
-    base_out = [a for d, a in zip(distances, reference["accuracy"], strict=True) if d - 1 > limit]
-    text = f"- `{record['name']}` (reach {limit} positions): mean accuracy "
-    if inside:
-        text += f"{_mean(inside):.2f} at distances up to {limit + 1} (the baseline {_mean(base_in):.2f})"
-    if beyond:
-        text += (", " if inside else "") + f"{_mean(beyond):.2f} beyond (the baseline {_mean(base_out):.2f}; "
-        text += f"chance {probe['chance']:.3f})"
-    return text + "." + untrained_probe(probe)
+    widest, spans = recall_spans(record, base, n_layer)
+    labels = {
+        "window": f"within one window, d ≤ {widest}",
+        "relayed": f"past one window but within the reach, {widest} < d ≤ {limit + 1}",
+        "beyond": f"beyond the reach, d > {limit + 1}",
+    }
+    parts = [f"{ours:.2f} {labels[span]} (the baseline {theirs:.2f})" for span, (ours, theirs) in spans.items()]
+    text = (
+        f"- `{record['name']}` (windows of {widest}, reach {limit} positions): mean accuracy {', '.join(parts)}; "
+        f"chance {probe['chance']:.3f}."
+    )
+    if relays_little(spans):
+        text += (
+            " Past one window it recalls less than half of what the baseline does: in this probe the stack's "
+            f"practical reach is nearer one window ({widest}) than its bound of {limit}."
+        )
+    return text + untrained_probe(probe)
+
+
+def recall_spans(
+    record: dict[str, Any], base: dict[str, Any], n_layer: int
+) -> tuple[int, dict[str, tuple[float, float]]]:
+    """A windowed variant's widest window, and its mean recall and the baseline's over the distances in each span:
+    `window` (one layer reaches), `relayed` (only passed on through several layers reaches), `beyond` (none does).
+    Spans without a measured distance are left out."""
+    window = record["config"]["window"]
+    widest = max(window) if isinstance(window, list) else window
+    limit = reach(window, n_layer)
+    # the value stands one position after the first key: recalling it at distance d looks d - 1 positions back;
+    # one layer sees W - 1 positions back, the stack `limit`
+    span_of = {"window": lambda back: back <= widest - 1, "relayed": lambda back: widest - 1 < back <= limit}
+    span_of["beyond"] = lambda back: back > limit
+    spans = {}
+    for span, holds in span_of.items():
+        ours = _mean_where(record["recall"], holds)
+        if ours is not None:
+            spans[span] = (ours, _mean_where(base["recall"], holds))
+    return widest, spans
+
+
+def _mean_where(probe: dict[str, Any], holds: Callable[[int], bool]) -> float | None:
+    """A probe's mean accuracy over the distances whose look-back (d - 1) `holds`."""
+    return _mean([a for d, a in zip(probe["distances"], probe["accuracy"], strict=True) if holds(d - 1)])
+
+
+def relays_little(spans: dict[str, tuple[float, float]]) -> bool:
+    """Whether a windowed variant recalls less than half of the baseline's share past one window, within reach."""
+    return "relayed" in spans and spans["relayed"][0] < spans["relayed"][1] / 2
 
 
 def position_finding(record: dict[str, Any], block_size: int) -> str:
@@ -332,11 +369,16 @@ def use_section(results: dict[str, Any]) -> list[str]:
     if "window" in variants and "local-global" in variants:
         window = variants["window"]
         limit = reach(window["config"]["window"], results["scale"]["n_layer"])
+        relay_note = ""
+        if window.get("recall") and base.get("recall"):
+            widest, spans = recall_spans(window, base, results["scale"]["n_layer"])
+            if relays_little(spans):
+                relay_note = f", and in the recall probe little past one window of {widest}"
         lines.append(
             f"- **Contexts longer than memory allows**: a window on every layer bounds the cache "
             f"({kv_smaller('window')} smaller at {context:,} tokens) at a loss {cost('window')}, but cannot "
-            f"recall past its reach of {limit} positions (see the recall table); alternating windowed and full "
-            "layers (`local-global`) keeps the whole context in reach with a cache "
+            f"recall past its reach of {limit} positions{relay_note} (see the recall table); alternating windowed "
+            "and full layers (`local-global`) keeps the whole context in reach with a cache "
             f"{kv_smaller('local-global')} smaller and a loss {cost('local-global')}."
         )
     if "learned-pos" in variants:
@@ -477,6 +519,18 @@ def _grid_row(record: dict[str, Any], base: dict[str, Any], results: dict[str, A
     )
 
 
+def sparse_rows_note(length: int, distance: int) -> str:
+    """At a distance of half the row or more, the pairs can only stand in the row's first length - d positions
+    (`gptlab.probes.recall_batch`), so the longest distance's share rests on few queries: say how few."""
+    if 2 * distance < length:
+        return ""
+    pairs = min(RECALL_PAIRS, (length - distance) // 2)
+    return (
+        f" At d = {distance} a row holds only {pairs} pairs, all in its first {length - distance} positions: that "
+        "share rests on fewer queries than the others."
+    )
+
+
 def recall_section(results: dict[str, Any]) -> list[str]:
     """Associative recall against distance, for every probed variant."""
     probed = [r for r in results["variants"] if r.get("recall")]
@@ -498,7 +552,7 @@ def recall_section(results: dict[str, Any]) -> list[str]:
         "",
         f"Share of queried values recalled at each distance (chance {probed[0]['recall']['chance']:.3f}). A stack "
         f"of {n_layer} layers with windows of W tokens can pass information at most {n_layer} · (W − 1) positions "
-        "back (the reach column).",
+        f"back (the reach column).{sparse_rows_note(results['scale']['block_size'], distances[-1])}",
         "",
         *table_head(
             ["variant", "reach", *(f"d = {d}" for d in distances), "final training loss", "time"], text_columns=1
