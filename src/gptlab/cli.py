@@ -683,7 +683,7 @@ def add_study_parser(subparsers) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a fifth of the steps, one seed, to try a change: 14 minutes on 2 CPU cores",
+        help="a fifth of the steps, one seed, to try a change: 10 minutes on 2 CPU cores",
     )
     p.add_argument("--scale", choices=["full", "quick", "tiny"], default=None, help="tiny: seconds, for tests")
     p.add_argument("--out", default="out/study", help="directory for the report (gptlab study --out docs)")

@@ -106,8 +106,8 @@ FULL = StudyScale(
 )
 SCALES = {
     "full": FULL,
-    # The same models with a fifth of the steps, one seed and a shorter recall probe, to try a change: 14.4 minutes
-    # on 2 cores of an AMD EPYC (measured).
+    # The same models with a fifth of the steps, one seed and a shorter recall probe, to try a change: 9.6 minutes
+    # on 2 cores of an Intel Xeon (measured).
     "quick": replace(
         FULL,
         name="quick",
