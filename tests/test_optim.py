@@ -15,7 +15,7 @@ from gptlab.optim import (
     set_learning_rates,
     zeropower_via_newtonschulz,
 )
-from gptlab.train import lr_at
+from gptlab.optim import lr_at
 
 CPU = torch.device("cpu")
 

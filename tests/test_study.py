@@ -13,6 +13,7 @@ import torch
 
 from gptlab import GPT, ConfigError
 from gptlab.cli import main
+from gptlab.config import load_job_config
 from gptlab.convert import init_kv_heads
 from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
 from gptlab.evaluation import evaluate_split
@@ -32,7 +33,7 @@ from gptlab.study import (
     variant_configs,
     write_report,
 )
-from gptlab.study.grid import LR_KEYS, reach
+from gptlab.study.grid import LR_KEYS, base_config, reach
 from gptlab.study.report import recall_finding, recall_spans, relays_little, untrained_probe
 from gptlab.study.run import EVAL_BATCH_SIZE
 
@@ -226,6 +227,17 @@ def test_windowed_recall_is_split_at_one_window_and_at_the_reach():
     record["recall"]["accuracy"] = [0.4, 0.2, 0.2, 0.0]
     assert not relays_little(recall_spans(record, base, 4)[1])
     assert "practical reach" not in recall_finding(record, base, 4)
+
+
+def test_the_full_scale_baseline_is_make_demos_model_and_recipe():
+    # the report says so; the recall probe's optimizer shares the same rates (gptlab.optim.TUNED_MUON_RATES)
+    demo = load_job_config(Path(__file__).parents[1] / "configs" / "shakespeare_char.toml")
+    study = training_job(base_config(SCALES["full"], vocab_size=83), SCALES["full"], Path("d"), Path("o"), seed=0)
+    demo_model = demo.model.model_dump(exclude_none=True)
+    assert demo_model == {key: value for key, value in study.model.model_dump().items() if key in demo_model}
+    # what a study run sets for itself: where it writes, how often it evaluates and saves, its seeds and device
+    own = {"out_dir", "eval_interval", "checkpoint_interval", "keep_checkpoints", "seed", "device"}
+    assert demo.train.model_dump(exclude=own) == study.train.model_dump(exclude=own)
 
 
 def test_reach_is_layers_times_window_minus_one():

@@ -30,6 +30,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_EPS = 1e-7  # guards the normalisation of an all-zero update (torch.optim.Muon's EPS)
 
+# The tuned recipe's peak learning rates under train.optimizer=muon (configs/shakespeare_char.toml, which `make demo`
+# trains; docs/recipes.md measures them): the blocks' matrices, then AdamW's groups.
+TUNED_MUON_RATES = {"muon_lr": 0.05, "embedding_lr": 1e-2, "head_lr": 4e-3, "scalar_lr": 1e-2}
 # Parameter groups in train.optimizer=muon, each named by the key that sets its peak learning rate.
 GROUP_LR_KEYS = {"muon": "muon_lr", "embedding": "embedding_lr", "head": "head_lr", "scalar": "scalar_lr"}
 
@@ -113,8 +116,17 @@ def peak_lr(group_name: str, cfg: TrainConfig) -> float:
     return cfg.lr if value is None else value
 
 
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to `lr`, then cosine decay that reaches
+    `min_lr` at the last step (Loshchilov & Hutter 2017, without restarts)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
 def set_learning_rates(optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig) -> None:
-    """Set every group's lr for a step whose scheduled lr (`train.lr_at`) is `lr`: a named (Muon-mode) group
+    """Set every group's lr for a step whose scheduled lr (`lr_at`) is `lr`: a named (Muon-mode) group
     follows the same warmup and cosine, scaled to its own peak; AdamW's unnamed groups take `lr` itself, so an
     AdamW run's arithmetic is exactly what it was before there were groups."""
     for group in optimizer.param_groups:

@@ -36,8 +36,7 @@ from gptlab.device import autocast
 from gptlab.errors import GptlabError
 from gptlab.evaluation import check_block_size, eval_mode, next_token_losses
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import configure_optimizer, set_learning_rates
-from gptlab.train import lr_at
+from gptlab.optim import TUNED_MUON_RATES, configure_optimizer, lr_at, set_learning_rates
 
 DEFAULT_DISTANCES = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 KEY_TOKENS, VALUE_TOKENS = 4, 4  # the planted key's and value's lengths
@@ -213,17 +212,9 @@ def retrieval_accuracy(
 RECALL_KEYS = RECALL_VALUES = RECALL_NOISE = 64
 RECALL_VOCAB = RECALL_KEYS + RECALL_VALUES + RECALL_NOISE
 RECALL_PAIRS = 12  # (key, value) pairs per row, where the distance leaves room for them
-# The probe's optimizer: the tuned recipe's (configs/shakespeare_char.toml) Muon for the blocks' matrices and AdamW
-# for the rest, warmup over the first 5% of the steps, then cosine decay to a tenth of every peak.
-RECALL_TRAIN = {
-    "optimizer": "muon",
-    "lr": 3e-3,
-    "muon_lr": 0.05,
-    "embedding_lr": 1e-2,
-    "head_lr": 4e-3,
-    "scalar_lr": 1e-2,
-    "weight_decay": 0.0,
-}
+# The probe's optimizer: the tuned recipe's Muon for the blocks' matrices and AdamW for the rest, at its rates,
+# warmup over the first 5% of the steps, then cosine decay to a tenth of every peak.
+RECALL_TRAIN = {"optimizer": "muon", "lr": 3e-3, **TUNED_MUON_RATES, "weight_decay": 0.0}
 RECALL_WARMUP = 0.05
 
 

@@ -39,7 +39,7 @@ from gptlab.errors import ConfigError, GptlabError
 from gptlab.evaluation import eval_mode
 from gptlab.hf import load_config, read_config
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import configure_optimizer, set_learning_rates
+from gptlab.optim import configure_optimizer, lr_at, set_learning_rates
 from gptlab.parallel import (
     World,
     broadcast_object,
@@ -135,15 +135,6 @@ class StepStats:
 
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup to `lr`, then cosine decay that reaches
-    `min_lr` at the last step (Loshchilov & Hutter 2017, without restarts)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
 # ----------------------------------------------------------------------------------------------- set-up

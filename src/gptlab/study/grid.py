@@ -12,6 +12,7 @@ from gptlab.config import JobConfig
 from gptlab.convert import KV_INITS
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig
+from gptlab.optim import TUNED_MUON_RATES
 
 UPTRAIN_FRACTIONS = (0.05, 0.10)  # of the baseline's steps (the GQA paper uptrains with 5% of pre-training)
 # Uptraining draws its batches with seed + UPTRAIN_SEED_OFFSET: fresh text rather than a replay of the first
@@ -37,7 +38,7 @@ TUNED_MODEL = {
     "logit_softcap": 15.0,
 }
 # ... and its optimizer: Muon for the blocks' matrices, AdamW at these rates for the rest.
-TUNED_TRAIN = {"optimizer": "muon", "muon_lr": 0.05, "embedding_lr": 1e-2, "head_lr": 4e-3, "scalar_lr": 1e-2}
+TUNED_TRAIN = {"optimizer": "muon", **TUNED_MUON_RATES}
 # AdamW for every parameter at train.lr, as GPT-2 and nanoGPT train
 ADAMW = {"optimizer": "adamw", "embedding_lr": None, "head_lr": None, "scalar_lr": None}
 
