@@ -11,11 +11,11 @@ from gptlab.config import TrainConfig
 from gptlab.optim import (
     MuonWithAdamW,
     configure_optimizer,
+    lr_at,
     route_parameters,
     set_learning_rates,
     zeropower_via_newtonschulz,
 )
-from gptlab.optim import lr_at
 
 CPU = torch.device("cpu")
 

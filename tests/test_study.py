@@ -33,8 +33,8 @@ from gptlab.study import (
     variant_configs,
     write_report,
 )
-from gptlab.study.grid import LR_KEYS, base_config, reach
-from gptlab.study.report import recall_finding, recall_spans, relays_little, untrained_probe
+from gptlab.study.grid import LR_KEYS, base_config, reach, widest_window
+from gptlab.study.report import recall_finding, recall_spans, relays_little, sparse_rows_note, untrained_probe
 from gptlab.study.run import EVAL_BATCH_SIZE
 
 
@@ -194,7 +194,7 @@ def test_the_records_hold_what_gptlab_eval_measures(study, char_data):
         assert split.bpb == pytest.approx(split.loss / math.log(2), rel=0.02)
 
 
-def test_a_probe_near_the_guessing_loss_is_called_untrained(study):
+def test_a_probe_near_chance_at_every_distance_is_called_untrained(study):
     chance = 1 / 64
     assert untrained_probe({"chance": chance, "accuracy": [0.05, 0.02, 0.01]}).startswith(" Its probe model")
     # a window that recalls well within its reach and nothing beyond it has learned the task
@@ -229,6 +229,16 @@ def test_windowed_recall_is_split_at_one_window_and_at_the_reach():
     assert "practical reach" not in recall_finding(record, base, 4)
 
 
+def test_the_longest_distances_rows_are_counted():
+    # at d = 120 of 128 the pairs can start at slots 0, 2, 4 and 6 only; at d = 16 of 32, at 0, 2, ..., 14
+    assert sparse_rows_note(128, 120) == (
+        " At d = 120 a row holds only 4 pairs, all in its first 8 positions: that share rests on fewer queries than "
+        "the others."
+    )
+    assert " 8 pairs, all in its first 16 positions" in sparse_rows_note(32, 16)
+    assert sparse_rows_note(128, 63) == ""  # shorter than half a row: pairs anywhere
+
+
 def test_the_full_scale_baseline_is_make_demos_model_and_recipe():
     # the report says so; the recall probe's optimizer shares the same rates (gptlab.optim.TUNED_MUON_RATES)
     demo = load_job_config(Path(__file__).parents[1] / "configs" / "shakespeare_char.toml")
@@ -243,6 +253,8 @@ def test_the_full_scale_baseline_is_make_demos_model_and_recipe():
 def test_reach_is_layers_times_window_minus_one():
     assert reach(16, 4) == 60
     assert reach([16, 8], 2) == 15 + 7
+    assert widest_window(16) == 16 and widest_window([8, None, 16, 4]) == 16
+    assert widest_window(None) is None and widest_window([None, None]) is None
     assert reach(None, 4) is None and reach([16, None, 16, None], 4) is None
 
 

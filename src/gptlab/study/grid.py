@@ -275,6 +275,12 @@ def reach(window: Any, n_layer: int) -> int | None:
     return sum(w - 1 for w in windows)
 
 
+def widest_window(window: Any) -> int | None:
+    """The widest single layer's window (W: it sees W - 1 positions back), None when every layer attends fully."""
+    windows = [w for w in (window if isinstance(window, list) else [window]) if w is not None]
+    return max(windows, default=None)
+
+
 def variant_train(name: str) -> dict[str, Any]:
     """A variant's training overrides."""
     return next(variant.train for variant in VARIANTS if variant.name == name)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import GptlabError
-from gptlab.study.grid import reach
+from gptlab.study.grid import reach, widest_window
 
 # Where each figure is written, relative to the report's directory (variants.md links them).
 IMAGES = {
@@ -84,8 +84,8 @@ def recall_figure(results: dict[str, Any], ax) -> None:
         window = record["config"]["window"]
         limit = reach(window, results["scale"]["n_layer"])
         if limit is not None:
-            color, widest = line[0].get_color(), max(window) if isinstance(window, list) else window
-            ax.axvline(widest, color=color, linestyle="-.", label=f"{record['name']}: one window")
+            color = line[0].get_color()
+            ax.axvline(widest_window(window), color=color, linestyle="-.", label=f"{record['name']}: one window")
             ax.axvline(limit + 1, color=color, linestyle=":", label=f"{record['name']}: reach")
     if probed:
         ax.axhline(probed[0]["recall"]["chance"], color="grey", linestyle="--", label="chance")

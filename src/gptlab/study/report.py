@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gptlab.errors import GptlabError
-from gptlab.probes import RECALL_PAIRS, RECALL_TRAIN
-from gptlab.study.grid import RECALL_BATCH_SIZE, RECALL_ROWS, UPTRAIN_LR, reach
+from gptlab.probes import RECALL_PAIRS, RECALL_TRAIN, recall_batch
+from gptlab.study.grid import RECALL_BATCH_SIZE, RECALL_ROWS, UPTRAIN_LR, reach, widest_window
 from gptlab.study.plots import IMAGES, plot_figures
 
 REPORT = "variants.md"
@@ -212,8 +214,7 @@ def recall_spans(
     `window` (one layer reaches), `relayed` (only passed on through several layers reaches), `beyond` (none does).
     Spans without a measured distance are left out."""
     window = record["config"]["window"]
-    widest = max(window) if isinstance(window, list) else window
-    limit = reach(window, n_layer)
+    widest, limit = widest_window(window), reach(window, n_layer)
     # the value stands one position after the first key: recalling it at distance d looks d - 1 positions back;
     # one layer sees W - 1 positions back, the stack `limit`
     span_of = {"window": lambda back: back <= widest - 1, "relayed": lambda back: widest - 1 < back <= limit}
@@ -520,11 +521,12 @@ def _grid_row(record: dict[str, Any], base: dict[str, Any], results: dict[str, A
 
 
 def sparse_rows_note(length: int, distance: int) -> str:
-    """At a distance of half the row or more, the pairs can only stand in the row's first length - d positions
-    (`gptlab.probes.recall_batch`), so the longest distance's share rests on few queries: say how few."""
+    """At a distance of half the row or more, the pairs can only stand in the row's first length - d positions, so
+    the longest distance's share rests on few queries: say how few (`recall_batch` then places every pair that
+    fits, so one row tells)."""
     if 2 * distance < length:
         return ""
-    pairs = min(RECALL_PAIRS, (length - distance) // 2)
+    pairs = int(recall_batch(np.random.default_rng(0), 1, length, distance)[1].sum())
     return (
         f" At d = {distance} a row holds only {pairs} pairs, all in its first {length - distance} positions: that "
         "share rests on fewer queries than the others."
