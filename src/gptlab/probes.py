@@ -16,11 +16,12 @@
   multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"). Each row holds (key, value) pairs, each
   queried again `d` positions later, with one `d` for the whole row, so that accuracy against `d` has no other
   cause (with pairs first and queries after, short distances also meant early queries, and accuracy rose with
-  distance). It trains with the tuned recipe's Muon. With AdamW (1e-3, 1,200 steps, 6 pairs a row; the study's
-  run of 2026-12-02) a windowed model, for which most rows (those past its reach) cannot be learned, stayed near
-  its guessing loss and recalled 0.09-0.13 even within one window; with Muon in half the steps it recalls
-  0.16-0.20 there, as much as full attention does (which recalled more with AdamW's 1,200 steps: 0.25-0.38,
-  against 0.15-0.46 now). docs/variants.md has the figures of every layout, the README the command.
+  distance). It trains with the tuned recipe's Muon. With AdamW (1e-3, 1,200 steps, 6 pairs a row; `gptlab
+  study` at commit 8c916a8, its docs/variants.md) a windowed model, for which most rows (those past its reach)
+  cannot be learned, stayed near its guessing loss and recalled 0.09-0.13 even within one window; with Muon in
+  half the steps it recalls 0.16-0.20 there, as much as full attention does (which recalled more with AdamW's
+  1,200 steps: 0.25-0.38, against 0.15-0.46 now). docs/variants.md has the figures of every layout, the README
+  the command.
 """
 
 from __future__ import annotations
