@@ -18,7 +18,7 @@ test: $(INSTALLED)
 # validation split, print a sample.
 demo: $(INSTALLED)
 	test -f data/shakespeare-char/meta.json || $(VENV)/bin/gptlab prepare shakespeare-char --out data/shakespeare-char
-	$(VENV)/bin/gptlab train --config configs/shakespeare_char.toml
+	$(VENV)/bin/gptlab train --config shakespeare_char
 	$(VENV)/bin/gptlab eval out/shakespeare-char --data data/shakespeare-char
 	$(VENV)/bin/gptlab sample --model out/shakespeare-char --max_new_tokens 500 --temperature 0.8 --top_k 40
 

@@ -4,7 +4,7 @@
     python scripts/attention_kernels.py --device cpu      # the blockwise CPU path, in seconds
     python scripts/attention_kernels.py --check           # exit 1 unless on CUDA every window is flex, full is flash
 
-Each case calls `gptlab.model.causal_attention`, the function every attention layer uses without a KV cache, and
+Each case calls `gptlab.attention.causal_attention`, the function every attention layer uses without a KV cache, and
 prints one line: the backend, then the profiled op or kernel names that identify it. `--check` also compares each
 output with SDPA under the dense band mask.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from gptlab.model import band_mask, causal_attention
+from gptlab.attention import band_mask, causal_attention
 
 # Substrings of profiled op and kernel names, most specific first. FlexAttention's compiled kernels are Triton
 # templates (`triton_tem_...`); the flash and memory-efficient CUDA kernels are `flash_*` and `fmha_cutlass*`.

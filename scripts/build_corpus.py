@@ -14,7 +14,7 @@ already cut away by that package's own cleaner (`shakespeare/gutenberg.py`). Thi
 It refuses to write anything if a text still carries Gutenberg boilerplate (see `BOILERPLATE`).
 
 Format: the plays, in file-name order, each ending in one newline, separated by a line holding a single form
-feed (`"\\f\\n".join(plays)`), UTF-8, xz-compressed. `gptlab.data.load_shakespeare` reads it back. The output
+feed (`"\\f\\n".join(plays)`), UTF-8, xz-compressed. `gptlab.sources.load_shakespeare` reads it back. The output
 is byte-for-byte the same on every run (no timestamps; fixed xz preset and integrity check).
 
 Rebuild (the sdist cannot be installed, only downloaded; its sha256 is checked against `SDIST_SHA256`):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.bench import interleaved_medians
+from gptlab.bench.timing import interleaved_medians
 from gptlab.model import GPT, GPTConfig
 
 
@@ -45,7 +45,7 @@ def allocator(model: GPT, idx: torch.Tensor, repeats: int) -> None:
     Run last: the process keeps the last setting."""
     import ctypes
 
-    from gptlab.bench import _hf, training_step
+    from gptlab.bench.suites import _hf, training_step
 
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -142,7 +142,7 @@ def main(repeats: int) -> None:
         report("prefill", interleaved_medians(times, repeats), "prefill, logits at every position")
 
     from gptlab import gemv
-    from gptlab.bench import _hf
+    from gptlab.bench.suites import _hf
     from gptlab.generate import generate
 
     logits = torch.randn(1, config.vocab_size).bfloat16()

@@ -5,8 +5,8 @@ from nanoGPT's CPU recipe, each trained for the same training wall time (issue 1
                               [--work /tmp/recipes]
 
 The rows (ROWS below) are data: a config file and `--section.key=value` overrides. The ladder starts at nanoGPT's
-recipe (configs/nanogpt_cpu.toml) and each rung adds one change to the rung before; then `demo` is `make demo`'s
-configs/shakespeare_char.toml as it stands, and `demo-half` the same at half the budget.
+recipe (src/gptlab/configs/nanogpt_cpu.toml) and each rung adds one change to the rung before; then `demo` is `make demo`'s
+src/gptlab/configs/shakespeare_char.toml as it stands, and `demo-half` the same at half the budget.
 
 Method, per row:
 1. Calibrate: train CALIBRATION_STEPS steps and take the median `step_time` of metrics.jsonl after the first
@@ -83,7 +83,7 @@ LADDER: list[tuple[str, str, tuple[str, ...]]] = [
      ("--train.optimizer=muon", "--train.muon_lr=0.02")),
 ]  # fmt: skip
 
-DEMO_CONFIG = "configs/shakespeare_char.toml"
+DEMO_CONFIG = "src/gptlab/configs/shakespeare_char.toml"
 
 
 def build_rows() -> list[Row]:
@@ -91,7 +91,7 @@ def build_rows() -> list[Row]:
     rows, overrides, previous = [], (), None
     for name, change, own in LADDER:
         overrides = overrides + own
-        rows.append(Row(name, change, "configs/nanogpt_cpu.toml", overrides, previous))
+        rows.append(Row(name, change, "src/gptlab/configs/nanogpt_cpu.toml", overrides, previous))
         previous = name
     rows.append(Row("demo", f"`make demo`'s {DEMO_CONFIG} as it stands", DEMO_CONFIG, (), "nanogpt"))
     rows.append(Row("demo-half", "the demo at half the budget", DEMO_CONFIG, (), "nanogpt", budget_fraction=0.5))
@@ -197,7 +197,7 @@ def machine() -> dict[str, Any]:
     """The CPU, its cores and bf16 units, torch: what the timings depend on."""
     import torch
 
-    from gptlab.bench import device_name
+    from gptlab.device import device_name
 
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
@@ -442,7 +442,7 @@ def render_report(results: dict[str, Any], command: str) -> str:
         f"{', '.join(map(str, seeds))}; the sweep took {duration(results['sweep_seconds'])}. Raw results: "
         f"[{RESULTS}]({RESULTS}), [{TABLE}]({TABLE}).",
         "",
-        "The ladder starts at nanoGPT's CPU recipe ([configs/nanogpt_cpu.toml](../configs/nanogpt_cpu.toml)) and "
+        "The ladder starts at nanoGPT's CPU recipe ([src/gptlab/configs/nanogpt_cpu.toml](../configs/nanogpt_cpu.toml)) and "
         "each rung adds one change to all the rungs before it (its whole command is under Commands); `demo` is "
         "`make demo`'s config as it stands, `demo-half` the same at half the budget. A row's steps are set so its "
         f"schedule ends at the budget (seconds per step: the median of a {CALIBRATION_STEPS}-step calibration run); "

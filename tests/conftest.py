@@ -32,7 +32,8 @@ def tokens():
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory) -> Path:
     """Character-level data from the first ~60k characters of the embedded corpus."""
-    from gptlab.data import load_shakespeare, prepare
+    from gptlab.prepare import prepare
+    from gptlab.sources import load_shakespeare
 
     root = tmp_path_factory.mktemp("data")
     text = root / "plays.txt"

@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from gptlab import bench
-from gptlab.bench import flops_per_token, peak_memory, published_peak, time_per_call
+from gptlab.bench import machine
+from gptlab.bench.machine import published_peak
+from gptlab.bench.timing import peak_memory, time_per_call
 from gptlab.model import GPTConfig
+from gptlab.sizes import flops_per_token
 
 
 def test_flops_per_token_counts_every_matmul_weight_once_plus_attention():
@@ -33,7 +36,7 @@ def test_cpu_peak_memory_sees_a_temporary_tensor():
 def test_data_suite_loader_reads_the_shards_it_wrote(tmp_path):
     import numpy as np
 
-    from gptlab.bench_data import EOT_TOKEN, DataBenchOptions, format_data_lines, loader_benchmark, needed_tokens_per_s
+    from gptlab.bench.data import EOT_TOKEN, DataBenchOptions, format_data_lines, loader_benchmark, needed_tokens_per_s
 
     opts = DataBenchOptions(loader_shards=3, loader_shard_tokens=50_000, loader_batches=4, loader_seq_len=64)
     loader = loader_benchmark(opts, tmp_path)
@@ -67,21 +70,15 @@ def test_data_suite_loader_reads_the_shards_it_wrote(tmp_path):
 )
 def test_published_peak_tells_the_variants_of_a_chip_apart(monkeypatch, name, tflops):
     # Half the figures with 2:4 sparsity that NVIDIA's H100, H200 and A100 data sheets print, by hand.
-    monkeypatch.setattr(bench, "device_name", lambda device: name)
+    monkeypatch.setattr(machine, "device_name", lambda device: name)
     assert published_peak(torch.device("cuda")) == tflops * 1e12
 
 
 @pytest.mark.parametrize("name", ["NVIDIA H100 Foo", "NVIDIA H100", "NVIDIA GeForce GTX 1080", "NVIDIA A10G"])
 def test_published_peak_of_a_name_not_in_the_table_is_unknown(monkeypatch, name):
     # Matched whole: a name that merely contains "H100" is not an H100 SXM.
-    monkeypatch.setattr(bench, "device_name", lambda device: name)
+    monkeypatch.setattr(machine, "device_name", lambda device: name)
     assert published_peak(torch.device("cuda")) is None
-
-
-def test_published_h100_peak_is_the_one_the_data_suite_feeds():
-    from gptlab.bench_data import H100_BF16_PEAK
-
-    assert bench.PUBLISHED_BF16_PEAKS["NVIDIA H100 80GB HBM3"] == H100_BF16_PEAK
 
 
 def test_report_says_when_a_gpus_peak_is_unknown():

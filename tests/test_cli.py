@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from gptlab import GPT, GPTConfig, gemv, load_tokenizer
+from gptlab import GPT, GPTConfig, gemv, generate, load_pretrained, load_tokenizer, save_pretrained
 from gptlab.sizes import parameter_breakdown
 
 
@@ -27,10 +27,10 @@ def gptlab(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 def greedy_sample_text(model_dir, prompt: str, max_new_tokens: int, use_gemv: bool = False, **variant) -> str:
     """What `gptlab sample --temperature 0` must print: the library's greedy continuation, decoded."""
     tokenizer = load_tokenizer("gpt2")
-    model = GPT.from_pretrained(model_dir, **variant)
+    model = load_pretrained(model_dir, **variant)
     if use_gemv:
         gemv.use_gemv(model)
-    ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), max_new_tokens, temperature=0.0)[0].tolist()
+    ids = generate(model, torch.tensor([tokenizer.encode(prompt)]), max_new_tokens, temperature=0.0)[0].tolist()
     return tokenizer.decode(ids) + "\n"
 
 
@@ -40,7 +40,7 @@ def bpe_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
     directory = tmp_path_factory.mktemp("bpe-model")
-    model.save_pretrained(directory)
+    save_pretrained(model, directory)
     return directory
 
 
@@ -80,7 +80,7 @@ def test_sample_is_reproducible_by_seed(bpe_model_dir):
 
 def test_inspect_counts_parameters_by_component(bpe_model_dir):
     out = gptlab("inspect", str(bpe_model_dir), check=True).stdout
-    model = GPT.from_pretrained(bpe_model_dir)
+    model = load_pretrained(bpe_model_dir)
     assert f"{model.num_params():,}" in out
     for count in parameter_breakdown(model).values():
         assert f"{count:,}" in out
@@ -129,8 +129,8 @@ def test_convert_writes_a_checkpoint_that_loads_as_the_variant(bpe_model_dir, tm
         check=True,
     ).stdout
     assert "starcoder2 format" in out
-    converted = GPT.from_pretrained(destination)
-    direct = GPT.from_pretrained(bpe_model_dir, n_kv_head=1, pos_emb="rope", window=16)
+    converted = load_pretrained(destination)
+    direct = load_pretrained(bpe_model_dir, n_kv_head=1, pos_emb="rope", window=16)
     assert converted.config == direct.config
     idx = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_bench_runs_every_suite_on_a_tiny_preset_against_hf():
                for r in result["rows"] if r["suite"] == "decode")  # fmt: skip
     assert result["window"]["attention_speedup"] > 0 and result["window"]["model_speedup"] > 0
     # The table repeats the JSON: each train row's gptlab/HF ratio, computed here from the JSON's figures.
-    from gptlab.bench import format_report
+    from gptlab.bench.report import format_report
 
     table = format_report(result)
     for dtype in ("float32", "bfloat16"):

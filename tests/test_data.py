@@ -19,17 +19,18 @@ import torch
 
 from gptlab import GptlabError
 from gptlab import data as data_module
+from gptlab import prepare as prepare_module
 from gptlab.data import (
     batch_starts,
     data_fingerprint,
     get_batch,
     load_meta,
-    load_shakespeare,
     load_tokens,
-    prepare,
     shard_starts,
     tokenizer_from_meta,
 )
+from gptlab.prepare import prepare
+from gptlab.sources import load_shakespeare
 from gptlab.tokenizer import ENDOFTEXT
 
 # Gutenberg's header, licence and footer vocabulary, matched case-sensitively ("project" and "licence" are also
@@ -189,7 +190,7 @@ def test_parallel_tokenization_matches_inline(tmp_path, monkeypatch):
         (tmp_path / "in" / f"{i:02d}.txt").parent.mkdir(exist_ok=True)
         (tmp_path / "in" / f"{i:02d}.txt").write_text(f"document {i}: " + DOCUMENTS[i % len(DOCUMENTS)] * (i + 1))
     inline = prepare(str(tmp_path / "in"), tmp_path / "inline", num_proc=1)
-    monkeypatch.setattr(data_module, "PARALLEL_MIN_CHARS", 100)  # several windows of a few documents each
+    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_CHARS", 100)  # several windows of a few documents each
     parallel = prepare(str(tmp_path / "in"), tmp_path / "parallel", num_proc=2)
     assert parallel["shards"] == inline["shards"]
     assert tree(tmp_path / "parallel") == tree(tmp_path / "inline")
@@ -407,7 +408,7 @@ def test_an_interrupted_prepare_resumes_after_its_finished_shards(tmp_path, monk
     expected = prepare(str(source), tmp_path / "uninterrupted", **kwargs)
 
     encoded = []
-    real_call = data_module._DocumentEncoder.__call__
+    real_call = prepare_module._DocumentEncoder.__call__
 
     def encode(self, text):
         encoded.append(text)
@@ -415,7 +416,7 @@ def test_an_interrupted_prepare_resumes_after_its_finished_shards(tmp_path, monk
             raise Interrupt
         return real_call(self, text)
 
-    monkeypatch.setattr(data_module._DocumentEncoder, "__call__", encode)
+    monkeypatch.setattr(prepare_module._DocumentEncoder, "__call__", encode)
     out, staging = tmp_path / "out", tmp_path / ".out.partial"
     interrupt_after = 50
     with pytest.raises(Interrupt):
@@ -478,20 +479,6 @@ def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_runs(t
         with pytest.raises(GptlabError, match=f"another gptlab prepare is writing {re.escape(str(tmp_path / 'out'))}"):
             prepare(str(tmp_path / "a.txt"), tmp_path / "out", tokenizer="char")
     assert staging.exists() and not (tmp_path / "out").exists()
-
-
-def test_version_1_folders_are_still_read(tmp_path, shakespeare_char):
-    """A folder from before shards: train.bin and val.bin, meta.json version 1."""
-    old = tmp_path / "v1"
-    old.mkdir()
-    meta = load_meta(shakespeare_char)
-    for split in ("train", "val"):
-        (old / f"{split}.bin").write_bytes((shakespeare_char / f"{split}_000000.bin").read_bytes())
-    v1 = {k: v for k, v in meta.items() if k not in ("shards", "name", "split")}
-    v1.update(version=1, sha256={f"{s}.bin": meta["shards"][s][0]["sha256"] for s in ("train", "val")})
-    (old / "meta.json").write_text(json.dumps(v1))
-    for split in ("train", "val"):
-        np.testing.assert_array_equal(load_tokens(old, split), load_tokens(shakespeare_char, split))
 
 
 # ---------------------------------------------------------------------------------------------------------------

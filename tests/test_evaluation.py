@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab import GPT, GPTConfig
+from gptlab import GPT, GPTConfig, load_pretrained, save_pretrained
 from gptlab.cli import main
 from gptlab.config import load_job_config
 from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
 from gptlab.errors import ConfigError
-from gptlab.evaluation import evaluate_split, target_bytes, token_byte_lengths, windows
+from gptlab.evals.split import evaluate_split, target_bytes, token_byte_lengths, windows
 from gptlab.rundir import run_checkpoints
 from gptlab.tokenizer import CharTokenizer, load_tokenizer
 from gptlab.train import train
@@ -47,7 +47,7 @@ def hf_summed_loss(hf_model, tokens: np.ndarray, T: int) -> float:
 def test_loss_equals_hugging_face_over_every_window(tmp_path):
     hf_model = make_hf_gpt2()
     hf_model.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     T = TINY_HF["n_positions"]
     # 199 targets: 5 full windows of 37 (batches 2, 2, 1) and a tail of 14
     tokens = random_tokens(200, TINY_HF["vocab_size"])
@@ -162,7 +162,7 @@ def test_eval_json_is_the_library_result(tiny_run, char_data, capsys):
     assert record["checkpoint"] == str(checkpoint) and record["split"] == "val" and record["block_size"] == 32
     meta = load_meta(char_data)
     tokens = load_tokens(char_data, "val")
-    expected = evaluate_split(GPT.from_pretrained(checkpoint), tokens, tokenizer_from_meta(meta), progress=False)
+    expected = evaluate_split(load_pretrained(checkpoint), tokens, tokenizer_from_meta(meta), progress=False)
     assert record["tokens"] == meta["val_tokens"] - 1 == expected.tokens
     assert record["bytes"] == expected.bytes
     assert record["loss"] == pytest.approx(expected.loss, rel=1e-6)
@@ -195,12 +195,12 @@ def test_eval_user_errors_exit_2_with_one_line(tiny_run, char_data, tmp_path, ca
 
 def test_eval_refuses_a_model_of_a_smaller_vocabulary_or_another_tokenizer(char_data, tmp_path, capsys):
     small = tmp_path / "small"
-    GPT(GPTConfig(vocab_size=10, **TINY)).save_pretrained(small)
+    save_pretrained(GPT(GPTConfig(vocab_size=10, **TINY)), small)
     code, _, err = run_cli(capsys, "eval", small, "--data", char_data)
     vocab = load_meta(char_data)["vocab_size"]
     assert code == 2 and f"the data's vocabulary has {vocab} tokens but model {small} only 10" in err
     other = tmp_path / "other"
-    GPT(GPTConfig(vocab_size=vocab, **TINY)).save_pretrained(other)
+    save_pretrained(GPT(GPTConfig(vocab_size=vocab, **TINY)), other)
     (other / "tokenizer.json").write_text(json.dumps({"name": "char", "chars": "ab"}))
     code, _, err = run_cli(capsys, "eval", other, "--data", char_data)
     assert code == 2 and "trained with another tokenizer" in err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptlab import GPT, GPTConfig, GptlabError
+from gptlab import GPTConfig, GptlabError, load_pretrained
 from gptlab.generate import decode_n_tokens, decode_one, generate, logits_to_probs, prefill
 from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 
@@ -110,13 +110,13 @@ def test_a_compiled_decoding_step_compiles_once_with_static_shapes(fields):
 def test_greedy_equals_transformers_generate(tmp_path, tokens):
     hf = make_hf_gpt2(seed=3)
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
     prompt = tokens[:, :5]
     expected = hf.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0
     )
-    assert torch.equal(ours.generate(prompt, 30, temperature=0.0), expected)
-    assert torch.equal(ours.generate(prompt, 30, top_k=1), expected)  # top_k=1 is greedy
+    assert torch.equal(generate(ours, prompt, 30, temperature=0.0), expected)
+    assert torch.equal(generate(ours, prompt, 30, top_k=1), expected)  # top_k=1 is greedy
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import GPT
+from gptlab import GPT, load_pretrained
 from gptlab.cli import main
 from gptlab.errors import GptlabError
-from gptlab.hellaswag import Example, ending_scores, evaluate_hellaswag, picks, read_examples, validation_file
+from gptlab.evals.hellaswag import Example, ending_scores, evaluate_hellaswag, picks, read_examples, validation_file
 from gptlab.tokenizer import load_tokenizer
 from helpers import make_hf_gpt2
 
@@ -76,7 +76,7 @@ def models(tmp_path_factory):
     hf = make_hf_gpt2(vocab_size=50257, n_positions=N_POSITIONS)
     directory = tmp_path_factory.mktemp("hf-gpt2")
     hf.save_pretrained(directory)
-    return hf, GPT.from_pretrained(directory), directory
+    return hf, load_pretrained(directory), directory
 
 
 def oracle_scores(hf, tokenizer, examples) -> list[list[tuple[float, int]]]:

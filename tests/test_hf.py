@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gptlab import GPT, CheckpointError, GPTConfig
+from gptlab import GPT, CheckpointError, GPTConfig, load_pretrained, save_pretrained
 from gptlab.hf import load_config
 from helpers import make_hf_gpt2
 
@@ -64,7 +64,7 @@ def test_logits_equal_transformers_for_every_layout(tmp_path, hf_model, tokens, 
     directory = write_layout(hf_model, tmp_path / layout, layout)
     if layout == "sharded":
         assert (directory / "model.safetensors.index.json").is_file()
-    model = GPT.from_pretrained(directory)
+    model = load_pretrained(directory)
     assert model.config == GPTConfig(
         block_size=37, vocab_size=101, n_layer=3, n_head=3, n_embd=36, dropout=0.1, bias=True, norm_eps=1e-5
     )
@@ -76,12 +76,12 @@ def test_logits_equal_transformers_at_gpt2_width(tmp_path):
     """GPT-2's real head layout (12 heads of 64, C=768), fewer layers and a small vocabulary to stay fast."""
     hf = make_hf_gpt2(seed=4, n_embd=768, n_head=12, n_layer=2, vocab_size=1000, n_positions=128)
     tokens = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
-    model = GPT.from_pretrained(write_layout(hf, tmp_path / "m", "save_pretrained"))
+    model = load_pretrained(write_layout(hf, tmp_path / "m", "save_pretrained"))
     torch.testing.assert_close(our_logits(model, tokens), hf_logits(hf, tokens), rtol=0, atol=1e-5)
 
 
 def test_attention_biases_are_loaded(tmp_path, hf_model):
-    model = GPT.from_pretrained(write_layout(hf_model, tmp_path / "m", "hub"))
+    model = load_pretrained(write_layout(hf_model, tmp_path / "m", "hub"))
     # Transposed Conv1D weights are stored contiguously (a column-major view would confuse restored optimizers).
     assert all(p.is_contiguous() for p in model.parameters())
     for ours, theirs in zip(model.transformer.h, hf_model.transformer.h, strict=True):
@@ -100,25 +100,25 @@ def test_save_pretrained_loads_in_transformers_with_equal_logits(tmp_path, token
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path / "export")
+    save_pretrained(model, tmp_path / "export")
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert isinstance(hf, GPT2LMHeadModel)
     torch.testing.assert_close(hf_logits(hf, tokens), our_logits(model, tokens), rtol=0, atol=1e-5)
     # ... and back: the round trip is exact.
-    again = GPT.from_pretrained(tmp_path / "export")
+    again = load_pretrained(tmp_path / "export")
     torch.testing.assert_close(our_logits(again, tokens), our_logits(model, tokens), rtol=0, atol=0)
 
 
 def test_overrides_and_dtype(tmp_path, hf_model):
     directory = write_layout(hf_model, tmp_path / "m", "save_pretrained")
-    model = GPT.from_pretrained(directory, dtype=torch.bfloat16, dropout=0.0)
+    model = load_pretrained(directory, dtype=torch.bfloat16, dropout=0.0)
     assert model.config.dropout == 0.0
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert not model.training
     with pytest.raises(CheckpointError, match="transformer.wpe.weight"):
-        GPT.from_pretrained(directory, block_size=64)  # a shape-changing override cannot load
+        load_pretrained(directory, block_size=64)  # a shape-changing override cannot load
 
 
 def _edit_checkpoint(directory: Path, edit) -> None:
@@ -146,7 +146,7 @@ def test_checkpoints_that_do_not_fit_raise_naming_the_tensor(tmp_path, hf_model,
     directory = write_layout(hf_model, tmp_path / "m", "save_pretrained")
     _edit_checkpoint(directory, edit)
     with pytest.raises(CheckpointError) as excinfo:
-        GPT.from_pretrained(directory)
+        load_pretrained(directory)
     assert culprit in str(excinfo.value)
 
 
@@ -164,28 +164,28 @@ def test_unsupported_config_options_raise(tmp_path, hf_model, change, culprit):
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(CheckpointError, match=culprit):
-        GPT.from_pretrained(directory)
+        load_pretrained(directory)
 
 
 def test_missing_and_broken_paths_raise(tmp_path, hf_model):
     with pytest.raises(CheckpointError, match="does not exist"):
-        GPT.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
-        GPT.from_pretrained(tmp_path / "empty")
+        load_pretrained(tmp_path / "empty")
     directory = write_layout(hf_model, tmp_path / "m", "save_pretrained")
     (directory / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="model.safetensors: cannot read weights"):
-        GPT.from_pretrained(directory)
+        load_pretrained(directory)
     (directory / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights found"):
-        GPT.from_pretrained(directory)
+        load_pretrained(directory)
 
 
 def test_unknown_hub_name_offline_says_so():
     # HF_HUB_OFFLINE=1 (conftest): an uncached repo id gets one clear error that says how to load locally.
     with pytest.raises(CheckpointError, match="offline.*local directory"):
-        GPT.from_pretrained("no-such-org/no-such-model")
+        load_pretrained("no-such-org/no-such-model")
 
 
 class _Payload:
@@ -205,7 +205,7 @@ def test_pickle_checkpoint_cannot_run_code(tmp_path, hf_model):
     state["transformer.wte.weight"] = _Payload(marker)
     torch.save(state, directory / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read weights"):
-        GPT.from_pretrained(directory)
+        load_pretrained(directory)
     assert not marker.exists()
     # The payload is live: an unsafe load would have run it.
     torch.load(directory / "pytorch_model.bin", weights_only=False)
@@ -231,7 +231,7 @@ def test_hub_id_loads_from_the_huggingface_cache_offline(tmp_path, hf_model, tok
     _fake_hub_cache(
         cache, "openai-community/tiny-gpt2", {n: directory / n for n in ("config.json", "model.safetensors")}
     )
-    model = GPT.from_pretrained("openai-community/tiny-gpt2", cache_dir=str(cache))
+    model = load_pretrained("openai-community/tiny-gpt2", cache_dir=str(cache))
     torch.testing.assert_close(our_logits(model, tokens), hf_logits(hf_model, tokens), rtol=0, atol=1e-5)
     assert load_config("openai-community/tiny-gpt2", cache_dir=str(cache)) == model.config
 
@@ -241,7 +241,7 @@ def test_hub_cache_through_environment_in_a_fresh_process(tmp_path, hf_model):
     directory = write_layout(hf_model, tmp_path / "m", "hub")
     cache = tmp_path / "hub-cache"
     _fake_hub_cache(cache, "gpt2", {n: directory / n for n in ("config.json", "model.safetensors")})
-    code = "from gptlab import GPT; m = GPT.from_pretrained('gpt2'); print(m.num_params())"
+    code = "from gptlab import load_pretrained; m = load_pretrained('gpt2'); print(m.num_params())"
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout) == sum(p.numel() for p in hf_model.parameters())

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab import GPT, GPTConfig
+from gptlab import GPT, GPTConfig, load_pretrained, save_pretrained
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.hf import export_format
 from helpers import assert_cached_logits_equal_recomputed, random_gpt
@@ -78,7 +78,7 @@ def test_llama_mistral_qwen3_checkpoints_load_with_equal_logits(tmp_path, tokens
     kind, config = HF_CASES[case]
     hf = _hf_model(kind, **config)
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
     assert (ours.config.norm, ours.config.mlp, ours.config.qk_norm) == ("rmsnorm", "swiglu", kind == "qwen3")
     assert ours.config.tie_embeddings == config["tie_word_embeddings"]
     with torch.no_grad():
@@ -102,13 +102,13 @@ def test_save_pretrained_writes_a_format_transformers_loads_with_equal_logits(tm
     from transformers import AutoModelForCausalLM
 
     model = random_gpt(GPTConfig(**TINY, **OUR_CASES[case]))
-    fmt = model.save_pretrained(tmp_path)
+    fmt = save_pretrained(model, tmp_path)
     assert fmt == case.split(",")[0]
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(tokens).logits, model(tokens), rtol=0, atol=1e-5)
     # and back: the same config, the same logits
-    again = GPT.from_pretrained(tmp_path)
+    again = load_pretrained(tmp_path)
     assert again.config == model.config
     with torch.no_grad():
         torch.testing.assert_close(again(tokens), model(tokens), rtol=0, atol=0)
@@ -184,9 +184,9 @@ def test_every_switch_at_once_decodes_from_the_cache_as_it_recomputes():
 
 def test_a_model_no_transformers_class_computes_is_saved_in_gptlab_format(tmp_path, tokens):
     model = random_gpt(GPTConfig(**TINY, pos_emb="rope", mlp="relu2", qk_norm=True, logit_softcap=15.0))
-    assert model.save_pretrained(tmp_path) == "gptlab"
+    assert save_pretrained(model, tmp_path) == "gptlab"
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gptlab"
-    again = GPT.from_pretrained(tmp_path)
+    again = load_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(tokens), model(tokens), rtol=0, atol=0)
 
@@ -219,7 +219,7 @@ def test_bad_switch_values_name_the_field(fields, culprit):
 def test_llama_family_options_gptlab_cannot_compute_are_refused(tmp_path, kind, config, culprit):
     _hf_model(kind, **config).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=culprit):
-        GPT.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -263,4 +263,4 @@ def test_the_modern_recipe_trains_and_exports_in_gptlab_format_saying_so(char_da
     capsys.readouterr()
     assert main(["export", str(out), str(destination)]) == 0
     assert "gptlab format: transformers has no class" in capsys.readouterr().out
-    assert GPT.from_pretrained(destination).config == GPT.from_pretrained(out).config
+    assert load_pretrained(destination).config == load_pretrained(out).config

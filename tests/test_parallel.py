@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import GPT, ConfigError, GPTConfig
+from gptlab import GPT, ConfigError, GPTConfig, load_pretrained
 from gptlab.config import ParallelConfig, load_job_config
 from gptlab.data import load_tokens
 from gptlab.parallel import close_world, gradient_sync, init_world, parallelize
@@ -200,7 +200,7 @@ def test_fsdp_checkpoints_are_sharded_and_export_to_one_model(reference_runs, ch
     assert sorted(p.name for p in (checkpoint / "train").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not (checkpoint / "model.safetensors").exists()
     with pytest.raises(Exception, match="sharded training checkpoint; gather it first: gptlab export"):
-        GPT.from_pretrained(reference_runs / "fsdp")
+        load_pretrained(reference_runs / "fsdp")
     result = subprocess.run(
         [sys.executable, "-m", "gptlab", "export", str(reference_runs / "fsdp"), str(tmp_path / "export")],
         capture_output=True,
@@ -209,7 +209,7 @@ def test_fsdp_checkpoints_are_sharded_and_export_to_one_model(reference_runs, ch
     )
     assert result.returncode == 0, result.stderr
     # The gathered model scores exactly what the sharded one scored on the same validation batches at that step.
-    exported = GPT.from_pretrained(tmp_path / "export")
+    exported = load_pretrained(tmp_path / "export")
     job = load_job_config(None, job_args(char_data, tmp_path / "unused"))
     val_loss = evaluate(exported, load_tokens(char_data, "val"), 32, job.train, 4, torch.device("cpu"), nullcontext())
     recorded = [json.loads(line) for line in (reference_runs / "fsdp" / "metrics.jsonl").read_text().splitlines()]

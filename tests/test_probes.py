@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab import GPT, GPTConfig
+from gptlab import GPT, GPTConfig, load_pretrained, save_pretrained
 from gptlab.cli import main
 from gptlab.errors import GptlabError
-from gptlab.probes import (
+from gptlab.evals.probes import (
     RECALL_KEYS,
     RECALL_VALUES,
     RECALL_VOCAB,
@@ -32,7 +32,7 @@ from helpers import TINY_HF, make_hf_gpt2
 def test_loss_by_position_equals_transformers_per_token_losses(tmp_path):
     hf = make_hf_gpt2()
     hf.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     tokens = np.random.default_rng(0).integers(0, TINY_HF["vocab_size"], 500)
     length, windows = TINY_HF["n_positions"], 5
     got = per_position_loss(model, tokens, length, windows, batch_size=2, dtype="float32")
@@ -126,7 +126,7 @@ def test_the_retrieval_sequence_plants_the_value_at_the_distance():
 @pytest.mark.parametrize("task", ["positions", "retrieval"])
 def test_the_cli_runs_each_probe_on_a_checkpoint(char_data, tmp_path, capsys, task):
     config = GPTConfig(block_size=64, vocab_size=128, n_layer=1, n_head=2, n_embd=16)
-    GPT(config).save_pretrained(tmp_path / "model")
+    save_pretrained(GPT(config), tmp_path / "model")
     args = ["eval", str(tmp_path / "model"), "--task", task, "--data", str(char_data), "--json", "--device", "cpu"]
     assert main([*args, *(["--windows", "4"] if task == "positions" else ["--trials", "4"])]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -137,7 +137,7 @@ def test_the_cli_runs_each_probe_on_a_checkpoint(char_data, tmp_path, capsys, ta
 
 
 def test_an_option_of_another_task_is_refused(char_data, tmp_path, capsys):
-    GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "m")
+    save_pretrained(GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=1, n_head=2, n_embd=16)), tmp_path / "m")
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path / "m"), "--task", "positions", "--data", str(char_data), "--trials", "8"])
     assert exit_info.value.code == 2 and "--trials does not apply to --task positions" in capsys.readouterr().err

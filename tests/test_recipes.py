@@ -39,7 +39,7 @@ def test_row_is_a_valid_job(row):
 
 
 def test_ladder_adds_one_change_per_rung():
-    ladder = [row for row in recipes.ROWS if row.config == "configs/nanogpt_cpu.toml"]
+    ladder = [row for row in recipes.ROWS if row.config == "src/gptlab/configs/nanogpt_cpu.toml"]
     assert ladder[0].name == "nanogpt" and ladder[0].overrides == () and ladder[0].versus is None
     for previous, row in zip(ladder, ladder[1:], strict=False):
         assert row.overrides[: len(previous.overrides)] == previous.overrides

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import GPT, ConfigError
+from gptlab import GPT, ConfigError, load_pretrained
 from gptlab.cli import main
 from gptlab.config import load_job_config
 from gptlab.convert import init_kv_heads
 from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
-from gptlab.evaluation import evaluate_split
-from gptlab.probes import loss_by_position
+from gptlab.evals.probes import loss_by_position
+from gptlab.evals.split import evaluate_split
 from gptlab.study import (
     BASELINE,
     CONVERSIONS,
@@ -179,12 +179,12 @@ def test_the_records_hold_what_gptlab_eval_measures(study, char_data):
     tokens, tokenizer = load_tokens(char_data, "val"), tokenizer_from_meta(meta)
     for name in (BASELINE, "learned-pos"):
         record = next(r for r in results["variants"] if r["name"] == name)
-        model = GPT.from_pretrained(runs / f"{name}-s1")
+        model = load_pretrained(runs / f"{name}-s1")
         split = evaluate_split(model, tokens, tokenizer, batch_size=EVAL_BATCH_SIZE, progress=False)
         assert record["eval_loss"]["1"] == pytest.approx(split.loss, rel=1e-6)
         assert record["eval_bpb"]["1"] == pytest.approx(split.bpb, rel=1e-6)
         # loss by position, averaged over the seeds' models
-        scale, models = SCALES["tiny"], [GPT.from_pretrained(runs / f"{name}-s{seed}") for seed in SCALES["tiny"].seeds]
+        scale, models = SCALES["tiny"], [load_pretrained(runs / f"{name}-s{seed}") for seed in SCALES["tiny"].seeds]
         length = record["positions"]["length"]
         each = [loss_by_position(m, tokens, length, windows=scale.position_windows).loss for m in models]
         assert record["positions"]["loss"] == pytest.approx(
@@ -274,7 +274,7 @@ def test_a_report_is_rewritten_from_the_saved_results(study, tmp_path, capsys):
 
 def test_conversion_with_every_head_kept_is_the_baseline(study, char_data):
     results, _, runs = study
-    baseline = GPT.from_pretrained(runs / f"{BASELINE}-s0")
+    baseline = load_pretrained(runs / f"{BASELINE}-s0")
     converted = convert_model(baseline, baseline.config.replace(n_kv_head=baseline.config.n_head), "mean")
     idx = torch.randint(0, baseline.config.vocab_size, (2, baseline.config.block_size))
     with torch.no_grad():
@@ -291,7 +291,7 @@ def test_conversion_with_every_head_kept_is_the_baseline(study, char_data):
 
 def test_first_head_and_random_ablations_differ_from_mean_pooling(study):
     results, _, runs = study
-    baseline = GPT.from_pretrained(runs / f"{BASELINE}-s0")
+    baseline = load_pretrained(runs / f"{BASELINE}-s0")
     config = baseline.config
     target = config.replace(n_kv_head=2)
     models = {kv_init: convert_model(baseline, target, kv_init, seed=0) for kv_init in ("mean", "first", "random")}

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import GPT, CheckpointError, ConfigError, GPTConfig, GptlabError
+from gptlab import GPT, CheckpointError, ConfigError, GPTConfig, GptlabError, generate, load_pretrained
 from gptlab.config import TrainConfig, load_job_config
+from gptlab.optim import lr_at
 from gptlab.rundir import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
-from gptlab.train import NonFiniteLossError, lr_at, train
+from gptlab.train import NonFiniteLossError, train
 
 TINY_MODEL = ["--model.preset=tiny", "--model.block_size=32", "--model.n_embd=32"]
 
@@ -58,7 +59,7 @@ def test_loss_falls_and_the_run_is_loadable(char_data, tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [20, 40, 60]
     assert records[-2]["tokens"] == 60 * 8 * 32 and all(r["lr"] > 0 for r in records if "lr" in r)
     assert [step for step, _ in run_checkpoints(out)] == [30, 60]
-    model = GPT.from_pretrained(out)  # a run directory loads its latest checkpoint
+    model = load_pretrained(out)  # a run directory loads its latest checkpoint
     assert model.config.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
 
 
@@ -86,8 +87,8 @@ def test_sample_from_a_run_uses_its_own_tokenizer(char_data, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     tokenizer = CharTokenizer(json.loads((char_data / "meta.json").read_text())["tokenizer"]["chars"])
-    model = GPT.from_pretrained(out)
-    ids = model.generate(torch.tensor([tokenizer.encode("ROMEO:")]), 30, temperature=0.0)[0].tolist()
+    model = load_pretrained(out)
+    ids = generate(model, torch.tensor([tokenizer.encode("ROMEO:")]), 30, temperature=0.0)[0].tolist()
     assert result.stdout == tokenizer.decode(ids) + "\n"
 
 
@@ -193,7 +194,7 @@ def test_sigkill_at_random_moments_with_a_checkpoint_every_step_loses_nothing(ch
         process.wait()
         kills += 1
         if run_checkpoints(crashed):
-            GPT.from_pretrained(crashed)  # the newest complete checkpoint loads
+            load_pretrained(crashed)  # the newest complete checkpoint loads
     assert kills >= 2, "the run must be killed mid-way for this test to mean anything"
     assert gptlab_train(job_args(char_data, crashed, *extra)).wait(timeout=300) == 0
     assert train_losses(crashed) == train_losses(reference)
@@ -222,7 +223,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp
     assert checkpoints, "at least the first step trained with a finite loss"
     last_step = checkpoints[-1][0]
     assert all(math.isfinite(loss) for step, loss in train_losses(out) if step <= last_step)
-    model = GPT.from_pretrained(out)
+    model = load_pretrained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -246,7 +247,7 @@ def test_on_nonfinite_skip_counts_skipped_steps_and_stops_after_the_limit(char_d
     assert [r["nonfinite_skips"] for r in skipped] == [1, 2, 3]
     assert all(r["loss"] is None or not math.isfinite(r["loss"]) for r in skipped)
     # Skipped steps leave the weights alone, so every checkpoint written holds finite weights.
-    assert all(torch.isfinite(p).all() for p in GPT.from_pretrained(out).parameters())
+    assert all(torch.isfinite(p).all() for p in load_pretrained(out).parameters())
 
 
 def test_weights_are_finite_sees_one_nan():
@@ -423,7 +424,8 @@ def test_a_checkpoint_from_before_train_optimizer_resumes_as_adamw(char_data, tm
 @pytest.fixture(scope="module")
 def bpe_documents(tmp_path_factory) -> Path:
     """GPT-2 BPE data of many short documents (one play's speeches), in shards of 3,000 tokens."""
-    from gptlab.data import load_shakespeare, prepare
+    from gptlab.prepare import prepare
+    from gptlab.sources import load_shakespeare
 
     root = tmp_path_factory.mktemp("documents")
     speeches = [s for s in load_shakespeare()[0][:80_000].split("\n\n") if s.strip()]

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab import GPT, CheckpointError, ConfigError, GPTConfig
+from gptlab import GPT, CheckpointError, ConfigError, GPTConfig, load_pretrained, save_pretrained
+from gptlab.attention import band_mask, flex_window_attention, sliding_window_attention
 from gptlab.generate import generate
-from gptlab.model import band_mask, flex_window_attention, sliding_window_attention
 from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
 
 # Longer than the 32-query chunks of the blockwise sliding-window path, so several chunks are exercised.
@@ -94,7 +94,7 @@ def long_tokens():
 )
 def test_rope_gqa_window_equal_starcoder2(gpt2_dir, long_tokens, n_kv_head, window):
     directory, gpt2 = gpt2_dir
-    ours = GPT.from_pretrained(directory, pos_emb="rope", n_kv_head=n_kv_head, window=window, dropout=0.0)
+    ours = load_pretrained(directory, pos_emb="rope", n_kv_head=n_kv_head, window=window, dropout=0.0)
     oracle = starcoder2_from_gpt2(gpt2, n_kv_head, window)
     with torch.no_grad():
         torch.testing.assert_close(ours(long_tokens), oracle(long_tokens).logits, rtol=0, atol=1e-5)
@@ -103,7 +103,7 @@ def test_rope_gqa_window_equal_starcoder2(gpt2_dir, long_tokens, n_kv_head, wind
 @pytest.mark.parametrize("n_kv_head", [2, 1])
 def test_learned_positions_with_converted_gqa_equal_gpt2_with_pooled_heads(gpt2_dir, long_tokens, n_kv_head):
     directory, gpt2 = gpt2_dir
-    ours = GPT.from_pretrained(directory, n_kv_head=n_kv_head)
+    ours = load_pretrained(directory, n_kv_head=n_kv_head)
     assert ours.config.kv_heads == n_kv_head
     # The oracle: GPT-2 itself, each head's K and V replaced by its group's mean (repeated over the group).
     oracle = make_hf_gpt2(seed=5, n_embd=32, n_head=4, n_positions=128)
@@ -158,9 +158,9 @@ def test_flex_and_blockwise_window_attention_equal_a_dense_band_mask(n_kv_head):
 
 def test_window_list_mixes_local_and_global_layers(gpt2_dir, long_tokens):
     directory, _ = gpt2_dir
-    local_global = GPT.from_pretrained(directory, pos_emb="rope", window=[8, None, 8], dropout=0.0)
-    all_local = GPT.from_pretrained(directory, pos_emb="rope", window=8, dropout=0.0)
-    full = GPT.from_pretrained(directory, pos_emb="rope", dropout=0.0)
+    local_global = load_pretrained(directory, pos_emb="rope", window=[8, None, 8], dropout=0.0)
+    all_local = load_pretrained(directory, pos_emb="rope", window=8, dropout=0.0)
+    full = load_pretrained(directory, pos_emb="rope", dropout=0.0)
     assert local_global.config.layer_window(0) == 8 and local_global.config.layer_window(1) is None
     with torch.no_grad():
         logits = local_global(long_tokens)
@@ -271,7 +271,7 @@ def test_rope_window_model_generates_past_block_size_in_constant_memory():
 
 def test_conversion_is_mean_pooling_of_the_source_heads(gpt2_dir):
     directory, gpt2 = gpt2_dir
-    mqa = GPT.from_pretrained(directory, n_kv_head=1, pos_emb="rope")
+    mqa = load_pretrained(directory, n_kv_head=1, pos_emb="rope")
     assert "wpe" not in mqa.transformer
     C = 32
     source = gpt2.transformer.h[0].attn.c_attn.weight.t()
@@ -284,13 +284,13 @@ def test_conversion_is_mean_pooling_of_the_source_heads(gpt2_dir):
 def test_impossible_conversions_raise(gpt2_dir, tmp_path):
     directory, _ = gpt2_dir
     with pytest.raises(ConfigError, match="n_head=4 is not divisible by n_kv_head=3"):
-        GPT.from_pretrained(directory, n_kv_head=3)
-    GPT.from_pretrained(directory, pos_emb="rope", n_kv_head=2).save_pretrained(tmp_path / "rope")
+        load_pretrained(directory, n_kv_head=3)
+    save_pretrained(load_pretrained(directory, pos_emb="rope", n_kv_head=2), tmp_path / "rope")
     with pytest.raises(CheckpointError, match="cannot convert pos_emb='rope' to 'learned'"):
-        GPT.from_pretrained(tmp_path / "rope", pos_emb="learned")
+        load_pretrained(tmp_path / "rope", pos_emb="learned")
     with pytest.raises(CheckpointError, match="cannot mean-pool 2 key/value heads into n_kv_head=4"):
-        GPT.from_pretrained(tmp_path / "rope", n_kv_head=4)
-    GPT.from_pretrained(tmp_path / "rope", n_kv_head=1)  # 2 -> 1 pools again
+        load_pretrained(tmp_path / "rope", n_kv_head=4)
+    load_pretrained(tmp_path / "rope", n_kv_head=1)  # 2 -> 1 pools again
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -301,12 +301,12 @@ def test_rope_models_export_as_starcoder2(tmp_path, long_tokens, fields):
     from transformers import AutoModelForCausalLM, Starcoder2ForCausalLM
 
     model = make_variant(pos_emb="rope", **fields)
-    assert model.save_pretrained(tmp_path) == "starcoder2"
+    assert save_pretrained(model, tmp_path) == "starcoder2"
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(hf, Starcoder2ForCausalLM)
     with torch.no_grad():
         torch.testing.assert_close(hf(long_tokens).logits, model(long_tokens), rtol=0, atol=1e-5)
-    again = GPT.from_pretrained(tmp_path)
+    again = load_pretrained(tmp_path)
     assert again.config == model.config.replace(dropout=0.0)
     torch.testing.assert_close(again(long_tokens[:, :50]), model(long_tokens[:, :50]), rtol=0, atol=0)
 
@@ -324,9 +324,9 @@ def test_variants_without_a_transformers_class_round_trip_in_gptlab_format(tmp_p
     import json
 
     model = make_variant(**fields)
-    assert model.save_pretrained(tmp_path) == "gptlab"
+    assert save_pretrained(model, tmp_path) == "gptlab"
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gptlab"
-    again = GPT.from_pretrained(tmp_path)
+    again = load_pretrained(tmp_path)
     assert again.config == model.config
     idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

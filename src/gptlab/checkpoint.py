@@ -225,8 +225,6 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
-    if isinstance(cuda, list):  # written before gptlab saved the rank's own GPU only: one state per visible GPU
-        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
     if cuda is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda, device)
 

@@ -120,9 +120,9 @@ def run_sample(args: argparse.Namespace) -> None:
 def load_sample_model(directory: Path, args: argparse.Namespace, device: torch.device):
     """The checkpoint as the asked-for variant on `device`: on gptlab's bfloat16 matrix-vector kernel where it
     applies (`--gemv`), compiled with `--compile`."""
-    from gptlab.model import GPT
+    from gptlab.hf import load_pretrained
 
-    model = GPT.from_pretrained(directory, dtype=DTYPES[args.dtype], **variant_overrides(args)).to(device)
+    model = load_pretrained(directory, dtype=DTYPES[args.dtype], **variant_overrides(args)).to(device)
     if args.gemv and args.dtype == "bfloat16" and device.type == "cpu":
         from gptlab import gemv
 
@@ -168,7 +168,7 @@ TASK_OPTIONS = {
 
 
 def add_eval_parser(subparsers) -> None:
-    from gptlab.evaluation import DEFAULT_BATCH_SIZE
+    from gptlab.evals.split import DEFAULT_BATCH_SIZE
 
     p = subparsers.add_parser(
         "eval",
@@ -262,15 +262,14 @@ def load_eval_inputs(args: argparse.Namespace):
     first, as it fails fast, then the model, checked against the data's vocabulary and tokenizer."""
     from gptlab.data import load_meta, load_tokens
     from gptlab.device import resolve_device
-    from gptlab.hf import resolve_checkpoint_dir
-    from gptlab.model import GPT
+    from gptlab.hf import load_pretrained, resolve_checkpoint_dir
 
     if args.data is None:
         raise GptlabError(f"gptlab eval --task {args.task} needs --data DIR (a directory written by gptlab prepare)")
     device = resolve_device(args.device, key="--device")
     meta, tokens = load_meta(args.data), load_tokens(args.data, args.split)
     directory = resolve_checkpoint_dir(args.model)
-    model = GPT.from_pretrained(directory).to(device)
+    model = load_pretrained(directory).to(device)
     check_eval_data(directory, model, meta, args.model)
     return meta, tokens, directory, model
 
@@ -279,7 +278,7 @@ def run_eval(args: argparse.Namespace) -> None:
     import json
 
     from gptlab.data import tokenizer_from_meta
-    from gptlab.evaluation import DEFAULT_BATCH_SIZE, evaluate_split
+    from gptlab.evals.split import DEFAULT_BATCH_SIZE, evaluate_split
 
     check_task_options(args)
     if args.task == "hellaswag":
@@ -311,7 +310,7 @@ def run_probe(args: argparse.Namespace) -> None:
     """gptlab eval --task positions | retrieval."""
     import json
 
-    from gptlab import probes
+    from gptlab.evals import probes
 
     meta, tokens, directory, model = load_eval_inputs(args)
     batch_size = probes.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
@@ -355,10 +354,9 @@ def run_probe(args: argparse.Namespace) -> None:
 def run_hellaswag(args: argparse.Namespace) -> None:
     import json
 
-    from gptlab import hellaswag
     from gptlab.device import resolve_device
-    from gptlab.hf import resolve_checkpoint_dir
-    from gptlab.model import GPT
+    from gptlab.evals import hellaswag
+    from gptlab.hf import load_pretrained, resolve_checkpoint_dir
 
     if args.limit is not None and args.limit < 1:
         raise GptlabError(f"--limit must be >= 1, got {args.limit}")
@@ -366,7 +364,7 @@ def run_hellaswag(args: argparse.Namespace) -> None:
     path = Path(args.file) if args.file else hellaswag.validation_file()  # the data first: it fails fast
     examples = hellaswag.read_examples(path, args.prompt)[: args.limit]
     directory = resolve_checkpoint_dir(args.model)
-    model = GPT.from_pretrained(directory).to(device)
+    model = load_pretrained(directory).to(device)
     tokenizer = load_run_tokenizer(directory, None)
     result = hellaswag.evaluate_hellaswag(
         model,
@@ -400,13 +398,13 @@ def add_convert_parser(subparsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from gptlab.model import GPT
+    from gptlab.hf import load_pretrained, save_pretrained
 
     destination = Path(args.destination)
     if (destination / "config.json").exists():
         raise GptlabError(f"{destination} already holds a checkpoint; choose a new directory")
-    model = GPT.from_pretrained(args.source, dtype=DTYPES[args.dtype], **variant_overrides(args))
-    fmt = model.save_pretrained(destination)
+    model = load_pretrained(args.source, dtype=DTYPES[args.dtype], **variant_overrides(args))
+    fmt = save_pretrained(model, destination)
     print(f"wrote {destination} ({fmt} format, {model.num_params():,} parameters)")
 
 
@@ -524,7 +522,7 @@ def add_prepare_parser(subparsers) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> None:
-    from gptlab.data import SHARD_TOKENS, prepare
+    from gptlab.prepare import SHARD_TOKENS, prepare
 
     meta = prepare(
         args.source,
@@ -589,7 +587,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def add_bench_parser(subparsers) -> None:
-    from gptlab.bench import DEFAULT_SUITES, SUITES, BenchOptions
+    from gptlab.bench.suites import DEFAULT_SUITES, SUITES, BenchOptions
 
     d = BenchOptions()
     p = subparsers.add_parser(
@@ -633,8 +631,9 @@ def add_bench_parser(subparsers) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     import json
 
-    from gptlab.bench import DEFAULT_SUITES, SUITES, BenchOptions, format_report, run_suites
-    from gptlab.bench_data import DataBenchOptions
+    from gptlab.bench.data import DataBenchOptions
+    from gptlab.bench.report import format_report
+    from gptlab.bench.suites import DEFAULT_SUITES, SUITES, BenchOptions, run_suites
 
     sizes = {
         name: getattr(args, name)
@@ -711,7 +710,8 @@ def study_command(args: argparse.Namespace, scale: str) -> str:
 
 
 def run_study(args: argparse.Namespace) -> None:
-    from gptlab.study import RESULTS_FILE, check_out_dir, read_results, results_json, run_study, write_report
+    from gptlab.cli import run_study
+    from gptlab.study import RESULTS_FILE, check_out_dir, read_results, results_json, write_report
 
     if args.quick and args.scale not in (None, "quick"):
         raise GptlabError(f"--quick and --scale {args.scale} contradict each other; pass one of them")

@@ -1,6 +1,6 @@
 """The training job's configuration: typed sections, read from defaults, then a TOML file, then the command line.
 
-    gptlab train --config configs/shakespeare_char.toml --train.max_steps=500 --model.n_kv_head=2
+    gptlab train --config shakespeare_char --train.max_steps=500 --model.n_kv_head=2
 
 Each section is a pydantic model with `extra="forbid"` and strict types, so a misspelt key or a value of the
 wrong type fails before any work starts, with the key named (`train.lr: Input should be a valid number`).
@@ -12,7 +12,6 @@ defaults, for `gptlab train --help`.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import textwrap
 import tomllib
@@ -24,9 +23,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from gptlab.errors import ConfigError
-from gptlab.model import PRESETS, GPTConfig
+from gptlab.model import PRESETS, GPTConfig, field_doc
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+# The recipes shipped with gptlab, which `--config NAME` finds by name.
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def _window_from_toml(value: Any) -> Any:
@@ -36,38 +37,6 @@ def _window_from_toml(value: Any) -> Any:
     if isinstance(value, str) and value.lower() in ("none", "full"):
         return None
     return value
-
-
-# The meaning of each GPTConfig field, for the model section's `--help` (model.py stays a leaf that knows
-# nothing of the command line). Checked against GPTConfig below, so a new field cannot go undocumented.
-MODEL_FIELD_DOCS: dict[str, str] = {
-    "block_size": "training context in tokens; rows of the learned position table",
-    "vocab_size": "vocabulary size; unset: the prepared data's (meta.json). GPT-2's BPE has 50257: 256 byte "
-    "tokens + 50,000 merges + <|endoftext|>",
-    "n_layer": "transformer blocks",
-    "n_head": "attention (query) heads; n_embd must be divisible by it",
-    "n_embd": "width of the residual stream (C); head_dim is n_embd / n_head",
-    "dropout": "embedding, attention-probability and residual dropout (GPT-2 trained with 0.1)",
-    "bias": "biases in every Linear and LayerNorm, as GPT-2 has",
-    "norm_eps": "LayerNorm epsilon (1e-5 in the GPT-2 checkpoints)",
-    "pos_emb": "position encoding: learned (GPT-2's position table) or rope (rotary, RoFormer)",
-    "rope_theta": "RoPE base (RoFormer §3.2.2)",
-    "n_kv_head": "key/value heads, dividing n_head: grouped-query attention, 1 is multi-query; unset: n_head "
-    "(plain multi-head attention)",
-    "window": 'sliding-window attention span in tokens, or a list with one entry per layer ("none": a full '
-    "layer); unset: full causal attention",
-    "norm": "layernorm (GPT-2) or rmsnorm (Llama): the block and final norms",
-    "mlp": "the MLP: gelu_tanh (GPT-2), relu2 (ReLU squared, Primer) or swiglu (Llama's gated SiLU)",
-    "mlp_hidden": "hidden width of the MLP; unset: 4 x n_embd (swiglu has three matrices: 8/3 x n_embd matches "
-    "the parameters of a 4x two-matrix MLP)",
-    "qk_norm": "RMSNorm on each query and key head before RoPE (Qwen3, OLMo 2)",
-    "tie_embeddings": "the LM head shares the token embedding's weights (GPT-2); false: a separate head",
-    "logit_softcap": "cap the logits smoothly at +-c: c * tanh(logits / c) (Gemma 2); unset: no cap",
-}
-
-_undocumented = {f.name for f in dataclasses.fields(GPTConfig)} ^ set(MODEL_FIELD_DOCS)
-if _undocumented:
-    raise RuntimeError(f"MODEL_FIELD_DOCS and GPTConfig disagree on: {', '.join(sorted(_undocumented))}")
 
 
 class _ModelBase(BaseModel):
@@ -96,6 +65,12 @@ class _ModelBase(BaseModel):
         return PRESETS[self.preset].replace(**fields)
 
 
+def _model_key_doc(name: str) -> str:
+    """A model key's meaning: its GPTConfig field's; vocab_size comes from the data unless set."""
+    doc = field_doc(name)
+    return doc + "; unset: the prepared data's (meta.json)" if name == "vocab_size" else doc
+
+
 # The model section is GPTConfig's fields, each optional (None: take the preset's value), plus `preset`: derived
 # from the dataclass so the two can never disagree.
 ModelConfig = create_model(
@@ -103,7 +78,7 @@ ModelConfig = create_model(
     __base__=_ModelBase,
     __doc__=_ModelBase.__doc__,
     **{
-        name: (hint | None, Field(None, description=MODEL_FIELD_DOCS[name]))
+        name: (hint | None, Field(None, description=_model_key_doc(name)))
         for name, hint in typing.get_type_hints(GPTConfig).items()
     },
 )
@@ -278,15 +253,33 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def config_path(name_or_path: str | Path) -> Path:
+    """A TOML file: a path, or the name of a config shipped with gptlab (`shakespeare_char` is
+    gptlab/configs/shakespeare_char.toml, the recipe `make demo` trains)."""
+    path = Path(name_or_path)
+    shipped = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.exists() and path.parent == Path(".") and path.suffix == "" and shipped.exists():
+        return shipped
+    return path
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped with gptlab."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
 def load_job_config(config_file: str | Path | None = None, cli_args: list[str] | None = None) -> JobConfig:
-    """Defaults, then the TOML file, then command-line overrides; every error names the key."""
+    """Defaults, then the TOML file (a path or a shipped config's name), then command-line overrides; every error
+    names the key."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        path = Path(config_file)
+        path = config_path(config_file)
         try:
             values = tomllib.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            raise ConfigError(
+                f"config file {path} does not exist (shipped configs: {', '.join(shipped_configs())})"
+            ) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML ({e})") from None
     values = _merge(values, parse_cli_overrides(cli_args or []))
@@ -356,7 +349,7 @@ def _default_text(section: str, name: str, default: Any) -> str:
     """`default 0.001`; a model key shows the default preset's value, and vocab_size comes from the data."""
     if section == "model" and name == "vocab_size":
         return "default: the data's"
-    if section == "model" and name in MODEL_FIELD_DOCS:
+    if section == "model" and name != "preset":
         return f"preset: {_as_literal(getattr(PRESETS[_default_preset()], name))}"
     return f"default {_as_literal(default)}"
 

@@ -1,9 +1,13 @@
-"""Devices and autocast, one helper each, used by training, sampling, benchmarks and the study."""
+"""Devices, autocast and the machine description, one helper each, used by training, sampling, evaluation,
+benchmarks and the study."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -84,3 +88,65 @@ def synced(run: Callable[[], object], device: torch.device) -> Callable[[], None
         synchronize(device)
 
     return call
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), e.g. `avx512_bf16` and `amx_bf16`, the units bfloat16 matmuls need to run
+    faster than float32 on a CPU; empty where /proc/cpuinfo does not exist."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What a measurement ran on, the one description every benchmark, study and sweep records: the device, the
+    CPU with its cores and bfloat16 units, the threads torch uses, and the library versions."""
+    flags = cpu_flags()
+    info = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "cpu": device_name(torch.device("cpu")),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["float32_matmuls"] = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line for a report: `Intel Xeon ... (AVX512-BF16, AMX), 2 cores, 2 torch threads`, the GPU first on CUDA."""
+    units = ", ".join(flag.replace("_bf16", "").upper() for flag in info["cpu_bf16"]) or "no bf16 units"
+    cpu = f"{info['cpu']} ({units}), {info['cpu_count']} cores, {info['threads']} torch threads"
+    return f"{info['device']}; {cpu}" if info["device_type"] == "cuda" else cpu
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode (no dropout) inside the block, its own mode restored after, even on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

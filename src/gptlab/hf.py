@@ -32,10 +32,8 @@ anything else raises `CheckpointError` naming the tensor.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ import torch
 
 from gptlab.convert import convert_state_dict
 from gptlab.errors import CheckpointError, ConfigError
+from gptlab.files import write_atomically, write_text_atomically
 from gptlab.model import GPT, GPTConfig
 from gptlab.rundir import latest_checkpoint
 
@@ -624,17 +623,7 @@ def save_pretrained(model: GPT, directory: str | Path) -> str:
     config_text = json.dumps(config_to_hf(model.config, model.lm_head.weight.dtype), indent=2) + "\n"
     state = from_gptlab_names(model, fmt)
     write_atomically(directory / SAFETENSORS_FILE, lambda path: save_file(state, path, metadata={"format": "pt"}))
-    write_atomically(directory / "config.json", lambda path: Path(path).write_text(config_text))
+    write_text_atomically(directory / "config.json", config_text)
     return fmt
 
 
-def write_atomically(target: Path, write) -> None:
-    """`write(tmp)` into a temporary file beside `target`, then renamed onto it: `target` is whole or untouched."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -20,17 +20,15 @@ Shapes: B batch, T sequence length, C = n_embd; n_head query heads and n_kv_head
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from gptlab.attention import band_mask, causal_attention
 from gptlab.errors import ConfigError
 from gptlab.loss import linear_cross_entropy
 
@@ -47,28 +45,48 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _field(default: Any, doc: str) -> Any:
+    """A config field with its meaning, which `gptlab train --help` shows (`field_doc`)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+def field_doc(name: str) -> str:
+    """The meaning of a GPTConfig field."""
+    return next(f.metadata["doc"] for f in fields(GPTConfig) if f.name == name)
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Hyperparameters of a GPT. Validated on construction; invalid values raise `ConfigError`."""
 
-    block_size: int = 1024  # training context; rows of the learned position table
-    vocab_size: int = 50257  # GPT-2 BPE: 256 byte tokens + 50,000 merges + <|endoftext|>
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # embedding, attention-probability and residual dropout (GPT-2 trained with 0.1)
-    bias: bool = True  # biases in every Linear and LayerNorm, as GPT-2 has
-    norm_eps: float = 1e-5  # LayerNorm epsilon of the GPT-2 checkpoints
-    pos_emb: str = "learned"  # "learned" (GPT-2) or "rope"
-    rope_theta: float = 10000.0  # RoPE base (RoFormer §3.2.2)
-    n_kv_head: int | None = None  # key/value heads; None means n_head (plain multi-head attention)
-    window: int | tuple[int | None, ...] | None = None  # sliding window, or one entry per layer; None is full
-    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Zhang & Sennrich 2019; Llama)
-    mlp: str = "gelu_tanh"  # "gelu_tanh" (GPT-2), "relu2" (So et al. 2021, Primer) or "swiglu" (Shazeer 2020)
-    mlp_hidden: int | None = None  # hidden width of the MLP; None means 4 * n_embd
-    qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3, OLMo 2)
-    tie_embeddings: bool = True  # the LM head is the token embedding (Press & Wolf 2017), as GPT-2
-    logit_softcap: float | None = None  # logits become c * tanh(logits / c) (Gemma 2); None: no cap
+    block_size: int = _field(1024, "training context in tokens; rows of the learned position table")
+    vocab_size: int = _field(
+        50257, "vocabulary size; GPT-2's BPE has 50257: 256 byte tokens + 50,000 merges + <|endoftext|>"
+    )
+    n_layer: int = _field(12, "transformer blocks")
+    n_head: int = _field(12, "attention (query) heads; n_embd must be divisible by it")
+    n_embd: int = _field(768, "width of the residual stream (C); head_dim is n_embd / n_head")
+    dropout: float = _field(0.0, "embedding, attention-probability and residual dropout (GPT-2 trained with 0.1)")
+    bias: bool = _field(True, "biases in every Linear and LayerNorm, as GPT-2 has")
+    norm_eps: float = _field(1e-5, "norm epsilon (1e-5 in the GPT-2 checkpoints)")
+    pos_emb: str = _field("learned", "position encoding: learned (GPT-2's table) or rope (rotary, RoFormer)")
+    rope_theta: float = _field(10000.0, "RoPE base (RoFormer §3.2.2)")
+    n_kv_head: int | None = _field(
+        None, "key/value heads, dividing n_head: grouped-query attention, 1 is multi-query; unset: n_head"
+    )
+    window: int | tuple[int | None, ...] | None = _field(
+        None, 'sliding-window span in tokens, or one entry per layer ("none": a full layer); unset: full attention'
+    )
+    norm: str = _field("layernorm", "layernorm (GPT-2) or rmsnorm (Zhang & Sennrich 2019; Llama)")
+    mlp: str = _field(
+        "gelu_tanh", "the MLP: gelu_tanh (GPT-2), relu2 (ReLU squared, Primer) or swiglu (Llama's gated SiLU)"
+    )
+    mlp_hidden: int | None = _field(
+        None, "hidden width of the MLP; unset: 4 x n_embd (swiglu: 8/3 x n_embd costs what a 4x two-matrix MLP does)"
+    )
+    qk_norm: bool = _field(False, "RMSNorm on each query and key head before RoPE (Qwen3, OLMo 2)")
+    tie_embeddings: bool = _field(True, "the LM head is the token embedding (Press & Wolf 2017), as GPT-2")
+    logit_softcap: float | None = _field(None, "logits become c * tanh(logits / c) (Gemma 2); unset: no cap")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -205,107 +223,6 @@ def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
-
-
-def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """True where a query at q_pos may see a key at k_pos: causal, and at most window - 1 positions back.
-
-    Positions broadcast: (..., Tq) and (..., Tk) give (..., Tq, Tk).
-    """
-    distance = q_pos[..., :, None] - k_pos[..., None, :]
-    allowed = distance >= 0
-    return allowed if window is None else allowed & (distance < window)
-
-
-def causal_attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal self-attention over a whole sequence, optionally within a sliding window.
-
-    q (B, n_head, T, head_dim); k, v (B, n_kv_head, T, head_dim). Grouped-query attention is SDPA's own
-    (`enable_gqa`): query head h reads key/value head h // (n_head // n_kv_head), with no copy of K/V per head.
-
-    Full attention is SDPA's `is_causal` (the flash kernel on CUDA). A window on CUDA is FlexAttention, as flash
-    takes no mask; with dropout (FlexAttention has none) and on CPU (no FlexAttention backward in the pinned torch)
-    it is the blockwise `sliding_window_attention`.
-    """
-    if window is None or window >= q.size(2):
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.size(1) != k.size(1)
-        )
-    if q.device.type == "cuda" and dropout_p == 0.0:
-        return flex_window_attention(q, k, v, window)
-    return sliding_window_attention(q, k, v, window, dropout_p)
-
-
-def flex_window_attention(q, k, v, window: int) -> torch.Tensor:
-    """Sliding-window attention by FlexAttention (Dong et al. 2024): a fused kernel that skips the key blocks
-    outside the band and reads grouped K/V heads in place. Compiled on CUDA; elsewhere eager, forward only, which
-    materialises the T x T scores (what the tests compare)."""
-    # inside a compiled block, torch.compile fuses flex_attention itself
-    flex = _compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
-    mask = _window_block_mask(q.size(2), window, q.device)
-    return flex(q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1))
-
-
-@functools.cache
-def _compiled_flex_attention():
-    """`torch.compile(flex_attention)`, as torchtitan keeps it (uncompiled, FlexAttention is a reference
-    implementation, not a fused kernel); made on first use, so that importing the model compiles nothing."""
-    return torch.compile(flex_attention)
-
-
-@functools.lru_cache(maxsize=16)
-def _window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
-    """FlexAttention's block mask (in 128 x 128 blocks) for `band_mask`'s rule. Eager, it is built once per shape
-    and device and shared by every layer and step; inside a compiled block the compiler traces through the cache
-    and fuses the mask's construction into the graph (a few small kernels per layer)."""
-
-    def in_band(b, h, q_idx, kv_idx):
-        distance = q_idx - kv_idx
-        return (distance >= 0) & (distance < window)
-
-    return create_block_mask(in_band, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-
-def sliding_window_attention(q, k, v, window: int, dropout_p: float = 0.0) -> torch.Tensor:
-    """Sliding-window attention in O(T * window) time and memory, computed blockwise.
-
-    Queries are cut into chunks of c positions. The queries of chunk j only see keys from the m = ceil((window -
-    1) / c) chunks before it and from chunk j itself, so each chunk attends to that span of (m + 1) * c keys under
-    a band mask, instead of all T keys under a T x T mask. c = window / 2 balances two costs: smaller chunks
-    compute fewer scores that the mask discards, larger ones copy each key into fewer spans.
-    """
-    B, n_head, T, head_dim = q.shape
-    n_kv_head = k.size(1)
-    c = max(window // 2, 32)
-    m = -(-(window - 1) // c)
-    n_chunks = -(-T // c)
-    tail = n_chunks * c - T  # pad T up to whole chunks; the padded queries' outputs are dropped
-    span = (m + 1) * c
-
-    def key_spans(x: torch.Tensor) -> torch.Tensor:  # (B, n_kv_head, T, hd) -> (B * n_chunks, n_kv_head, span, hd)
-        x = F.pad(x, (0, 0, m * c, tail)).view(B, n_kv_head, m + n_chunks, c, head_dim)  # m chunks of front padding
-        x = torch.cat([x[:, :, i : i + n_chunks] for i in range(m + 1)], dim=3)  # (B, n_kv_head, n_chunks, span, hd)
-        return x.transpose(1, 2).reshape(B * n_chunks, n_kv_head, span, head_dim)
-
-    q_chunks = F.pad(q, (0, 0, 0, tail)).view(B, n_head, n_chunks, c, head_dim)
-    q_chunks = q_chunks.transpose(1, 2).reshape(B * n_chunks, n_head, c, head_dim)
-    mask = _chunk_mask(B, n_chunks, c, m, window, q.device)  # built once per shape, shared by every layer
-    y = F.scaled_dot_product_attention(
-        q_chunks, key_spans(k), key_spans(v), attn_mask=mask, dropout_p=dropout_p, enable_gqa=n_head != n_kv_head
-    )
-    y = y.view(B, n_chunks, n_head, c, head_dim).transpose(1, 2).reshape(B, n_head, n_chunks * c, head_dim)
-    return y[:, :, :T]
-
-
-@functools.lru_cache(maxsize=16)
-def _chunk_mask(B: int, n_chunks: int, c: int, m: int, window: int, device: torch.device) -> torch.Tensor:
-    """The (B * n_chunks, 1, c, span) band mask of `sliding_window_attention`: the same band for every chunk,
-    except that keys before position 0 (the front padding) are hidden."""
-    starts = torch.arange(n_chunks, device=device)[:, None] * c  # (n_chunks, 1)
-    q_pos = starts + torch.arange(c, device=device)  # (n_chunks, c)
-    k_pos = starts - m * c + torch.arange((m + 1) * c, device=device)  # (n_chunks, span)
-    mask = band_mask(q_pos, k_pos, window) & (k_pos >= 0)[:, None, :]  # (n_chunks, c, span)
-    return mask.unsqueeze(1).repeat(B, 1, 1, 1)
 
 
 class KVCache(nn.Module):
@@ -562,28 +479,3 @@ class GPT(nn.Module):
         if non_embedding:
             n -= sum(self.transformer[name].weight.numel() for name in ("wte", "wpe") if name in self.transformer)
         return n
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, **overrides: Any) -> GPT:
-        """Load a checkpoint: a hub id (`gpt2`, `gpt2-xl`, `org/name`) or a local directory, in GPT-2, Starcoder2
-        or gptlab format.
-
-        `overrides` replace config fields (e.g. `dropout=0.1`); `n_kv_head=k` and `pos_emb="rope"` convert a
-        multi-head, learned-position checkpoint (see `gptlab.convert`). See `gptlab.hf.load_pretrained`.
-        """
-        from gptlab.hf import load_pretrained
-
-        return load_pretrained(name_or_path, dtype=dtype, **overrides)
-
-    def save_pretrained(self, directory: str | Path) -> str:
-        """Write `config.json` + `model.safetensors`: GPT-2 or Starcoder2 format, which transformers loads, or
-        gptlab's own for variants transformers has no class for. Returns the format; see `gptlab.hf`."""
-        from gptlab.hf import save_pretrained
-
-        return save_pretrained(self, directory)
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        """Continue `idx` (B, T) by `max_new_tokens` tokens; see `gptlab.generate.generate` for the options."""
-        from gptlab.generate import generate
-
-        return generate(self, idx, max_new_tokens, **kwargs)

@@ -1,10 +1,12 @@
-"""What a config costs: parameters by component and KV-cache bytes, computed from the model itself."""
+"""What a config costs: parameters by component, training FLOPs per token and KV-cache bytes, computed from the
+model itself."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import torch
+from torch import nn
 
 from gptlab.model import GPT, GPTConfig
 
@@ -45,3 +47,13 @@ def kv_cache_bytes(config: GPTConfig, seq_len: int, bytes_per_element: int = 4) 
         window = config.layer_window(layer)
         total += per_position * (seq_len if window is None else min(window, seq_len))
     return total
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4), the LM head included, plus
+    attention's scores and weighted sum, 12 * n_layer * n_embd * seq_len (the PaLM paper's count, appendix B;
+    it ignores the causal mask's saving, as nanoGPT and torchtitan do)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # LM head included
+    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * seq_len

@@ -34,10 +34,10 @@ from gptlab.data import (
     load_tokens,
     shard_starts,
 )
-from gptlab.device import autocast
+from gptlab.device import autocast, eval_mode
 from gptlab.errors import ConfigError, GptlabError
-from gptlab.evaluation import eval_mode
-from gptlab.hf import load_config, read_config
+from gptlab.files import write_text_atomically
+from gptlab.hf import load_config, load_pretrained, read_config
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import configure_optimizer, lr_at, set_learning_rates
 from gptlab.parallel import (
@@ -250,11 +250,7 @@ def initial_model(job: JobConfig, config: GPTConfig, resumed: bool) -> GPT:
             return GPT(config)
     if scratch or resumed:
         return GPT(config)
-    return GPT.from_pretrained(job.train.init_from, **job.model.overrides()).train()
-
-
-# Keys a job.json written before they existed lacks, with the value those runs had.
-LEGACY_JOB_VALUES = {("train", "optimizer"): "adamw", ("data", "align"): "none"}
+    return load_pretrained(job.train.init_from, **job.model.overrides()).train()
 
 
 def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) -> None:
@@ -269,7 +265,7 @@ def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) ->
     saved = json.loads((checkpoint / "job.json").read_text())
     keys = ("data", "dir"), ("data", "align"), ("train", "seed"), ("train", "batch_size"), ("train", "optimizer")
     for section, key in keys:
-        value = saved[section].get(key, LEGACY_JOB_VALUES.get((section, key)))
+        value = saved[section][key]
         if value != getattr(getattr(job, section), key):
             raise ConfigError(
                 f"{checkpoint.parent} holds a run with {section}.{key}={value!r}, but this command "
@@ -294,9 +290,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 # ------------------------------------------------------------------------------------------------- loop

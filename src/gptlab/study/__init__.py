@@ -10,7 +10,7 @@ order and the initialisation). Then:
 
 - quality is `gptlab eval` on each trained model: loss and bits per byte over the whole validation split, and loss
   by position (past the training context for RoPE models);
-- reach is associative recall against distance (`gptlab.probes.associative_recall`), a fresh model of each
+- reach is associative recall against distance (`gptlab.evals.probes.associative_recall`), a fresh model of each
   attention layout trained on the task;
 - sizes come from `gptlab.sizes` (parameters, KV-cache bytes);
 - training tokens/s from each run's own step times; decoding tokens/s from a KV-cached greedy decode at several

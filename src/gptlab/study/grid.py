@@ -23,12 +23,12 @@ UPTRAIN_SEED_OFFSET = 1000
 # the full scale; scripts/uptrain_lr.py), so it would measure the disruption along with the recovery.
 UPTRAIN_LR = "the learning rates the source model's schedule ended with, decaying to a tenth of them"
 # The associative-recall probe's training batch and measured rows (`associative_recall`'s own defaults, passed
-# explicitly so that the report can say what ran; its optimizer is `gptlab.probes.RECALL_TRAIN`).
+# explicitly so that the report can say what ran; its optimizer is `gptlab.evals.probes.RECALL_TRAIN`).
 RECALL_BATCH_SIZE, RECALL_ROWS = 32, 64
 # The learning rates of the training config, each scaled alike for uptraining.
 LR_KEYS = ("lr", "muon_lr", "embedding_lr", "head_lr", "scalar_lr")
 
-# `make demo`'s model switches (configs/shakespeare_char.toml): the tuned recipe every variant starts from.
+# `make demo`'s model switches (src/gptlab/configs/shakespeare_char.toml): the tuned recipe every variant starts from.
 TUNED_MODEL = {
     "bias": False,
     "pos_emb": "rope",
@@ -67,7 +67,7 @@ class StudyScale:
     # tokens decoded (timed) at each context
     decode_tokens: int
     decode_repeats: int
-    # associative recall (`gptlab.probes.associative_recall`): training steps of each probe model, and distances
+    # associative recall (`gptlab.evals.probes.associative_recall`): training steps of each probe model, and distances
     recall_steps: int
     recall_distances: tuple[int, ...]
     # loss by position: windows of the split averaged, and how many training contexts long they are for RoPE
@@ -82,7 +82,7 @@ class StudyScale:
         return self.max_steps * self.batch_size * self.block_size
 
 
-# `make demo`'s model and recipe (configs/shakespeare_char.toml, 700 steps of 16 x 128), two seeds.
+# `make demo`'s model and recipe (src/gptlab/configs/shakespeare_char.toml, 700 steps of 16 x 128), two seeds.
 FULL = StudyScale(
     name="full",
     n_layer=4,

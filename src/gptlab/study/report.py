@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from gptlab.device import describe_machine
 from gptlab.errors import GptlabError
-from gptlab.probes import RECALL_PAIRS, RECALL_TRAIN, recall_batch
+from gptlab.evals.probes import RECALL_PAIRS, RECALL_TRAIN, recall_batch
 from gptlab.study.grid import RECALL_BATCH_SIZE, RECALL_ROWS, UPTRAIN_LR, reach, widest_window
 from gptlab.study.plots import IMAGES, plot_figures
 
@@ -269,10 +270,7 @@ def render_report(results: dict[str, Any]) -> str:
 
 
 def machine(results: dict[str, Any]) -> str:
-    hw = results["hardware"]
-    return f"{hw['cpu']}, {hw['cpu_count']} CPU cores, {hw['torch_threads']} torch threads" + (
-        f", {hw['gpu']}" if "gpu" in hw else ""
-    )
+    return describe_machine(results["hardware"])
 
 
 def title_section(results: dict[str, Any]) -> list[str]:
@@ -300,7 +298,7 @@ def setup_section(results: dict[str, Any]) -> list[str]:
     return [
         "## Setup",
         "",
-        f"Scale `{scale['name']}`. The baseline is `make demo`'s model and recipe (configs/shakespeare_char.toml): "
+        f"Scale `{scale['name']}`. The baseline is `make demo`'s model and recipe (src/gptlab/configs/shakespeare_char.toml): "
         f"{scale['n_layer']} layers, {scale['n_head']} heads, C = {scale['n_embd']}, context "
         f"{scale['block_size']}, rotary positions, a ReLU² MLP, QK-norm, an untied head soft-capped at "
         f"{scale['model']['logit_softcap']:g}, no biases; Muon (lr {train['muon_lr']:g}) for the blocks' matrices "
@@ -323,7 +321,7 @@ def setup_section(results: dict[str, Any]) -> list[str]:
         "- **loss by position**: `gptlab eval --task positions`, the mean loss at each position over "
         f"{scale['position_windows']} windows of the split, in doubling buckets; RoPE models are measured on "
         f"windows {scale['position_extrapolation']}× their training context, to show whether they extrapolate.",
-        "- **associative recall** (`gptlab.probes.associative_recall`, multi-query associative recall as in Arora "
+        "- **associative recall** (`gptlab.evals.probes.associative_recall`, multi-query associative recall as in Arora "
         'et al. 2023, "Zoology"): a fresh model of the row\'s architecture is trained on the task for '
         f"{scale['recall_steps']} steps (batch {RECALL_BATCH_SIZE}, Muon {RECALL_TRAIN['muon_lr']:g} with the tuned "
         f"recipe's AdamW rates, warmup then cosine, seed {scale['seeds'][0]}), then asked for the value of keys seen "

@@ -9,8 +9,6 @@ import functools
 import io
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
 import time
@@ -23,16 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptlab.bench import device_name, interleaved_medians
+from gptlab.bench.timing import interleaved_medians
 from gptlab.config import JobConfig
 from gptlab.convert import convert_state_dict
-from gptlab.data import load_meta, load_tokens, prepare, tokenizer_from_meta
-from gptlab.device import autocast, resolve_device, synced
+from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
+from gptlab.device import autocast, machine_info, resolve_device, synced
 from gptlab.errors import GptlabError
-from gptlab.evaluation import evaluate_split
+from gptlab.evals.probes import associative_recall, loss_by_position
+from gptlab.evals.split import evaluate_split
 from gptlab.generate import decode_n_tokens, prefill
+from gptlab.hf import load_pretrained, save_pretrained
 from gptlab.model import GPT, GPTConfig
-from gptlab.probes import associative_recall, loss_by_position
+from gptlab.prepare import prepare
 from gptlab.rundir import METRICS_FILE
 from gptlab.sizes import config_breakdown, kv_cache_bytes
 from gptlab.study.grid import (
@@ -82,7 +82,7 @@ def run_training(job: JobConfig) -> tuple[GPT, dict[str, Any]]:
         elapsed += record.get("step_time", 0.0)
         if "val_loss" in record:
             curve.append([record["step"], record["val_loss"], round(elapsed, 3)])
-    return GPT.from_pretrained(result.checkpoint), {
+    return load_pretrained(result.checkpoint), {
         "val_loss": result.val_loss,
         "curve": curve,
         "train_tokens_per_s": tokens_per_step / statistics.median(step_times[1:] or step_times),
@@ -164,20 +164,6 @@ def kv_cache_vs_context(configs: dict[str, GPTConfig], block_size: int) -> dict[
         "contexts": contexts,
         **{name: [kv_cache_bytes(config, t) for t in contexts] for name, config in configs.items()},
     }
-
-
-def hardware() -> dict[str, Any]:
-    """What the report says the study ran on."""
-    info = {
-        "cpu": device_name(torch.device("cpu")),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -290,7 +276,7 @@ def _variant_record(
 def recall_probes(
     configs: dict[str, GPTConfig], scale: StudyScale, device: torch.device, log: Callable[[str], None]
 ) -> dict[str, dict[str, Any]]:
-    """Associative recall (`gptlab.probes.associative_recall`) of every variant marked `recall`: a fresh model of
+    """Associative recall (`gptlab.evals.probes.associative_recall`) of every variant marked `recall`: a fresh model of
     its architecture trained on the task for `scale.recall_steps` steps, seed the study's first."""
     probes = {}
     for variant in (v for v in VARIANTS if v.recall):
@@ -329,7 +315,7 @@ def conversion_experiment(
             converted = convert_model(source, configs[conversion.target], conversion.kv_init or "mean", seed)
             figures = {"converted": validation_loss(converted, source_job)}
             run_dir = runs / f"convert-{conversion.name}-s{seed}"
-            converted.save_pretrained(run_dir / "init")
+            save_pretrained(converted, run_dir / "init")
             for fraction in UPTRAIN_FRACTIONS:
                 key = f"uptrained_{round(100 * fraction)}pct"
                 job = jobs(
@@ -397,7 +383,7 @@ def run_study(
         "command": command or f"gptlab.study.run_study({scale.name!r}, ...)",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "runtime_s": time.perf_counter() - started,
-        "hardware": hardware(),
+        "hardware": machine_info(resolved),
         "device": str(resolved),
         "scale": asdict(scale),
         "planned_steps": planned_steps(scale),

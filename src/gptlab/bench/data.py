@@ -26,20 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.data import (
-    LLMC_FORMATS,
-    LLMC_HEADER_BYTES,
-    PARALLEL_MIN_CHARS,
-    document_starts,
-    get_batch,
-    index_shards,
-    load_shakespeare,
-    load_tokens,
-)
+from gptlab.bench.machine import H100_BF16_PEAK
+from gptlab.data import LLMC_FORMATS, LLMC_HEADER_BYTES, document_starts, get_batch, load_tokens
+from gptlab.prepare import PARALLEL_MIN_CHARS, index_shards
+from gptlab.sources import load_shakespeare
 
-# The GPU the loader must keep fed: an H100 SXM's dense bf16 peak (bench.PUBLISHED_BF16_PEAKS), at the MFU a
-# well-tuned GPT-2 run reaches.
-H100_BF16_PEAK = 989e12
+# The MFU a well-tuned GPT-2 run reaches on an H100, whose loader must keep up with it.
 TARGET_MFU = 0.5
 GPT2_MAGIC = next(iter(LLMC_FORMATS))
 EOT_TOKEN = 50256

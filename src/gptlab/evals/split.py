@@ -12,7 +12,6 @@ it does not depend on the tokenizer, so a character model and a BPE model of the
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gptlab.device import autocast
+from gptlab.device import autocast, eval_mode
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.tokenizer import Tokenizer
 
@@ -44,17 +43,6 @@ class SplitResult:
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """`model` in eval mode (no dropout) inside the block, its own mode restored after, even on an error."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def next_token_losses(model, idx: torch.Tensor, dtype: str = "float32") -> torch.Tensor:

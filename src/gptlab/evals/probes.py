@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.config import TrainConfig
-from gptlab.device import autocast
+from gptlab.device import autocast, eval_mode
 from gptlab.errors import GptlabError
-from gptlab.evaluation import check_block_size, eval_mode, next_token_losses
+from gptlab.evals.split import check_block_size, next_token_losses
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import TUNED_MUON_RATES, configure_optimizer, lr_at, set_learning_rates
 

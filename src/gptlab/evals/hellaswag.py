@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gptlab.device import eval_mode
 from gptlab.errors import GptlabError
-from gptlab.evaluation import eval_mode, next_token_losses
-from gptlab.hf import write_atomically
+from gptlab.evals.split import next_token_losses
+from gptlab.files import write_atomically
 from gptlab.tokenizer import Tokenizer
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
