@@ -1,0 +1,87 @@
+"""`gptlab bench`: the benchmark suites, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from gptlab.errors import GptlabError
+
+
+def add_parser(subparsers) -> None:
+    from gptlab.bench.suites import DEFAULT_SUITES, SUITES, BenchOptions
+
+    d = BenchOptions()
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks: training, decoding, prefill, sliding window, MFU; interleaved runs, medians, vs HF",
+        description="Cases that are compared run interleaved in one process; the table gives medians and ratios.",
+    )
+    p.add_argument(
+        "suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: {', '.join(DEFAULT_SUITES)})"
+    )
+    p.add_argument("--preset", default=d.preset, help="model preset (default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="train batch (default: %(default)s)")
+    p.add_argument("--seq_len", type=int, default=d.seq_len, help="train sequence length (default: %(default)s)")
+    p.add_argument("--new_tokens", type=int, default=d.new_tokens, help="decode length (default: %(default)s)")
+    p.add_argument("--decode_batches", type=int, nargs="+", default=list(d.decode_batches))
+    p.add_argument("--prefill_len", type=int, default=d.prefill_len)
+    p.add_argument("--window_seq_len", type=int, default=d.window_seq_len)
+    p.add_argument("--window", type=int, default=d.window)
+    p.add_argument(
+        "--matmul_size",
+        type=int,
+        default=None,
+        help="side of the matmuls that measure the peak (default: 2048 on CPU, 8192 on CUDA)",
+    )
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds per case (default: %(default)s)")
+    p.add_argument("--loader_shards", type=int, default=d.data.loader_shards, help="data: train shards written")
+    p.add_argument("--loader_shard_tokens", type=int, default=d.data.loader_shard_tokens, help="data: tokens each")
+    p.add_argument("--loader_batches", type=int, default=d.data.loader_batches, help="data: batches timed")
+    p.add_argument(
+        "--prepare_copies", type=int, default=None, help="data: copies of the plays for the multi-process prepare"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile gptlab's blocks (train) and whole model (decode)"
+    )
+    p.add_argument("--compare", choices=["hf"], help="also run transformers' GPT2LMHeadModel, interleaved")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import json
+
+    from gptlab.bench.data import DataBenchOptions
+    from gptlab.bench.report import format_report
+    from gptlab.bench.suites import DEFAULT_SUITES, SUITES, BenchOptions, run_suites
+
+    sizes = {
+        name: getattr(args, name)
+        for name in ("batch_size", "seq_len", "new_tokens", "prefill_len", "window_seq_len", "window", "repeats")
+    }
+    if args.matmul_size is not None:
+        sizes["matmul_size"] = args.matmul_size
+    loader = {name: getattr(args, name) for name in ("loader_shards", "loader_shard_tokens", "loader_batches")}
+    if args.prepare_copies is not None:
+        loader["prepare_copies"] = args.prepare_copies
+    for name, value in [*sizes.items(), *loader.items(), *(("decode_batches", b) for b in args.decode_batches)]:
+        if value < 1:
+            raise GptlabError(f"--{name} must be >= 1, got {value}")
+    unknown = [suite for suite in args.suites if suite not in SUITES]
+    if unknown:
+        raise GptlabError(f"unknown bench suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
+    opts = BenchOptions(
+        preset=args.preset,
+        device=args.device,
+        decode_batches=tuple(args.decode_batches),
+        compile=args.compile,
+        compare_hf=args.compare == "hf",
+        data=DataBenchOptions(**loader),
+        **sizes,
+    )
+    try:
+        result = run_suites(list(args.suites or DEFAULT_SUITES), opts)
+    except (ValueError, RuntimeError) as e:  # e.g. an unknown preset or device, a variant the preset rejects
+        raise GptlabError(str(e)) from e
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
