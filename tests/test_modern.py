@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gptlab import GPT, GPTConfig, load_pretrained, save_pretrained
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.hf import export_format
+from gptlab.hf_config import export_format
 from helpers import assert_cached_logits_equal_recomputed, random_gpt
 
 TINY = dict(block_size=48, vocab_size=101, n_layer=3, n_head=4, n_embd=32)

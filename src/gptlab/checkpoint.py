@@ -41,7 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptlab.errors import CheckpointError, GptlabError
-from gptlab.hf import config_to_hf, read_config, save_pretrained
+from gptlab.hf import read_config, save_pretrained
+from gptlab.hf_config import config_to_hf
 from gptlab.model import GPT
 from gptlab.parallel import World, barrier, broadcast_object
 from gptlab.rundir import LOCK_FILE, TMP_PREFIX, checkpoint_dir, latest_checkpoint, run_checkpoints

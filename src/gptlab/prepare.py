@@ -344,12 +344,7 @@ def prepare(
     shards there, and the same call resumes after them. An `out_dir` that already holds data is refused.
     """
     out_dir = Path(out_dir).resolve()
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
-    for key, value in (("val_tokens", val_tokens), ("shard_tokens", shard_tokens), ("num_proc", num_proc)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
-    num_proc = num_proc or os.cpu_count() or 1
+    _check_sizes(val_fraction=val_fraction, val_tokens=val_tokens, shard_tokens=shard_tokens, num_proc=num_proc)
     if _is_shard_folder(Path(source).expanduser()):
         if tokenizer not in (None, "gpt2") or name is not None or split != "train":
             raise ConfigError(f"{source} holds token shards: tokenizer, name and split do not apply")
@@ -357,7 +352,6 @@ def prepare(
     _check_destination(out_dir)
     documents = open_documents(source, text_field, name, split)
     tokenizer = _make_tokenizer(tokenizer or EMBEDDED_SOURCES.get(source, "gpt2"), documents, source)
-    dtype = _token_dtype(tokenizer.vocab_size)
     # What an interrupted run must have been to resume it: the same stream, cut into the same shards.
     job = {
         "source": source,
@@ -367,29 +361,36 @@ def prepare(
         "tokenizer": tokenizer.to_dict(),
         "shard_tokens": shard_tokens,
     }
+    n_proc = num_proc or os.cpu_count() or 1
+    return _tokenize(out_dir, job, documents, tokenizer, n_proc, progress, val_fraction, val_tokens)
+
+
+def _tokenize(
+    out_dir: Path,
+    job: dict[str, Any],
+    documents: DocumentSource,
+    tokenizer: Tokenizer,
+    num_proc: int,
+    progress: bool,
+    val_fraction: float,
+    val_tokens: int | None,
+) -> dict[str, Any]:
+    """`prepare`'s work once its inputs are checked: the shards (resumed after those an interrupted run finished),
+    the validation split cut off the stream's end, meta.json, and everything moved into `out_dir`."""
+    dtype = _token_dtype(tokenizer.vocab_size)
     with _staging(out_dir, job) as (staging, state):
         if not state.get("complete"):
-            writer = _ShardWriter(staging, shard_tokens, dtype, state)
+            writer = _ShardWriter(staging, job["shard_tokens"], dtype, state)
             _write_stream(documents(), _DocumentEncoder(tokenizer), writer, num_proc, progress)
         n_tokens = sum(shard["tokens"] for shard in state["shards"])
         if state["characters"] == 0:
-            raise GptlabError(f"{source} holds no text")
-        n_val = round(n_tokens * val_fraction) if val_tokens is None else val_tokens
-        if not 0 < n_val < n_tokens:
-            asked = f"val_tokens={val_tokens}" if val_tokens is not None else f"{val_fraction} of them"
-            raise GptlabError(
-                f"{source} gives {n_tokens} tokens: too few to split {asked} off for validation with both "
-                "splits non-empty"
-            )
+            raise GptlabError(f"{job['source']} holds no text")
+        n_val = _validation_tokens(job["source"], n_tokens, val_fraction, val_tokens)
         shards = _split_stream(staging, state["shards"], n_val, dtype)
         meta = {
             "format": META_FORMAT,
             "version": META_VERSION,
-            "source": source,
-            "name": name,
-            "split": split,
-            "text_field": text_field,
-            "tokenizer": tokenizer.to_dict(),
+            **{key: job[key] for key in ("source", "name", "split", "text_field", "tokenizer")},
             "vocab_size": tokenizer.vocab_size,
             "eot_token": tokenizer.eot_token,
             "dtype": dtype.name,
@@ -403,6 +404,26 @@ def prepare(
         write_json_atomically(staging / "meta.json", meta)
         _move_into_place(staging, out_dir, [s["file"] for split_shards in shards.values() for s in split_shards])
     return meta
+
+
+def _check_sizes(val_fraction: float, **counts: int | None) -> None:
+    """`prepare`'s numeric arguments, checked before any work."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
+    for key, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+
+
+def _validation_tokens(source: str, n_tokens: int, val_fraction: float, val_tokens: int | None) -> int:
+    """How many of the stream's last tokens are the validation split; both splits must be non-empty."""
+    n_val = round(n_tokens * val_fraction) if val_tokens is None else val_tokens
+    if not 0 < n_val < n_tokens:
+        asked = f"val_tokens={val_tokens}" if val_tokens is not None else f"{val_fraction} of them"
+        raise GptlabError(
+            f"{source} gives {n_tokens} tokens: too few to split {asked} off for validation with both splits non-empty"
+        )
+    return n_val
 
 
 def _move_into_place(staging: Path, out_dir: Path, files: list[str]) -> None:

@@ -17,20 +17,22 @@ TASK_OPTIONS = {
 }
 
 
+HELP = "a model's loss and bits per byte over a whole prepared split, its HellaSwag accuracy, or a probe"
+DESCRIPTION = (
+    "--task loss (default): every token of the split but the first is predicted once, in non-overlapping windows "
+    "of block_size tokens; the loss is the mean over all of them (nats per token), bits per byte divide its sum by "
+    "the UTF-8 bytes of the text, which makes models with different tokenizers comparable. --task hellaswag: "
+    "four-way multiple choice; acc (summed log-likelihood of the ending), acc_norm (per character, "
+    "lm-evaluation-harness's) and acc_token (per token, build-nanogpt's and llm.c's). --task positions: the loss "
+    "at each position of the window; --task retrieval: a planted key's value recalled against the distance back "
+    "to it."
+)
+
+
 def add_parser(subparsers) -> None:
     from gptlab.evals.split import DEFAULT_BATCH_SIZE
 
-    p = subparsers.add_parser(
-        "eval",
-        help="a model's loss and bits per byte over a whole prepared split, or its HellaSwag accuracy",
-        description="--task loss (default): every token of the split but the first is predicted once, in "
-        "non-overlapping windows of block_size tokens; the loss is the mean over all of them (nats per token), bits "
-        "per byte divide its sum by the UTF-8 bytes of the text, which makes models with different tokenizers "
-        "comparable. --task hellaswag: four-way multiple choice; acc (summed log-likelihood of the ending), "
-        "acc_norm (per character, lm-evaluation-harness's) and acc_token (per token, build-nanogpt's and llm.c's). "
-        "--task positions: the loss at each position of the window; --task retrieval: a planted key's value "
-        "recalled against the distance back to it.",
-    )
+    p = subparsers.add_parser("eval", help=HELP, description=DESCRIPTION)
     p.add_argument("model", metavar="MODEL_OR_RUN", help="checkpoint directory, training run (its latest), hub id")
     p.add_argument(
         "--task",
