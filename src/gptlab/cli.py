@@ -195,7 +195,7 @@ def run_export(args: argparse.Namespace) -> None:
     if fmt == "gptlab":  # say so: a user expecting transformers to load it learns now, not at load time
         print(
             f"wrote {destination} (gptlab format: transformers has no class for this combination of model "
-            "fields, see the README's Exporting; GPT.from_pretrained loads it)"
+            "fields, see docs/models.md; gptlab.load_pretrained loads it)"
         )
         return
     print(f"wrote {destination} ({fmt} format)")

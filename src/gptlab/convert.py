@@ -5,7 +5,7 @@
   beat keeping the first head or random initialisation). Query head h joins group h // (n_head // n_kv_head).
   The paper's two ablations are there too (`kv_init="first"`, `"random"`), for `gptlab study` to compare.
 - Learned -> rotary positions: the position table is dropped. The rest of the network was trained to read
-  absolute positions from it, so quality falls until the model is uptrained (see the README).
+  absolute positions from it, so quality falls until the model is uptrained (docs/models.md, docs/variants.md).
 - A sliding window changes no weight.
 """
 
