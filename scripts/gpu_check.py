@@ -7,7 +7,8 @@ Each check runs the real commands (`gptlab prepare`, `gptlab train` under torchr
 corpus with a tiny model, in a temporary directory:
 
 - loss-gradients: the fused loss's float16/bfloat16 gradients under a 65536 loss scale against float32
-- attention-kernels: which attention kernel each case gets (flash for full attention, FlexAttention for windows)
+- attention-kernels: `gptlab bench kernels --check`, which attention kernel each case gets (flash for full
+  attention, FlexAttention for windows) and its output against the dense band mask
 - train-bf16, train-fp16: a run whose loss falls, in bfloat16 autocast and in float16 with a gradient scaler
 - ddp-compile-checkpointing: DDP with torch.compile and activation checkpointing takes eager DDP's steps
 - fsdp-mixed-precision-resume: FSDP (bf16 parameters on CUDA) resumed from a sharded (DCP) checkpoint takes the
@@ -125,13 +126,11 @@ class Checks:
         return "relative errors " + ", ".join(reports)
 
     def attention_kernels(self) -> str:
-        command = [sys.executable, str(ROOT / "scripts" / "attention_kernels.py"), "--device", self.device, "--check"]
-        if not self.cuda:
-            command += ["--seq_len", "300", "--dtype", "float32"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-1500:]
-        lines = [line for line in result.stdout.splitlines() if line.startswith("attention ")]
-        return "; ".join(line.split(" (")[0].removeprefix("attention ") for line in lines)
+        args = ["bench", "kernels", "--check", "--json", "--device", self.device]
+        if not self.cuda:  # the blockwise CPU path at a length that is not a whole number of chunks
+            args += ["--kernels_seq_len", "300", "--window", "75"]
+        cases = json.loads(gptlab(*args, timeout=300))["kernels"]["cases"]
+        return "; ".join(f"{c['case']} {'full' if c['window'] is None else 'window'} {c['backend']}" for c in cases)
 
     def train_in(self, dtype: str) -> str:
         if dtype == "float16" and not self.cuda:

@@ -113,3 +113,88 @@ def test_time_per_call_is_the_time_of_one_call():
     # 10 calls of >= 5 ms per region: per call at least 5 ms, and well under the region's >= 50 ms.
     seconds = time_per_call({"sleep": lambda: time.sleep(0.005)}, torch.device("cpu"), repeats=1, calls=10)
     assert 0.005 <= seconds["sleep"] < 0.025
+
+
+def test_levers_suite_times_every_lever_against_its_baseline():
+    from gptlab.bench.levers import LEVERS, format_levers_lines, levers_suite
+    from gptlab.bench.suites import BenchOptions
+
+    config = GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    opts = BenchOptions(batch_size=2, seq_len=16, prefill_len=16, prompt_len=4, new_tokens=4, repeats=1)
+    rows = levers_suite(config, opts, torch.device("cpu"))
+    assert [lever for lever in LEVERS if any(row["lever"] == lever for row in rows)] == list(LEVERS)
+    timed = [row for row in rows if "seconds" in row]
+    assert all(row["seconds"] > 0 for row in timed)
+    cases = {row["case"]: row for row in timed}
+    assert len(cases) == len(timed)  # every case named apart
+    # each baseline is a case of its own lever, and its own speed-up is 1
+    assert all(cases[row["baseline"]]["lever"] == row["lever"] for row in timed)
+    # on this CPU (Linux, glibc, transformers installed) only the gemv kernel may be missing
+    skipped = {row["lever"]: row["skipped"] for row in rows if "skipped" in row}
+    assert set(skipped) <= {"gemv"}
+    from gptlab import gemv
+
+    assert ("gemv" in skipped) == (gemv.unavailable_reason() is not None)
+    assert sum(row["lever"] == "malloc" for row in timed) == 8  # 2 dtypes x {gptlab, transformers} x 2 settings
+    # The report: a line per case, with the speed-up over its baseline computed from the rows.
+    text = "\n".join(format_levers_lines(rows))
+    for row in timed:
+        line = next(line for line in text.splitlines() if row["case"] in line)
+        assert f"{cases[row['baseline']]['seconds'] / row['seconds']:6.2f}x" in line
+    assert all(f"skipped: {reason}" in text for reason in skipped.values())
+
+
+def test_interleaved_medians_prepares_each_case_untimed_before_each_call():
+    from gptlab.bench.timing import interleaved_medians
+
+    log = []
+    cases = {name: (lambda name=name: log.append(name)) for name in ("a", "b")}
+    interleaved_medians(cases, repeats=2, prepare={"b": lambda: log.append("prepare b")})
+    assert log == ["a", "prepare b", "b"] * 3  # the warm-up round, then 2 timed rounds
+
+
+def test_kernels_suite_on_cpu_names_the_blockwise_path_for_windows_and_matches_the_dense_mask():
+    from gptlab.bench.kernels import KV_HEADS, format_kernels_lines, kernels_suite
+    from gptlab.bench.suites import BenchOptions
+
+    result = kernels_suite(BenchOptions(kernels_seq_len=96, window=32), torch.device("cpu"))
+    assert result["dtype"] == "float32" and result["failures"] == []
+    assert [(c["case"], c["window"]) for c in result["cases"]] == [(n, w) for n in KV_HEADS for w in (None, 32)]
+    for case in result["cases"]:
+        assert case["max_error"] < 1e-5
+        if case["window"] is None:
+            assert case["backend"] != "blockwise" and "sliding_window_attention" not in case["evidence"]
+        else:
+            assert case["backend"] == "blockwise" and case["evidence"][0] == "sliding_window_attention"
+            assert any("scaled_dot_product" in name for name in case["evidence"][1:])  # the SDPA kernel it calls
+    # `gptlab bench kernels`' report: the suite's lines, after the machine's
+    machine = {"device": "cpu", "device_type": "cpu", "threads": 1, "torch": "2"}
+    text = bench.format_report({"machine": machine, "options": {"preset": "gpt2"}, "rows": [], "kernels": result})
+    assert "\n".join(format_kernels_lines(result)) in text
+    assert "mqa window 32" in text and "check fails" not in text
+
+
+def test_kernels_check_fails_naming_each_window_that_is_ignored(monkeypatch):
+    import argparse
+
+    import torch.nn.functional as F
+
+    from gptlab.bench import cli, kernels
+    from gptlab.errors import GptlabError
+
+    # Full causal attention whatever the window: the wrong path (not blockwise) and the wrong output.
+    def full_attention(q, k, v, window):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+
+    monkeypatch.setattr(kernels, "causal_attention", full_attention)
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "kernels", "--device", "cpu", "--kernels_seq_len", "64", "--window", "16"])
+    args.run(args)  # without --check the report is all
+    args.check = True
+    with pytest.raises(GptlabError, match="kernels check failed") as failure:
+        args.run(args)  # `gptlab` turns this into one line on stderr and exit status 2
+    for case in kernels.KV_HEADS:
+        assert f"{case} window=16: flash, expected blockwise" in str(failure.value)
+        assert f"{case} window=16: max error" in str(failure.value)
+    assert "window=None" not in str(failure.value)

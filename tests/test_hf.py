@@ -245,3 +245,30 @@ def test_hub_cache_through_environment_in_a_fresh_process(tmp_path, hf_model):
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout) == sum(p.numel() for p in hf_model.parameters())
+
+
+@pytest.mark.slow
+def test_full_size_gpt2_logits_and_greedy_tokens_equal_transformers(tmp_path):
+    """GPT-2 124M at its real sizes (50257 tokens, 1024 positions, 12 layers of 12 heads of 64), random weights
+    with every parameter perturbed (biases non-zero): the logits, and 32 greedy tokens, equal transformers'."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptlab import generate
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    hf.save_pretrained(tmp_path / "gpt2")
+    model = load_pretrained(tmp_path / "gpt2")
+    assert model.num_params() == sum(p.numel() for p in hf.parameters())
+    tokens = torch.randint(0, 50257, (2, 256), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(our_logits(model, tokens), hf_logits(hf, tokens), rtol=0, atol=1e-4)
+    prompt = tokens[:1, :16]
+    with torch.no_grad():
+        theirs = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+            pad_token_id=0,
+        )  # fmt: skip
+    assert torch.equal(generate(model, prompt, 32, temperature=0.0), theirs)

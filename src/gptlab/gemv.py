@@ -27,7 +27,7 @@ from gptlab.errors import GptlabError
 SOURCE = Path(__file__).with_name("csrc") / "gemv_bf16.cpp"
 
 # Up to this many activation rows the kernel beats PyTorch's bfloat16 matmul (which uses AMX tiles) on GPT-2's
-# shapes; at 8 rows it is slower (`python scripts/levers.py`, gemv rows).
+# shapes; at 8 rows it is slower (`gptlab bench levers`, gemv rows).
 MAX_ROWS = 4
 
 

@@ -1,5 +1,5 @@
-"""What a config costs: parameters by component, training FLOPs per token and KV-cache bytes, computed from the
-model itself."""
+"""What a config costs: parameters by component, training FLOPs per token, KV-cache bytes, and the training
+state and activations a rank holds, computed from the model itself."""
 
 from __future__ import annotations
 
@@ -57,3 +57,17 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
         model = GPT(config)
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # LM head included
     return 6 * matmul_params + 12 * config.n_layer * config.n_embd * seq_len
+
+
+def training_state_bytes(n_params: int, shards: int = 1) -> int:
+    """Bytes per rank of fp32 training state with AdamW: parameters 4 + gradients 4 + the first and second
+    moments 8 = 16 a parameter (Rajbhandari et al. 2020, ZeRO §3), all of it on every rank for one process or
+    DDP, 1/`shards` of it for FSDP over `shards` ranks (ZeRO-3)."""
+    return 16 * n_params // shards
+
+
+def activation_bytes(config: GPTConfig, tokens: int) -> int:
+    """Bytes of activations saved for backward in fp32 over `tokens` tokens per rank, with flash attention (no
+    T x T scores): 34 bytes per token, channel and layer with 16-bit activations (Korthikanti et al. 2022, §4.1),
+    so about 68 in fp32; plus the fp32 logits and their gradient (2 x 4 bytes per token and vocabulary entry)."""
+    return tokens * (68 * config.n_embd * config.n_layer + 8 * config.vocab_size)

@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
     d = BenchOptions()
     p = subparsers.add_parser(
         "bench",
-        help="benchmarks: training, decoding, prefill, sliding window, MFU; interleaved runs, medians, vs HF",
+        help="benchmarks: training, decoding, prefill, sliding window, MFU, speed levers, attention kernels; vs HF",
         description="Cases that are compared run interleaved in one process; the table gives medians and ratios.",
     )
     p.add_argument(
@@ -27,7 +27,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--decode_batches", type=int, nargs="+", default=list(d.decode_batches))
     p.add_argument("--prefill_len", type=int, default=d.prefill_len)
     p.add_argument("--window_seq_len", type=int, default=d.window_seq_len)
-    p.add_argument("--window", type=int, default=d.window)
+    p.add_argument("--window", type=int, default=d.window, help="window and kernels (default: %(default)s)")
+    p.add_argument("--kernels_seq_len", type=int, default=d.kernels_seq_len, help="kernels (default: %(default)s)")
+    p.add_argument(
+        "--kernels_dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="kernels (default: bfloat16 on CUDA, float32 on a CPU)",
+    )
     p.add_argument(
         "--matmul_size",
         type=int,
@@ -46,6 +52,12 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--compare", choices=["hf"], help="also run transformers' GPT2LMHeadModel, interleaved")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="kernels: exit non-zero unless on CUDA full attention is flash and every window FlexAttention (on a "
+        "CPU blockwise), and every output matches SDPA under the dense band mask",
+    )
     p.set_defaults(run=run)
 
 
@@ -56,10 +68,8 @@ def run(args: argparse.Namespace) -> None:
     from gptlab.bench.report import format_report
     from gptlab.bench.suites import DEFAULT_SUITES, SUITES, BenchOptions, run_suites
 
-    sizes = {
-        name: getattr(args, name)
-        for name in ("batch_size", "seq_len", "new_tokens", "prefill_len", "window_seq_len", "window", "repeats")
-    }
+    sized = ("batch_size", "seq_len", "new_tokens", "prefill_len", "window_seq_len", "window", "kernels_seq_len")
+    sizes = {name: getattr(args, name) for name in (*sized, "repeats")}
     if args.matmul_size is not None:
         sizes["matmul_size"] = args.matmul_size
     loader = {name: getattr(args, name) for name in ("loader_shards", "loader_shard_tokens", "loader_batches")}
@@ -71,12 +81,15 @@ def run(args: argparse.Namespace) -> None:
     unknown = [suite for suite in args.suites if suite not in SUITES]
     if unknown:
         raise GptlabError(f"unknown bench suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
+    if args.check and "kernels" not in args.suites:
+        raise GptlabError("--check checks the kernels suite: `gptlab bench kernels --check`")
     opts = BenchOptions(
         preset=args.preset,
         device=args.device,
         decode_batches=tuple(args.decode_batches),
         compile=args.compile,
         compare_hf=args.compare == "hf",
+        kernels_dtype=args.kernels_dtype,
         data=DataBenchOptions(**loader),
         **sizes,
     )
@@ -84,4 +97,6 @@ def run(args: argparse.Namespace) -> None:
         result = run_suites(list(args.suites or DEFAULT_SUITES), opts)
     except (ValueError, RuntimeError) as e:  # e.g. an unknown preset or device, a variant the preset rejects
         raise GptlabError(str(e)) from e
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    print(json.dumps(result, indent=2) if args.json else format_report(result), flush=True)
+    if args.check and result["kernels"]["failures"]:
+        raise GptlabError("kernels check failed: " + "; ".join(result["kernels"]["failures"]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from gptlab import gemv
 from gptlab.bench.data import format_data_lines
+from gptlab.bench.kernels import format_kernels_lines
+from gptlab.bench.levers import format_levers_lines
 
 
 def _case(row: dict) -> str:
@@ -16,7 +18,8 @@ def _case(row: dict) -> str:
 
 
 def format_report(result: dict) -> str:
-    """The figures as a plain-text table, with the ratios gptlab/HF of cases measured side by side."""
+    """The figures as a plain-text table, with the ratios gptlab/HF of cases measured side by side, and the lines
+    of the suites that are not cases of the table (window, data, levers, kernels)."""
     lines = [
         *_machine_lines(result),
         *_case_table(result),
@@ -27,6 +30,10 @@ def format_report(result: dict) -> str:
         lines += format_data_lines(
             result["data"], result["options"]["preset"], result["options"]["data"]["loader_seq_len"]
         )
+    if "levers" in result:
+        lines += format_levers_lines(result["levers"])
+    if "kernels" in result:
+        lines += format_kernels_lines(result["kernels"])
     if any(row["suite"] == "train" for row in result["rows"]):
         lines.append("")
         lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")

@@ -10,8 +10,12 @@ Suites (`gptlab bench [suite ...]`):
 - prefill: one forward over a prompt, filling the KV cache;
 - window: sliding-window against full causal attention at one long sequence;
 - data (only when named): `prepare`'s tokens/s and memory, the loader's tokens/s against a GPU's needs
-  (`gptlab.bench.data`).
-With `compare_hf`, every suite but window and matmul also runs Hugging Face transformers' GPT2LMHeadModel on
+  (`gptlab.bench.data`);
+- levers (only when named): what each of gptlab's speed levers gives against the plain alternative
+  (`gptlab.bench.levers`);
+- kernels (only when named): which attention kernel each case {MHA, GQA, MQA} x {full, window} gets, and its
+  output against SDPA under the dense band mask (`gptlab.bench.kernels`).
+With `compare_hf`, train, decode and prefill also run Hugging Face transformers' GPT2LMHeadModel on
 the same inputs, interleaved with ours.
 """
 
@@ -27,18 +31,20 @@ import torch.nn.functional as F
 from gptlab import gemv
 from gptlab.attention import causal_attention
 from gptlab.bench.data import DataBenchOptions, data_suite
+from gptlab.bench.kernels import kernels_suite
+from gptlab.bench.levers import levers_suite
 from gptlab.bench.machine import matmul_peak, matvec_bandwidth, published_peak
+from gptlab.bench.models import gptlab_model, greedy_decoding, hf_model, training_step
 from gptlab.bench.timing import interleaved_medians, peak_memory
-from gptlab.config import TrainConfig
-from gptlab.device import autocast, machine_info, resolve_device, synced, use_device
+from gptlab.device import machine_info, resolve_device, synced, use_device
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import configure_optimizer
-from gptlab.parallel import compile_blocks
 from gptlab.sizes import flops_per_token
 
-SUITES = ("matmul", "train", "decode", "prefill", "window", "data")
-DEFAULT_SUITES = SUITES[:-1]  # data writes and tokenizes hundreds of MB: run it by name
+SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels")
+# run by name only: data writes and tokenizes hundreds of MB, levers takes minutes at GPT-2's size, and kernels is a
+# check of which attention kernel runs rather than a speed
+DEFAULT_SUITES = SUITES[:5]
 
 
 @dataclass
@@ -59,96 +65,21 @@ class BenchOptions:
     matmul_size: int | None = None
     compile: bool = False  # torch.compile gptlab's blocks (train suite) and whole model (decode suite)
     compare_hf: bool = False
+    kernels_seq_len: int = 1024  # kernels; the window is `window`
+    kernels_dtype: str | None = None  # kernels (None: bfloat16 on CUDA, float32 on a CPU)
     data: DataBenchOptions = field(default_factory=DataBenchOptions)
-
-
-# ---------------------------------------------------------------------------------------------------- models
-
-
-def _ours(config: GPTConfig, device: torch.device, compiled: bool) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(config).to(device)
-    if compiled:
-        compile_blocks(model)  # as train.compile does
-    return model
-
-
-def _hf(config: GPTConfig, device: torch.device):
-    """transformers' GPT2LMHeadModel of the same shape, or an error saying how to get it."""
-    if config.pos_emb != "learned" or config.kv_heads != config.n_head or config.window is not None:
-        raise GptlabError("--compare hf needs a plain GPT-2 config (learned positions, full MHA, no window)")
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError as e:
-        raise GptlabError("--compare hf needs transformers: pip install transformers") from e
-    hf_config = GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
-        layer_norm_epsilon=config.norm_eps,
-    )
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(hf_config).to(device)
 
 
 def _models(
     config: GPTConfig, opts: BenchOptions, device: torch.device, compiled: bool = False
 ) -> dict[str, torch.nn.Module]:
-    models = {"gptlab": _ours(config, device, compiled)}
+    models = {"gptlab": gptlab_model(config, device, compiled)}
     if opts.compare_hf:
-        models["hf"] = _hf(config, device)
+        models["hf"] = hf_model(config, device)
     return models
 
 
 # ---------------------------------------------------------------------------------------------------- suites
-
-
-def training_step(
-    model: torch.nn.Module,
-    idx: torch.Tensor,
-    device: torch.device,
-    cfg: TrainConfig | None = None,
-    *,
-    dtype: str | None = None,
-    impl: str = "gptlab",
-) -> Callable[[], None]:
-    """One timed training step: a function that, per call, runs `model` ("gptlab", or "hf" for transformers'
-    GPT2LMHeadModel: `impl`) forward with the loss on the tokens `idx` (B, T + 1) under autocast, backward, an
-    optimizer step and `zero_grad`, then waits for the device. The one helper for timing a step: the bench, the
-    levers script and the study's runtime estimate use it.
-
-    With `cfg` (a `TrainConfig`), the step the training loop takes: the optimizer of
-    `gptlab.train.configure_optimizer(model, cfg, device)`, autocast in `cfg.dtype`, and the global gradient norm
-    clipped at `cfg.grad_clip` when it is > 0 (the loop's float16 gradient scaler and non-finite checks are left
-    out). Without it, the bench's own step: autocast in `dtype` (default float32, i.e. none) and a fused AdamW
-    (lr 1e-5) over all parameters, no clipping. Pass one of the two."""
-    if cfg is not None and dtype is not None:
-        raise ValueError("training_step: pass cfg (the training loop's step) or dtype (the bench's step), not both")
-    if cfg is None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        dtype, grad_clip, key = dtype or "float32", 0.0, "dtype"
-    else:
-        optimizer = configure_optimizer(model, cfg, device)
-        dtype, grad_clip, key = cfg.dtype, cfg.grad_clip, "train.dtype"
-    context = autocast(device, dtype, key=key)
-    x, y = idx[:, :-1], idx[:, 1:]
-
-    def run() -> None:
-        with context:
-            # transformers shifts `labels` by one inside; gptlab takes the next-token targets
-            loss = model(x, targets=y) if impl == "gptlab" else model(input_ids=x, labels=x).loss
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return synced(run, device)
 
 
 def train_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
@@ -190,8 +121,6 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
     On a CPU, gptlab's bfloat16 model decodes on its own matrix-vector kernel (gptlab.gemv), as `gptlab sample`
     does, where the machine can build it; the row says whether it did. With `compile`, gptlab's models are
     torch.compile'd whole (transformers' generate runs as it comes, eager)."""
-    from gptlab.generate import generate
-
     models = {}
     for name, model in _models(config, opts, device).items():
         model.eval()
@@ -206,25 +135,8 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
     rows = []
     for batch in opts.decode_batches:
         prompt = torch.randint(0, config.vocab_size, (batch, opts.prompt_len), device=device)
-
-        def run(name: str, model: torch.nn.Module, prompt: torch.Tensor) -> Callable[[], None]:
-            if name == "gptlab":
-                return synced(lambda: generate(model, prompt, opts.new_tokens, temperature=0.0), device)
-
-            @torch.inference_mode()
-            def hf_generate() -> None:
-                model.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=opts.new_tokens,
-                    min_new_tokens=opts.new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-
-            return synced(hf_generate, device)
-
-        times = interleaved_medians({key: run(key[0], m, prompt) for key, m in models.items()}, opts.repeats)
+        cases = {key: greedy_decoding(m, prompt, opts.new_tokens, device, impl=key[0]) for key, m in models.items()}
+        times = interleaved_medians(cases, opts.repeats)
         for (name, dtype), seconds in times.items():
             rows.append(
                 {
@@ -338,6 +250,10 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
             result["published_bf16_peak_flops"] = published_peak(device)
         elif suite == "data":
             result["data"] = data_suite(opts.data, flops_per_token(config, opts.data.loader_seq_len))
+        elif suite == "levers":
+            result["levers"] = levers_suite(config, opts, device)
+        elif suite == "kernels":
+            result["kernels"] = kernels_suite(opts, device)
         elif suite == "window":
             result["window"] = window_benchmark(opts.window_seq_len, opts.window, repeats=opts.repeats, device=device)
         else:
@@ -345,8 +261,3 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
                 config, opts, device
             )
     return result
-
-
-# ---------------------------------------------------------------------------------------------------- report
-
-

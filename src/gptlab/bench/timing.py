@@ -13,16 +13,26 @@ from gptlab.device import synchronize
 
 
 def interleaved_medians(
-    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, statistic=statistics.median
+    cases: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    statistic=statistics.median,
+    prepare: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each case, the cases taking turns in every round (`statistic=min`: the
-    fastest call, for a machine's peak, which noise can only hide)."""
+    fastest call, for a machine's peak, which noise can only hide). `prepare[name]`, where given, runs untimed
+    before each call of that case: to put the process back in the state the case is timed in."""
+    prepare = prepare or {}
     for _ in range(warmup):
-        for run in cases.values():
+        for name, run in cases.items():
+            if name in prepare:
+                prepare[name]()
             run()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, run in cases.items():
+            if name in prepare:
+                prepare[name]()
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
