@@ -222,30 +222,6 @@ def test_llama_family_options_gptlab_cannot_compute_are_refused(tmp_path, kind, 
         load_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_parameter_breakdown_counts_the_new_parameters_exactly(tied):
-    """Counted from the formulas: q/k/v/o with GQA and biases, QK-norm gains, three SwiGLU matrices, RMSNorm gains
-    (no bias), and an untied head."""
-    from gptlab.sizes import config_breakdown
-
-    L, C, H, V, kv_dim, head_dim = 3, 32, 56, 101, 2 * 8, 8
-    config = GPTConfig(
-        **TINY,
-        pos_emb="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        mlp_hidden=H,
-        qk_norm=True,
-        n_kv_head=2,
-        tie_embeddings=tied,
-    )
-    attention = L * ((C * (C + 2 * kv_dim) + C + 2 * kv_dim) + (C * C + C) + 2 * head_dim)
-    mlp = L * (2 * (C * H + H) + H * C + C)
-    expected = dict(wte=V * C, wpe=0, attention=attention, mlp=mlp, norm=(2 * L + 1) * C, lm_head=0 if tied else V * C)
-    assert config_breakdown(config) == expected
-    assert sum(expected.values()) == GPT(config).num_params()
-
-
 def test_the_modern_recipe_trains_and_exports_in_gptlab_format_saying_so(char_data, tmp_path, capsys):
     """The demo's recipe end to end at a tiny size: every switch with Muon trains (the loss falls), and `gptlab
     export` of the run says it wrote gptlab's format, which loads back with the run's config."""

@@ -15,36 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import GPT, CheckpointError, ConfigError, GPTConfig, GptlabError, generate, load_pretrained
+from gptlab import GPT, ConfigError, GPTConfig, GptlabError, generate, load_pretrained
 from gptlab.config import TrainConfig, load_job_config
 from gptlab.optim import lr_at
 from gptlab.rundir import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
 from gptlab.train import NonFiniteLossError, train
-
-TINY_MODEL = ["--model.preset=tiny", "--model.block_size=32", "--model.n_embd=32"]
-
-
-def job_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        *TINY_MODEL,
-        f"--data.dir={data}",
-        f"--train.out_dir={out}",
-        "--train.batch_size=8",
-        "--train.lr=3e-3",
-        "--train.warmup_steps=5",
-        "--train.eval_interval=20",
-        "--train.eval_steps=4",
-        *extra,
-    ]
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in metrics(out) if "loss" in r]
+from helpers import job_args, metrics, train_losses
 
 
 def test_loss_falls_and_the_run_is_loadable(char_data, tmp_path):
@@ -321,45 +298,6 @@ def test_truncated_data_file_is_named(char_data, tmp_path):
     process = gptlab_train(job_args(data, tmp_path / "run", "--train.max_steps=3"))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2 and "train_000000.bin" in stderr and "Traceback" not in stderr
-
-
-def test_a_failed_checkpoint_write_keeps_the_previous_one(char_data, tmp_path, monkeypatch):
-    import errno
-
-    import gptlab.checkpoint as checkpoint_module
-
-    out = tmp_path / "run"
-    args = job_args(char_data, out, "--train.max_steps=4", "--train.checkpoint_interval=2")
-    train(load_job_config(None, args), progress=False)
-    before = {p.relative_to(out): p.read_bytes() for p in (out / "ckpt-0000004").rglob("*") if p.is_file()}
-
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="cannot write checkpoint .*ckpt-0000006 .*No space left"):
-        train(load_job_config(None, [*args, "--train.max_steps=6"]), progress=False)
-    monkeypatch.undo()
-    assert [step for step, _ in run_checkpoints(out)] == [2, 4] and not list(out.glob(".tmp-*"))
-    assert before == {p.relative_to(out): p.read_bytes() for p in (out / "ckpt-0000004").rglob("*") if p.is_file()}
-    train(load_job_config(None, [*args, "--train.max_steps=6"]), progress=False)  # and the run goes on from there
-    assert [s for s, _ in train_losses(out)] == list(range(1, 7))
-
-
-@pytest.mark.parametrize("damage", ["state", "shard", "rng"])
-def test_a_damaged_checkpoint_is_named_on_resume(char_data, tmp_path, damage):
-    out = tmp_path / "run"
-    args = job_args(char_data, out, "--train.max_steps=2")
-    train(load_job_config(None, args), progress=False)
-    checkpoint = out / "ckpt-0000002"
-    target = {
-        "state": checkpoint / "state.json",
-        "shard": next((checkpoint / "train").glob("*.distcp")),
-        "rng": checkpoint / "rng" / "rank-0.pt",
-    }[damage]
-    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
-    with pytest.raises(CheckpointError, match=str(target.parent if damage == "shard" else target)):
-        train(load_job_config(None, [*args, "--train.max_steps=4"]), progress=False)
 
 
 def interrupt_after_checkpoint(monkeypatch, at_step: int) -> None:

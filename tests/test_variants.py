@@ -1,27 +1,15 @@
-"""RoPE, grouped-query attention and sliding windows, against transformers' Starcoder2 and GPT-2 as oracles."""
+"""RoPE, grouped-query attention and sliding windows, against transformers' Starcoder2 and GPT-2 as oracles: each
+variant reducing to the base case, cached decoding equal to recomputing, and export."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from gptlab import GPT, CheckpointError, ConfigError, GPTConfig, load_pretrained, save_pretrained
-from gptlab.attention import band_mask, flex_window_attention, sliding_window_attention
+from gptlab import GPT, GPTConfig, load_pretrained, save_pretrained
 from gptlab.generate import generate
-from helpers import assert_cached_logits_equal_recomputed, make_hf_gpt2, random_gpt
-
-# Longer than the 32-query chunks of the blockwise sliding-window path, so several chunks are exercised.
-T = 100
-
-
-def group_mean(weight: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor:
-    """Ainslie et al. 2023 §2.1, written from the paper: (n_head * hd, ...) -> (n_kv_head * hd, ...), each KV head
-    the mean of a contiguous group of n_head / n_kv_head heads."""
-    head_dim = weight.shape[0] // n_head
-    heads = weight.reshape(n_head, head_dim, *weight.shape[1:])
-    groups = heads.reshape(n_kv_head, n_head // n_kv_head, head_dim, *weight.shape[1:])
-    return groups.mean(dim=1).reshape(n_kv_head * head_dim, *weight.shape[1:])
+from helpers import LONG_T as T
+from helpers import VARIANTS, assert_cached_logits_equal_recomputed, group_mean, make_variant
 
 
 def starcoder2_from_gpt2(gpt2, n_kv_head: int, window: int | None):
@@ -75,20 +63,6 @@ def starcoder2_from_gpt2(gpt2, n_kv_head: int, window: int | None):
     return model
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    """A random 4-head GPT-2 (head_dim 8) saved by transformers, and the model itself."""
-    model = make_hf_gpt2(seed=5, n_embd=32, n_head=4, n_positions=128)
-    directory = tmp_path_factory.mktemp("gpt2")
-    model.save_pretrained(directory)
-    return directory, model
-
-
-@pytest.fixture(scope="module")
-def long_tokens():
-    return torch.randint(0, 101, (2, T), generator=torch.Generator().manual_seed(7))
-
-
 @pytest.mark.parametrize(
     "n_kv_head, window", [(4, None), (2, None), (1, None), (1, 1), (2, 5), (4, 16), (1, 40), (2, 64), (4, 200)]
 )
@@ -98,30 +72,6 @@ def test_rope_gqa_window_equal_starcoder2(gpt2_dir, long_tokens, n_kv_head, wind
     oracle = starcoder2_from_gpt2(gpt2, n_kv_head, window)
     with torch.no_grad():
         torch.testing.assert_close(ours(long_tokens), oracle(long_tokens).logits, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("n_kv_head", [2, 1])
-def test_learned_positions_with_converted_gqa_equal_gpt2_with_pooled_heads(gpt2_dir, long_tokens, n_kv_head):
-    directory, gpt2 = gpt2_dir
-    ours = load_pretrained(directory, n_kv_head=n_kv_head)
-    assert ours.config.kv_heads == n_kv_head
-    # The oracle: GPT-2 itself, each head's K and V replaced by its group's mean (repeated over the group).
-    oracle = make_hf_gpt2(seed=5, n_embd=32, n_head=4, n_positions=128)
-    C, n_head = 32, 4
-    with torch.no_grad():
-        for block in oracle.transformer.h:
-            weight, bias = block.attn.c_attn.weight.t(), block.attn.c_attn.bias
-            for part in (slice(C, 2 * C), slice(2 * C, 3 * C)):
-                for tensor in (weight, bias):
-                    pooled = group_mean(tensor[part], n_head, n_kv_head)
-                    head_dim = C // n_head
-                    repeated = pooled.reshape(n_kv_head, 1, head_dim, *tensor.shape[1:]).expand(
-                        n_kv_head, n_head // n_kv_head, head_dim, *tensor.shape[1:]
-                    )
-                    tensor[part] = repeated.reshape(C, *tensor.shape[1:])
-            block.attn.c_attn.weight.copy_(weight.t())
-        torch.testing.assert_close(ours(long_tokens), oracle(long_tokens).logits, rtol=0, atol=1e-5)
-    assert not torch.allclose(ours(long_tokens), gpt2(long_tokens).logits, atol=1e-3)  # pooling did change it
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
@@ -138,24 +88,6 @@ def test_window_at_least_T_is_full_attention(pos_emb):
     assert not torch.allclose(narrow(idx)[:, -1], base(idx)[:, -1])  # the first token falls out of the last's view
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_flex_and_blockwise_window_attention_equal_a_dense_band_mask(n_kv_head):
-    """The CUDA path (FlexAttention, run here eagerly, forward only) and the CPU path (blockwise), against SDPA
-    under the whole T x T band mask with K/V repeated per head. T = 200 ends inside flex's second 128-key block."""
-    seq_len, gen = 200, torch.Generator().manual_seed(n_kv_head)
-    q = torch.randn(2, 4, seq_len, 8, generator=gen)
-    k, v = (torch.randn(2, n_kv_head, seq_len, 8, generator=gen) for _ in range(2))
-    pos = torch.arange(seq_len)
-    with torch.no_grad():
-        for window in (1, 7, 130, seq_len - 1, seq_len, 300):
-            mask = band_mask(pos, pos, window)
-            k_rep, v_rep = (x.repeat_interleave(4 // n_kv_head, dim=1) for x in (k, v))
-            dense = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask)
-            torch.testing.assert_close(flex_window_attention(q, k, v, window), dense, rtol=0, atol=1e-5)
-            torch.testing.assert_close(sliding_window_attention(q, k, v, window), dense, rtol=0, atol=1e-5)
-
-
 def test_window_list_mixes_local_and_global_layers(gpt2_dir, long_tokens):
     directory, _ = gpt2_dir
     local_global = load_pretrained(directory, pos_emb="rope", window=[8, None, 8], dropout=0.0)
@@ -166,17 +98,6 @@ def test_window_list_mixes_local_and_global_layers(gpt2_dir, long_tokens):
         logits = local_global(long_tokens)
         assert not torch.allclose(logits, all_local(long_tokens), atol=1e-4)
         assert not torch.allclose(logits, full(long_tokens), atol=1e-4)
-
-
-def test_parameter_deltas_are_exact():
-    base = GPTConfig.from_preset("gpt2")
-    with torch.device("meta"):
-        n_base = GPT(base).num_params()
-        assert n_base - GPT(base.replace(pos_emb="rope")).num_params() == base.block_size * base.n_embd
-        for k in (6, 4, 3, 1):
-            removed = 2 * (base.n_head - k) * base.head_dim * (base.n_embd + 1) * base.n_layer
-            assert n_base - GPT(base.replace(n_kv_head=k)).num_params() == removed
-        assert GPT(base.replace(window=256)).num_params() == n_base
 
 
 @pytest.mark.parametrize(
@@ -198,19 +119,8 @@ def test_invalid_variant_combinations_raise_value_error(fields, culprit):
         GPTConfig(**fields)
 
 
-# ---------------------------------------------------------------------------------------------- KV cache
-
-
-def make_variant(seed: int = 0, **fields) -> GPT:
-    return random_gpt(GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=4, n_embd=32, **fields), seed)
-
-
-VARIANTS = [
-    {"pos_emb": "rope", "n_kv_head": 2, "window": 6},
-    {"pos_emb": "rope", "n_kv_head": 1, "window": [6, None]},
-    {"pos_emb": "learned", "n_kv_head": 2, "window": 5},
-    {"pos_emb": "rope", "window": 1},
-]
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache
 
 
 @pytest.mark.parametrize("fields", VARIANTS)
@@ -238,18 +148,6 @@ def test_cache_sizes_follow_kv_heads_and_windows():
     assert [tuple(k.shape) for k in gqa_cache] == [(1, 1, 8, 8), (1, 1, 64, 8)]  # 1/4 of the heads; a ring of 8
 
 
-@pytest.mark.parametrize("fields", [{}, *VARIANTS])
-def test_kv_cache_size_formula_matches_the_allocated_cache(fields):
-    from gptlab.sizes import kv_cache_bytes
-
-    model = make_variant(**fields)
-    for seq_len in (3, 40):
-        model.setup_kv_cache(batch_size=1, max_seq_len=seq_len)
-        allocated = sum(b.attn.kv_cache.k.nbytes + b.attn.kv_cache.v.nbytes for b in model.transformer.h)
-        assert kv_cache_bytes(model.config, seq_len) == allocated
-    model.clear_kv_cache()
-
-
 def test_rope_window_model_generates_past_block_size_in_constant_memory():
     model = make_variant(pos_emb="rope", n_kv_head=2, window=8)  # block_size 64
     prompt = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(2))
@@ -266,34 +164,8 @@ def test_rope_window_model_generates_past_block_size_in_constant_memory():
     )
 
 
-# ------------------------------------------------------------------------------------------- conversion
-
-
-def test_conversion_is_mean_pooling_of_the_source_heads(gpt2_dir):
-    directory, gpt2 = gpt2_dir
-    mqa = load_pretrained(directory, n_kv_head=1, pos_emb="rope")
-    assert "wpe" not in mqa.transformer
-    C = 32
-    source = gpt2.transformer.h[0].attn.c_attn.weight.t()
-    converted = mqa.transformer.h[0].attn.c_attn.weight
-    assert converted.shape == (C + 2 * 8, C)
-    torch.testing.assert_close(converted[:C], source[:C], rtol=0, atol=0)
-    torch.testing.assert_close(converted[C : C + 8], source[C : 2 * C].reshape(4, 8, C).mean(0), rtol=0, atol=1e-7)
-
-
-def test_impossible_conversions_raise(gpt2_dir, tmp_path):
-    directory, _ = gpt2_dir
-    with pytest.raises(ConfigError, match="n_head=4 is not divisible by n_kv_head=3"):
-        load_pretrained(directory, n_kv_head=3)
-    save_pretrained(load_pretrained(directory, pos_emb="rope", n_kv_head=2), tmp_path / "rope")
-    with pytest.raises(CheckpointError, match="cannot convert pos_emb='rope' to 'learned'"):
-        load_pretrained(tmp_path / "rope", pos_emb="learned")
-    with pytest.raises(CheckpointError, match="cannot mean-pool 2 key/value heads into n_kv_head=4"):
-        load_pretrained(tmp_path / "rope", n_kv_head=4)
-    load_pretrained(tmp_path / "rope", n_kv_head=1)  # 2 -> 1 pools again
-
-
-# ----------------------------------------------------------------------------------------------- export
+# ---------------------------------------------------------------------------------------------------------------
+# Export
 
 
 @pytest.mark.parametrize("fields", [{"n_kv_head": 2, "window": 6}, {"n_kv_head": 1}, {"window": 200}, {}])

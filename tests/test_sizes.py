@@ -1,0 +1,58 @@
+"""What a config costs: parameter counts exact by the formulas (per component, and the change each variant
+makes), and KV-cache bytes equal to the cache the model allocates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptlab import GPT, GPTConfig
+from gptlab.sizes import config_breakdown, kv_cache_bytes
+from helpers import VARIANTS, make_variant
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_breakdown_counts_the_new_parameters_exactly(tied):
+    """Counted from the formulas: q/k/v/o with GQA and biases, QK-norm gains, three SwiGLU matrices, RMSNorm gains
+    (no bias), and an untied head."""
+    L, C, H, V, kv_dim, head_dim = 3, 32, 56, 101, 2 * 8, 8
+    config = GPTConfig(
+        block_size=48,
+        vocab_size=V,
+        n_layer=L,
+        n_head=4,
+        n_embd=C,
+        pos_emb="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        mlp_hidden=H,
+        qk_norm=True,
+        n_kv_head=2,
+        tie_embeddings=tied,
+    )
+    attention = L * ((C * (C + 2 * kv_dim) + C + 2 * kv_dim) + (C * C + C) + 2 * head_dim)
+    mlp = L * (2 * (C * H + H) + H * C + C)
+    expected = dict(wte=V * C, wpe=0, attention=attention, mlp=mlp, norm=(2 * L + 1) * C, lm_head=0 if tied else V * C)
+    assert config_breakdown(config) == expected
+    assert sum(expected.values()) == GPT(config).num_params()
+
+
+def test_parameter_deltas_are_exact():
+    base = GPTConfig.from_preset("gpt2")
+    with torch.device("meta"):
+        n_base = GPT(base).num_params()
+        assert n_base - GPT(base.replace(pos_emb="rope")).num_params() == base.block_size * base.n_embd
+        for k in (6, 4, 3, 1):
+            removed = 2 * (base.n_head - k) * base.head_dim * (base.n_embd + 1) * base.n_layer
+            assert n_base - GPT(base.replace(n_kv_head=k)).num_params() == removed
+        assert GPT(base.replace(window=256)).num_params() == n_base
+
+
+@pytest.mark.parametrize("fields", [{}, *VARIANTS])
+def test_kv_cache_size_formula_matches_the_allocated_cache(fields):
+    model = make_variant(**fields)
+    for seq_len in (3, 40):
+        model.setup_kv_cache(batch_size=1, max_seq_len=seq_len)
+        allocated = sum(b.attn.kv_cache.k.nbytes + b.attn.kv_cache.v.nbytes for b in model.transformer.h)
+        assert kv_cache_bytes(model.config, seq_len) == allocated
+    model.clear_kv_cache()
