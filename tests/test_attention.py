@@ -1,5 +1,5 @@
-"""Attention kernels: the FlexAttention and blockwise sliding-window paths against SDPA under a dense band mask,
-for multi-head, grouped-query and multi-query K/V."""
+"""Attention kernels: the band mask against its rule written out, and the FlexAttention and blockwise
+sliding-window paths against SDPA under the dense band mask, for multi-head, grouped-query and multi-query K/V."""
 
 from __future__ import annotations
 
@@ -26,3 +26,17 @@ def test_flex_and_blockwise_window_attention_equal_a_dense_band_mask(n_kv_head):
             dense = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask)
             torch.testing.assert_close(flex_window_attention(q, k, v, window), dense, rtol=0, atol=1e-5)
             torch.testing.assert_close(sliding_window_attention(q, k, v, window), dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 8])
+def test_band_mask_is_causal_and_reaches_window_minus_one_back(window):
+    """Against the rule written out position by position: query i sees key j iff j <= i and i - j < window,
+    including positions that do not start at 0 (a KV-cached step) and broadcast batch dimensions."""
+    q_pos, k_pos = torch.arange(5, 11), torch.arange(0, 12)
+    mask = band_mask(q_pos, k_pos, window)
+    assert mask.shape == (6, 12)
+    for a, i in enumerate(q_pos.tolist()):
+        for b, j in enumerate(k_pos.tolist()):
+            assert mask[a, b].item() == (j <= i and (window is None or i - j < window)), (i, j)
+    batched = band_mask(q_pos.expand(3, -1), k_pos.expand(3, -1), window)
+    assert torch.equal(batched, mask.expand(3, -1, -1))

@@ -8,18 +8,6 @@ from gptlab.bench import machine
 from gptlab.bench.machine import published_peak
 from gptlab.bench.timing import peak_memory, time_per_call
 from gptlab.model import GPTConfig
-from gptlab.sizes import flops_per_token
-
-
-def test_flops_per_token_counts_every_matmul_weight_once_plus_attention():
-    config = GPTConfig.from_preset("gpt2")
-    C, V, L = config.n_embd, config.vocab_size, config.n_layer
-    # Independently, GPT-2's shapes: per layer q, k, v (3 C^2), the output projection (C^2), the MLP (8 C^2); the
-    # LM head (V C). A matmul weight costs 2 FLOPs per token forward and 4 backward.
-    matmul_weights = L * 12 * C**2 + V * C
-    T = 256
-    attention = L * 2 * (2 * C * T)  # QK^T and AV, a multiply-add each, per token
-    assert flops_per_token(config, T) == 6 * matmul_weights + 3 * attention
 
 
 def test_cpu_peak_memory_sees_a_temporary_tensor():

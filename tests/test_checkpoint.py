@@ -1,14 +1,17 @@
 """Checkpoints through a training run: a failed write keeps the previous checkpoint and the run goes on from it;
-a damaged checkpoint (its state, a weight shard, an RNG state) is named on resume."""
+a damaged checkpoint (its state, a weight shard, an RNG state) is named on resume; the RNG state restores the
+streams."""
 
 from __future__ import annotations
 
 import errno
 
 import pytest
+import torch
 
 import gptlab.checkpoint as checkpoint_module
 from gptlab import CheckpointError
+from gptlab.checkpoint import rng_state, set_rng_state
 from gptlab.config import load_job_config
 from gptlab.rundir import run_checkpoints
 from gptlab.train import train
@@ -48,3 +51,21 @@ def test_a_damaged_checkpoint_is_named_on_resume(char_data, tmp_path, damage):
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
     with pytest.raises(CheckpointError, match=str(target.parent if damage == "shard" else target)):
         train(load_job_config(None, [*args, "--train.max_steps=4"]), progress=False)
+
+
+def test_the_rng_state_restores_the_cpu_stream():
+    state = rng_state(torch.device("cpu"))
+    expected = torch.rand(3)
+    set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_rng_state_is_the_own_gpus_only():
+    device = torch.device("cuda", 0)
+    state = rng_state(device)
+    assert isinstance(state["cuda"], torch.Tensor)
+    expected = torch.rand(3, device=device)
+    set_rng_state(state, device)
+    assert torch.equal(torch.rand(3, device=device), expected)
+

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from gptlab import ConfigError, GPTConfig
-from gptlab.config import JobConfig, ModelConfig, load_job_config
+from gptlab.config import CONFIG_DIR, JobConfig, ModelConfig, config_path, load_job_config, shipped_configs
 
 
 def test_every_gpt_config_field_is_a_model_key_with_its_documentation():
@@ -58,12 +57,37 @@ def test_values_are_toml_literals_and_text_is_taken_as_written():
     assert job.model.overrides() == {"window": (4, None), "pos_emb": "rope"}
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.toml")))
+SHIPPED = ["gpt2_fineweb_edu", "gpt2_openwebtext", "nanogpt_cpu", "shakespeare_char", "shakespeare_char_gpt2"]
+
+
+def test_shipped_configs_are_found_by_name_and_a_path_is_a_path(tmp_path, monkeypatch):
+    assert shipped_configs() == SHIPPED
+    assert config_path("shakespeare_char") == CONFIG_DIR / "shakespeare_char.toml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shakespeare_char").write_text("[train]\nlr = 0.5\n")  # a file of that name here wins
+    assert load_job_config("shakespeare_char").train.lr == 0.5
+    with pytest.raises(ConfigError, match=r"config file no_such does not exist \(shipped configs: gpt2_fineweb_edu"):
+        load_job_config("no_such")
+
+
+@pytest.mark.parametrize("config", SHIPPED)
 def test_every_shipped_config_loads_and_splits_its_batch_at_the_ranks_it_is_for(config):
     """GPU configs (DDP or FSDP) at 1, 2, 8 and 16 ranks (one GPU, a pair, a node, two nodes); CPU ones at 1 and 2."""
     from gptlab.train import batch_split
 
-    job = load_job_config(Path(__file__).parents[1] / "configs" / config)
+    job = load_job_config(config)
     for world_size in (1, 2, 8, 16) if job.parallel.mode != "single" else (1, 2):
         micro, accum = batch_split(job.train, SimpleNamespace(world_size=world_size))
         assert micro * accum * world_size == job.train.batch_size, world_size
+
+
+def test_toml_file_under_command_line(tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text(
+        '[data]\ndir = "data/x"\n[train]\nlr = 0.002\nmax_steps = 7\n[model]\nwindow = [8, "none"]\n'
+    )
+    job = load_job_config(config, ["--train.max_steps=9"])
+    assert job.train.lr == 0.002 and job.train.max_steps == 9 and job.model.window == (8, None)
+    (tmp_path / "bad.toml").write_text("[train]\nlr = 'high'\n")
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_job_config(tmp_path / "bad.toml")

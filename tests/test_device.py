@@ -1,4 +1,4 @@
-"""Devices: which GPU each process takes, TF32, and the RNG state a checkpoint keeps (GPU checks skip without CUDA)."""
+"""Devices: which GPU each process takes, and TF32 (GPU checks skip without CUDA)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from gptlab import ConfigError
-from gptlab.checkpoint import rng_state, set_rng_state
 from gptlab.device import resolve_device, use_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -39,14 +38,6 @@ def test_use_device_leaves_the_cpu_as_it_is():
     assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
-def test_a_checkpoint_from_before_per_device_rng_restores_on_the_cpu():
-    # Older checkpoints kept a list of every visible GPU's state; on a machine without GPUs it is ignored.
-    state = {**rng_state(torch.device("cpu")), "cuda": [torch.zeros(16, dtype=torch.uint8)]}
-    expected = torch.rand(3)
-    set_rng_state(state, torch.device("cpu"))
-    assert torch.equal(torch.rand(3), expected)
-
-
 @needs_cuda
 def test_use_device_makes_the_gpu_current_and_sets_tf32():
     device = torch.device("cuda", torch.cuda.device_count() - 1)
@@ -57,11 +48,3 @@ def test_use_device_makes_the_gpu_current_and_sets_tf32():
     assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
 
 
-@needs_cuda
-def test_the_rng_state_is_the_own_gpus_only():
-    device = torch.device("cuda", 0)
-    state = rng_state(device)
-    assert isinstance(state["cuda"], torch.Tensor)
-    expected = torch.rand(3, device=device)
-    set_rng_state(state, device)
-    assert torch.equal(torch.rand(3, device=device), expected)

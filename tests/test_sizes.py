@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptlab import GPT, GPTConfig
-from gptlab.sizes import config_breakdown, kv_cache_bytes
+from gptlab.sizes import config_breakdown, flops_per_token, kv_cache_bytes
 from helpers import VARIANTS, make_variant
 
 
@@ -56,3 +56,14 @@ def test_kv_cache_size_formula_matches_the_allocated_cache(fields):
         allocated = sum(b.attn.kv_cache.k.nbytes + b.attn.kv_cache.v.nbytes for b in model.transformer.h)
         assert kv_cache_bytes(model.config, seq_len) == allocated
     model.clear_kv_cache()
+
+
+def test_flops_per_token_counts_every_matmul_weight_once_plus_attention():
+    config = GPTConfig.from_preset("gpt2")
+    C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    # Independently, GPT-2's shapes: per layer q, k, v (3 C^2), the output projection (C^2), the MLP (8 C^2); the
+    # LM head (V C). A matmul weight costs 2 FLOPs per token forward and 4 backward.
+    matmul_weights = L * 12 * C**2 + V * C
+    T = 256
+    attention = L * 2 * (2 * C * T)  # QK^T and AV, a multiply-add each, per token
+    assert flops_per_token(config, T) == 6 * matmul_weights + 3 * attention

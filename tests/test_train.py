@@ -256,18 +256,6 @@ def test_config_errors_name_the_key(char_data, tmp_path, args, culprit):
     assert not out.exists() or not run_checkpoints(out)
 
 
-def test_toml_file_under_command_line(tmp_path, char_data):
-    config = tmp_path / "job.toml"
-    config.write_text(
-        f'[data]\ndir = "{char_data}"\n[train]\nlr = 0.002\nmax_steps = 7\n[model]\nwindow = [8, "none"]\n'
-    )
-    job = load_job_config(config, ["--train.max_steps=9"])
-    assert job.train.lr == 0.002 and job.train.max_steps == 9 and job.model.window == (8, None)
-    (tmp_path / "bad.toml").write_text("[train]\nlr = 'high'\n")
-    with pytest.raises(ConfigError, match="train.lr"):
-        load_job_config(tmp_path / "bad.toml")
-
-
 @pytest.mark.parametrize(
     "extra, culprit",
     [
