@@ -1,12 +1,13 @@
 """Which recipe trains the best character model of Shakespeare in a fixed CPU time: a ladder of single changes
-from nanoGPT's CPU recipe, each trained for the same training wall time (issue 14).
+from nanoGPT's CPU recipe, each trained for the same training wall time.
 
     python scripts/recipes.py [--budget 200] [--seeds 1337 1338] [--rows nanogpt,rope,...] [--out docs]
                               [--work /tmp/recipes]
+    python scripts/recipes.py --report-from docs/recipes.json --out docs    # the tables again, training nothing
 
-The rows (ROWS below) are data: a config file and `--section.key=value` overrides. The ladder starts at nanoGPT's
-recipe (src/gptlab/configs/nanogpt_cpu.toml) and each rung adds one change to the rung before; then `demo` is `make demo`'s
-src/gptlab/configs/shakespeare_char.toml as it stands, and `demo-half` the same at half the budget.
+The rows (ROWS below) are data: a shipped config and `--section.key=value` overrides. The ladder starts at
+nanoGPT's recipe (the shipped `nanogpt_cpu`) and each rung adds one change to the rung before; then `demo` is
+`make demo`'s `shakespeare_char` as it stands, and `demo-half` the same at half the budget.
 
 Method, per row:
 1. Calibrate: train CALIBRATION_STEPS steps and take the median `step_time` of metrics.jsonl after the first
@@ -15,53 +16,56 @@ Method, per row:
    (warmup, cosine to min_lr) ends at the budget: a run stopped part-way down its schedule would be unfairly
    penalised. The training time reported is what the run measured: the sum of its steps' `step_time`, which
    leaves out start-up, evaluation and checkpointing.
-3. Train, one run at a time (the machine's cores are the measurement), with each seed in `--seeds`.
-4. Evaluate with `gptlab eval RUN --data DIR --json`: the mean loss over every token of the validation split, in
-   non-overlapping windows of the model's block size, and bits per byte. The curve in the figure is training's own
-   `val_loss` (train.eval_steps fixed batches) against training seconds.
+3. Train with the training loop `gptlab train` runs (`gptlab.study.run_training`), one run at a time (the
+   machine's cores are the measurement), with each seed in `--seeds`.
+4. Evaluate as `gptlab eval RUN --data DIR --json` does: the mean loss over every token of the validation split,
+   in non-overlapping windows of the model's block size, and bits per byte. The curve in the figure is training's
+   own `val_loss` (train.eval_steps fixed batches) against training seconds.
 
 Results go to OUT/recipes.json after every run; a re-run skips the row/seed pairs already there (the budget must
-match), then writes OUT/recipes.md, OUT/recipes.csv and OUT/img/recipes_loss_vs_time.png from that file alone.
+match), then writes OUT/recipes-tables.md, OUT/recipes.csv and OUT/img/recipes_loss_vs_time.png from that file
+alone. What the numbers mean is written by people, in docs/recipes.md beside the command that made them.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import os
-import re
 import shlex
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+from gptlab.config import JobConfig, load_job_config
+from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
+from gptlab.device import describe_machine, machine_info, resolve_device
+from gptlab.errors import GptlabError
+from gptlab.evals.split import evaluate_split
+from gptlab.files import write_json_atomically
+from gptlab.prepare import prepare
+from gptlab.study import DEMO_CONFIG, duration, markdown_table, read_metrics, read_results, run_training, write_files
+from gptlab.study.plots import new_figure, png
+from gptlab.study.report import csv_text, signed, software
+
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_STEPS = 30
 CALIBRATION_DISCARD = 5
 # evaluations during training, for the loss-against-time curve
 CURVE_POINTS = 25
-# windows per forward in `gptlab eval`: a batch size only, the loss is the same
+# windows per forward of the evaluation: a batch size only, the loss is the same
 EVAL_BATCH_SIZE = 64
-RESULTS, REPORT, TABLE, FIGURE = "recipes.json", "recipes.md", "recipes.csv", "img/recipes_loss_vs_time.png"
-# the two targets of issue 14: demo beats nanoGPT by this much at equal time, and in half the time at all
-TARGET_GAIN = 0.10
-# a run whose measured training time is further than this from its budget is flagged in the report
-TIME_TOLERANCE = 0.10
+RESULTS, TABLES, TABLE, FIGURE = "recipes.json", "recipes-tables.md", "recipes.csv", "img/recipes_loss_vs_time.png"
+NANOGPT_CONFIG = "nanogpt_cpu"
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
     change: str  # what this row changes, in one line
-    config: str  # config file, relative to the repository root
+    config: str  # a shipped config's name (or a TOML path)
     overrides: tuple[str, ...]  # --section.key=value, all of them (a rung's own change comes last)
     versus: str | None  # the row its difference is taken against
     budget_fraction: float = 1.0
@@ -83,15 +87,13 @@ LADDER: list[tuple[str, str, tuple[str, ...]]] = [
      ("--train.optimizer=muon", "--train.muon_lr=0.02")),
 ]  # fmt: skip
 
-DEMO_CONFIG = "src/gptlab/configs/shakespeare_char.toml"
-
 
 def build_rows() -> list[Row]:
     """The ladder's rows with their overrides accumulated, then the demo at the full and at half the budget."""
     rows, overrides, previous = [], (), None
     for name, change, own in LADDER:
         overrides = overrides + own
-        rows.append(Row(name, change, "src/gptlab/configs/nanogpt_cpu.toml", overrides, previous))
+        rows.append(Row(name, change, NANOGPT_CONFIG, overrides, previous))
         previous = name
     rows.append(Row("demo", f"`make demo`'s {DEMO_CONFIG} as it stands", DEMO_CONFIG, (), "nanogpt"))
     rows.append(Row("demo-half", "the demo at half the budget", DEMO_CONFIG, (), "nanogpt", budget_fraction=0.5))
@@ -105,110 +107,76 @@ ROWS = build_rows()
 
 
 def train_args(row: Row, out_dir: Path, steps: int, seed: int, eval_interval: int) -> list[str]:
-    """`gptlab train`'s arguments for one run: the row's config and overrides, then the sweep's own keys."""
+    """The `--section.key=value` overrides of one run: the row's, then the sweep's own keys."""
     return [
-        "train",
-        "--config",
-        row.config,
         *row.overrides,
         f"--train.max_steps={steps}",
         f"--train.seed={seed}",
         f"--train.out_dir={out_dir}",
         f"--train.eval_interval={eval_interval}",
-        # one checkpoint, at the end: the one `gptlab eval` reads
+        # one checkpoint, at the end: the one the evaluation reads
         f"--train.checkpoint_interval={steps}",
     ]
 
 
-def gptlab(args: list[str], log: Path) -> tuple[str, float]:
-    """Run `gptlab ARGS` from the repository root; stdout and its wall seconds. Its stderr goes to `log`; a
-    failure raises, naming the command and the log."""
-    started = time.perf_counter()
-    with log.open("w") as stderr:
-        done = subprocess.run(
-            [sys.executable, "-m", "gptlab", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
-        )
-    if done.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
-        raise RuntimeError(f"gptlab {shlex.join(args)} failed (exit {done.returncode}); see {log}:\n{tail}")
-    return done.stdout, time.perf_counter() - started
+def train_command(row: Row, args: list[str]) -> str:
+    """The run as one would type it from the repository root."""
+    return shlex.join(["gptlab", "train", "--config", row.config, *args])
 
 
-def read_metrics(run_dir: Path) -> tuple[list[float], list[tuple[int, float]]]:
-    """From metrics.jsonl: each step's step_time, and the (step, val_loss) evaluations."""
-    step_times, evaluations = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "val_loss" in record:
-            evaluations.append((record["step"], record["val_loss"]))
-        elif "step_time" in record:
-            step_times.append(record["step_time"])
-    return step_times, evaluations
+def job_config(row: Row, args: list[str] | None = None, data_dir: Path | None = None) -> JobConfig:
+    """The row's training job: its config with `args` (by default its own overrides), its data in `data_dir` if
+    given; a row that does not parse stops the sweep before any training, naming the row."""
+    args = list(row.overrides if args is None else args)
+    if data_dir is not None:
+        args.append(f"--data.dir={data_dir}")
+    try:
+        return load_job_config(row.config, args)
+    except GptlabError as e:
+        raise SystemExit(f"row {row.name}: {e}") from None
 
 
-def calibrate(row: Row, work: Path, seed: int) -> dict[str, float]:
+def calibrate(row: Row, work: Path, seed: int, data_dir: Path) -> dict[str, float]:
     """Seconds per training step of the row on this machine: the median after the first few steps."""
     out_dir = work / f"{row.name}-calibrate"
     shutil.rmtree(out_dir, ignore_errors=True)
-    args = train_args(row, out_dir, CALIBRATION_STEPS, seed, eval_interval=CALIBRATION_STEPS) + ["--train.eval_steps=1"]
-    _, wall = gptlab(args, work / f"{row.name}-calibrate.log")
+    args = train_args(row, out_dir, CALIBRATION_STEPS, seed, CALIBRATION_STEPS) + ["--train.eval_steps=1"]
+    started = time.perf_counter()
+    run_training(job_config(row, args, data_dir))
     step_times, _ = read_metrics(out_dir)
     shutil.rmtree(out_dir)
-    return {"seconds_per_step": statistics.median(step_times[CALIBRATION_DISCARD:]), "wall_s": wall}
+    seconds = statistics.median(step_times[CALIBRATION_DISCARD:])
+    return {"seconds_per_step": seconds, "wall_s": time.perf_counter() - started}
 
 
-def eval_args(run_dir: Path, data_dir: str) -> list[str]:
-    """`gptlab eval`'s arguments: a run's latest checkpoint on the validation split, one JSON object out."""
-    return ["eval", str(run_dir), "--data", data_dir, "--json", "--batch_size", str(EVAL_BATCH_SIZE)]
-
-
-def evaluate(run_dir: Path, data_dir: str, log: Path) -> tuple[dict[str, Any], float]:
-    """`gptlab eval --json` of a run: loss, bpb, tokens, ...; and its wall seconds."""
-    stdout, wall = gptlab(eval_args(run_dir, data_dir), log)
-    return json.loads(stdout.strip().splitlines()[-1]), wall
-
-
-def train_and_evaluate(row: Row, seed: int, steps: int, work: Path, data_dir: str) -> dict[str, Any]:
+def train_and_evaluate(row: Row, seed: int, steps: int, work: Path, data_dir: Path) -> dict[str, Any]:
     """One run from scratch (a stale run directory is removed first), then its evaluation: the run's record."""
     out_dir = work / f"{row.name}-{seed}"
     shutil.rmtree(out_dir, ignore_errors=True)
     args = train_args(row, out_dir, steps, seed, eval_interval=max(1, steps // CURVE_POINTS))
-    _, train_wall = gptlab(args, work / f"{row.name}-{seed}.log")
-    step_times, evaluations = read_metrics(out_dir)
-    elapsed = [sum(step_times[:step]) for step, _ in evaluations]
-    result, eval_wall = evaluate(out_dir, data_dir, work / f"{row.name}-{seed}-eval.log")
+    started, job = time.perf_counter(), job_config(row, args, data_dir)
+    model, _ = run_training(job)
+    step_times, curve = read_metrics(out_dir)
+    # evaluated where it trained, as `gptlab eval --device auto` would
+    model.to(resolve_device(job.train.device, key="train.device"))
+    tokens, tokenizer = load_tokens(data_dir, "val"), tokenizer_from_meta(load_meta(data_dir))
+    split = evaluate_split(model, tokens, tokenizer, batch_size=EVAL_BATCH_SIZE, progress=False)
+    eval_args = ["gptlab", "eval", str(out_dir), "--data", job_config(row).data.dir, "--json"]
     return {
         "row": row.name,
         "seed": seed,
         "steps": len(step_times),
         "train_seconds": sum(step_times),
-        "curve": [[step, seconds, loss] for (step, loss), seconds in zip(evaluations, elapsed, strict=True)],
-        "eval": result,
-        "command": shlex.join(["gptlab", *args]),
-        "eval_command": shlex.join(["gptlab", *eval_args(out_dir, data_dir)]),
-        "wall_s": train_wall + eval_wall,
+        # [step, training seconds, validation loss]
+        "curve": [[step, seconds, loss] for step, loss, seconds in curve],
+        "eval": {"dtype": "float32", **split.to_dict()},
+        "command": train_command(row, args),
+        "eval_command": shlex.join([*eval_args, "--batch_size", str(EVAL_BATCH_SIZE)]),
+        "wall_s": time.perf_counter() - started,
     }
 
 
 # ----------------------------------------------------------------------------------------------- the sweep
-
-
-def machine() -> dict[str, Any]:
-    """The CPU, its cores and bf16 units, torch: what the timings depend on."""
-    import torch
-
-    from gptlab.device import device_name
-
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    return {
-        "cpu": device_name(torch.device("cpu")),
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "torch": torch.__version__,
-    }
 
 
 def load_average() -> float:
@@ -216,29 +184,17 @@ def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def job_config(row: Row):
-    """The row's training job as `gptlab train` will read it (without the sweep's own keys); a row that does not
-    parse stops the sweep before any training, naming the row."""
-    from gptlab.config import load_job_config
-    from gptlab.errors import ConfigError
-
-    try:
-        return load_job_config(ROOT / row.config, list(row.overrides))
-    except ConfigError as e:
-        raise SystemExit(f"row {row.name}: {e}") from None
-
-
-def data_dir_of(rows: list[Row], work: Path) -> str:
-    """The one data directory of the rows (their losses compare only on the same validation text), prepared
-    from the embedded corpus if missing."""
+def data_dir_of(rows: list[Row]) -> Path:
+    """The one data directory of the rows (their losses compare only on the same validation text, relative to
+    the repository root), prepared from the embedded corpus if missing."""
     dirs = {job_config(row).data.dir for row in rows}
     if len(dirs) != 1:
         raise SystemExit(
             f"the rows train on different data ({', '.join(sorted(dirs))}); their losses would not compare"
         )
-    data_dir = dirs.pop()
-    if not (ROOT / data_dir / "meta.json").is_file():
-        gptlab(["prepare", "shakespeare-char", "--out", data_dir], work / "prepare.log")
+    data_dir = ROOT / dirs.pop()
+    if not (data_dir / "meta.json").is_file():
+        prepare("shakespeare-char", data_dir)
     return data_dir
 
 
@@ -246,19 +202,15 @@ def load_results(path: Path, budget: float) -> dict[str, Any]:
     """The results so far (to resume), or a new set; a file made with another budget is refused."""
     if not path.is_file():
         return {"budget": budget, "calibration": {}, "runs": {}, "sweep_seconds": 0.0}
-    results = json.loads(path.read_text())
+    results = read_results(path, ("budget", "calibration", "runs"), "a recipe sweep's results")
     if results["budget"] != budget:
         raise SystemExit(f"{path} holds a sweep with budget {results['budget']} s, not {budget}; use another --out")
     return results
 
 
 def save_results(results: dict[str, Any], path: Path) -> None:
-    """Written whole or not at all; a curve's points one to a line."""
-    text = json.dumps(results, indent=1)
-    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(text + "\n")
-    path.with_suffix(".tmp").replace(path)
+    write_json_atomically(path, results, indent=1)
 
 
 def sweep(rows: list[Row], seeds: list[int], budget: float, out: Path, work: Path) -> dict[str, Any]:
@@ -266,7 +218,7 @@ def sweep(rows: list[Row], seeds: list[int], budget: float, out: Path, work: Pat
     path = out / RESULTS
     results = load_results(path, budget)
     work.mkdir(parents=True, exist_ok=True)
-    data_dir = data_dir_of(rows, work)
+    data_dir = data_dir_of(rows)
     for row in rows:
         for seed in seeds:
             key = f"{row.name}/{seed}"
@@ -274,19 +226,20 @@ def sweep(rows: list[Row], seeds: list[int], budget: float, out: Path, work: Pat
                 started = time.perf_counter()
                 results["runs"][key] = measure(row, seed, results, work, data_dir, calibration_seed=seeds[0])
                 results["sweep_seconds"] += time.perf_counter() - started
-                results.update(machine=machine(), date=date.today().isoformat(), data=data_dir)
+                machine = machine_info(resolve_device(job_config(row).train.device, key="train.device"))
+                results.update(machine=machine, date=date.today().isoformat(), data=job_config(row).data.dir)
                 save_results(results, path)
     return results
 
 
-def measure(row: Row, seed: int, results: dict[str, Any], work: Path, data_dir: str, calibration_seed: int) -> dict:
+def measure(row: Row, seed: int, results: dict[str, Any], work: Path, data_dir: Path, calibration_seed: int) -> dict:
     """One run at the budget: the row's calibration (made now unless the results hold it), then train and evaluate."""
     load = load_average()
     if load > 0.5:
         print(f"warning: load average {load:.2f}: the timings will include other work")
     signature = shlex.join([row.config, *row.overrides])
     if signature not in results["calibration"]:
-        results["calibration"][signature] = calibrate(row, work, calibration_seed)
+        results["calibration"][signature] = calibrate(row, work, calibration_seed, data_dir)
     seconds_per_step = results["calibration"][signature]["seconds_per_step"]
     steps = max(1, round(results["budget"] * row.budget_fraction / seconds_per_step))
     print(f"{row.name}/{seed}: {seconds_per_step * 1e3:.1f} ms/step, {steps} steps", flush=True)
@@ -308,7 +261,9 @@ def nearest_measured(name: str | None, records: dict[str, Any]) -> str | None:
 
 def unmeasured_rungs(row: Row, versus: str | None) -> str:
     """The rungs between `row` and the row it is compared with that have no results: their changes are in the
-    difference too."""
+    difference too (none when it is compared with no row)."""
+    if versus is None:
+        return ""
     between, name = [], row.versus
     while name != versus:
         between.append(name)
@@ -317,17 +272,17 @@ def unmeasured_rungs(row: Row, versus: str | None) -> str:
 
 
 def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per row with runs, in ROWS order: means (and sd over seeds) of the figures that matter."""
+    """One record per row with runs, in ROWS order: means (and sd over seeds) of the figures that matter, and the
+    difference of its loss from the row it is compared with."""
     records = {}
     for row in ROWS:
         runs = [run for run in results["runs"].values() if run["row"] == row.name]
         if not runs:
             continue
         losses = [run["eval"]["loss"] for run in runs]
-        versus = nearest_measured(row.versus, records)
         records[row.name] = {
             "row": row.name,
-            "change": row.change + unmeasured_rungs(row, versus),
+            "change": row.change + unmeasured_rungs(row, nearest_measured(row.versus, records)),
             "seeds": len(runs),
             "steps": runs[0]["steps"],
             "budget_s": results["budget"] * row.budget_fraction,
@@ -335,7 +290,7 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
             "eval_loss": statistics.mean(losses),
             "eval_loss_sd": statistics.stdev(losses) if len(losses) > 1 else None,
             "bpb": statistics.mean(run["eval"]["bpb"] for run in runs),
-            "versus": versus,
+            "versus": nearest_measured(row.versus, records),
             "command": runs[0]["command"],
             "eval_command": runs[0]["eval_command"],
         }
@@ -345,76 +300,65 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
     return list(records.values())
 
 
-def _signed(value: float | None) -> str:
-    return "" if value is None else f"{value:+.4f}"
+def header_section(results: dict[str, Any], command: str) -> list[str]:
+    """What produced the tables: the command, the machine, the budget, the seeds, the sweep's time."""
+    m, seeds = results["machine"], sorted({run["seed"] for run in results["runs"].values()})
+    rows = [
+        ["command", f"`{command}`"],
+        ["machine", describe_machine(m)],
+        ["software", software(m)],
+        ["date", results["date"]],
+        ["budget", f"{results['budget']:g} s of training per run"],
+        ["seeds", ", ".join(map(str, seeds))],
+        ["sweep", duration(results["sweep_seconds"])],
+    ]
+    return [
+        "# The recipe sweep's tables",
+        "",
+        f"<!-- Generated by scripts/recipes.py from {RESULTS}; `python scripts/recipes.py --report-from {RESULTS} "
+        "--out DIR` writes it again. What the numbers mean: recipes.md. -->",
+        "",
+        *markdown_table(["run", ""], rows, text_columns=2),
+        "",
+        f"Raw figures: [{RESULTS}]({RESULTS}), [{TABLE}]({TABLE}).",
+        "",
+    ]
 
 
 def table_section(records: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| row | change | steps | train s (budget) | eval loss | ± sd | bpb | Δ loss | vs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    """Every row's steps, time and loss, and its difference from the row in *vs*."""
+    columns = ["row", "change", "steps", "train s", "budget s", "time off budget", "eval loss", "± sd", "bpb",
+               "Δ loss", "vs"]  # fmt: skip
+    rows = [
+        [r["row"], r["change"], f"{r['steps']:,}", f"{r['train_s']:.0f}", f"{r['budget_s']:g}",
+         f"{r['train_s'] / r['budget_s'] - 1:+.1%}", f"{r['eval_loss']:.4f}",
+         "" if r["eval_loss_sd"] is None else f"{r['eval_loss_sd']:.4f}", f"{r['bpb']:.4f}",
+         "" if r["delta"] is None else signed(r["delta"]), r["versus"] or ""]
+        for r in records
+    ]  # fmt: skip
+    return [
+        "## Rows",
+        "",
+        "Eval loss: nats per character over the whole validation split, mean over the seeds (± sd); bpb: bits per "
+        "byte; train s: the steps' measured time, mean over the seeds; Δ loss: against the row in *vs*.",
+        "",
+        *markdown_table(columns, rows, text_columns=2),
+        "",
+        f"![validation loss against training time]({FIGURE})",
+        "",
     ]
-    for r in records:
-        sd = "" if r["eval_loss_sd"] is None else f"{r['eval_loss_sd']:.4f}"
-        lines.append(
-            f"| {r['row']} | {r['change']} | {r['steps']:,} | {r['train_s']:.0f} ({r['budget_s']:.0f}) | "
-            f"{r['eval_loss']:.4f} | {sd} | {r['bpb']:.4f} | {_signed(r['delta'])} | {r['versus'] or ''} |"
-        )
-    return lines
-
-
-def targets_section(records: list[dict[str, Any]]) -> list[str]:
-    """Issue 14's two targets: demo beats nanoGPT by TARGET_GAIN at equal time, and in half the time at all."""
-    by_name = {r["row"]: r for r in records}
-    nanogpt, demo, half = (by_name.get(name) for name in ("nanogpt", "demo", "demo-half"))
-    lines = ["## Targets", ""]
-    if nanogpt and demo:
-        gain = demo["eval_loss"] - nanogpt["eval_loss"]
-        verdict = "met" if gain <= -TARGET_GAIN else "not met"
-        lines.append(
-            f"- Equal time: demo − nanogpt = **{gain:+.4f}** ({demo['eval_loss']:.4f} against "
-            f"{nanogpt['eval_loss']:.4f}); target ≤ −{TARGET_GAIN:.2f}: **{verdict}**."
-        )
-    else:
-        lines.append("- Equal time: not measured (needs rows nanogpt and demo).")
-    if nanogpt and half:
-        verdict = "met" if half["eval_loss"] <= nanogpt["eval_loss"] else "not met"
-        lines.append(
-            f"- Half the time: demo-half reaches {half['eval_loss']:.4f} in {half['train_s']:.0f} s, "
-            f"nanogpt {nanogpt['eval_loss']:.4f} in {nanogpt['train_s']:.0f} s: **{verdict}**."
-        )
-    else:
-        lines.append("- Half the time: not measured (needs rows nanogpt and demo-half).")
-    return lines + [""]
-
-
-def timing_section(results: dict[str, Any]) -> list[str]:
-    """Runs whose measured training time missed their budget by more than TIME_TOLERANCE: the machine was busier
-    (or quieter) than during calibration, and equal time did not hold for them."""
-    off = []
-    for key, run in results["runs"].items():
-        budget = results["budget"] * next(row.budget_fraction for row in ROWS if row.name == run["row"])
-        if abs(run["train_seconds"] / budget - 1) > TIME_TOLERANCE:
-            off.append(f"{key} ({run['train_seconds']:.0f} s of {budget:g})")
-    if not off:
-        return [f"Every run's training time is within {TIME_TOLERANCE:.0%} of its budget.", ""]
-    return [f"Runs more than {TIME_TOLERANCE:.0%} off their budget, so not at equal time: {', '.join(off)}.", ""]
 
 
 def commands_section(records: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Commands",
-        "",
-        "Each row's first seed; the other seeds change only `--train.seed` and the run directory.",
-        "",
-    ]
+    note = "Each row's first seed; the other seeds change only `--train.seed` and the run directory."
+    lines = ["## Commands", "", note, ""]
     for r in records:
         lines += [f"`{r['row']}`:", "```", r["command"], r["eval_command"], "```"]
     return lines
 
 
 def regenerate_command(results: dict[str, Any], out: Path) -> str:
-    """The command that makes this report again: the budget, seeds and rows the results hold."""
+    """The command that makes these results again: the budget, seeds and rows they hold."""
     seeds = sorted({run["seed"] for run in results["runs"].values()})
     rows = [row.name for row in ROWS if any(run["row"] == row.name for run in results["runs"].values())]
     args = ["python", "scripts/recipes.py", "--budget", f"{results['budget']:g}", "--seeds", *map(str, seeds)]
@@ -425,71 +369,34 @@ def regenerate_command(results: dict[str, Any], out: Path) -> str:
     return shlex.join(args)
 
 
-def render_report(results: dict[str, Any], command: str) -> str:
-    """OUT/recipes.md from the results alone."""
-    from gptlab.study.report import duration
-
-    m, records = results["machine"], summary(results)
-    bf16 = ", ".join(name for name in ("avx512_bf16", "amx_bf16") if m[name]) or "neither avx512_bf16 nor amx_bf16"
-    seeds = sorted({run["seed"] for run in results["runs"].values()})
-    head = [
-        "# Recipes for the CPU demo: nanoGPT's recipe and one change at a time, at equal training time",
-        "",
-        "<!-- Generated by scripts/recipes.py from recipes.json; rerun the command below to update. -->",
-        "",
-        f"Generated by `{command}` on {results['date']}: {m['cpu']}, {m['cores']} cores ({bf16}; float32 "
-        f"training), torch {m['torch']}. Budget {results['budget']:g} s of training per run, seeds "
-        f"{', '.join(map(str, seeds))}; the sweep took {duration(results['sweep_seconds'])}. Raw results: "
-        f"[{RESULTS}]({RESULTS}), [{TABLE}]({TABLE}).",
-        "",
-        "The ladder starts at nanoGPT's CPU recipe ([src/gptlab/configs/nanogpt_cpu.toml](../configs/nanogpt_cpu.toml)) and "
-        "each rung adds one change to all the rungs before it (its whole command is under Commands); `demo` is "
-        "`make demo`'s config as it stands, `demo-half` the same at half the budget. A row's steps are set so its "
-        f"schedule ends at the budget (seconds per step: the median of a {CALIBRATION_STEPS}-step calibration run); "
-        "*train s* is the time the run measured (its steps' time, without start-up, evaluation and checkpoints). "
-        "*Eval loss* is `gptlab eval`: nats per character over the whole validation split in non-overlapping "
-        "windows of the model's context (so a longer context also helps at evaluation, as it does in use), mean "
-        "over seeds (± standard deviation); *bpb* bits per byte; *Δ loss* against the row named in *vs* (the rung "
-        "before, or the nearest one measured).",
-        "",
-    ]
-    figure = ["", f"![validation loss against training time]({FIGURE})", ""]
-    return "\n".join(
-        head
-        + table_section(records)
-        + figure
-        + targets_section(records)
-        + timing_section(results)
-        + commands_section(records)
-    )
+def render_tables(results: dict[str, Any], command: str) -> str:
+    """OUT/recipes-tables.md from the results alone."""
+    records = summary(results)
+    lines = header_section(results, command) + table_section(records) + commands_section(records)
+    return "\n".join(lines) + "\n"
 
 
 def render_csv(results: dict[str, Any]) -> str:
     """One line per run."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["row", "seed", "steps", "train_seconds", "eval_loss", "bpb", "eval_tokens"])
-    for run in results["runs"].values():
-        e = run["eval"]
-        writer.writerow(
-            [
-                run["row"],
-                run["seed"],
-                run["steps"],
-                f"{run['train_seconds']:.2f}",
-                f"{e['loss']:.5f}",
-                f"{e['bpb']:.5f}",
-                e["tokens"],
-            ]
-        )
-    return buffer.getvalue()
+    return csv_text(
+        [
+            {
+                "row": run["row"],
+                "seed": run["seed"],
+                "steps": run["steps"],
+                "train_seconds": f"{run['train_seconds']:.2f}",
+                "eval_loss": f"{run['eval']['loss']:.5f}",
+                "bpb": f"{run['eval']['bpb']:.5f}",
+                "eval_tokens": run["eval"]["tokens"],
+            }
+            for run in results["runs"].values()
+        ]
+    )
 
 
-def plot_curves(results: dict[str, Any], path: Path) -> None:
-    """Training's val_loss against training seconds, mean over seeds, one line per row (gptlab.study's style)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 5))
+def plot_curves(results: dict[str, Any]) -> bytes:
+    """Training's val_loss against training seconds, mean over seeds, one line per row, as PNG bytes."""
+    figure = new_figure((8, 5))
     ax = figure.subplots()
     lowest = float("inf")
     for row in ROWS:
@@ -499,8 +406,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         points = len(min(curves, key=len))
         seconds = [statistics.mean(curve[i][1] for curve in curves) for i in range(points)]
         losses = [statistics.mean(curve[i][2] for curve in curves) for i in range(points)]
-        style = "--" if row.config == DEMO_CONFIG else "-"
-        ax.plot(seconds, losses, style, label=row.name, marker=".")
+        ax.plot(seconds, losses, "--" if row.config == DEMO_CONFIG else "-", label=row.name, marker=".")
         lowest = min(lowest, *losses)
     for fraction in sorted({row.budget_fraction for row in ROWS}):
         ax.axvline(results["budget"] * fraction, color="grey", linestyle=":")
@@ -512,15 +418,13 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         title=f"Validation loss against training time (budget {results['budget']:g} s)",
     )
     ax.legend(fontsize="small")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    return png(figure)
 
 
-def write_report(results: dict[str, Any], out: Path, command: str) -> None:
-    (out / REPORT).write_text(render_report(results, command) + "\n")
-    (out / TABLE).write_text(render_csv(results))
-    plot_curves(results, out / FIGURE)
+def write_report(results: dict[str, Any], out: Path, command: str) -> list[Path]:
+    """The tables, the CSV and the figure, all rendered before any is written."""
+    files = {TABLES: render_tables(results, command), TABLE: render_csv(results), FIGURE: plot_curves(results)}
+    return write_files(out, files)
 
 
 # ------------------------------------------------------------------------------------------------- command
@@ -543,11 +447,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     parser.add_argument("--rows", help=f"comma-separated, of: {','.join(row.name for row in ROWS)} (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="the report's directory (default: docs)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/recipes"), help="run directories and logs")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recipes"), help="run directories")
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="JSON",
+        help="write the tables, CSV and figure from an earlier sweep's recipes.json, training nothing",
+    )
     args = parser.parse_args(argv)
-    results = sweep(select_rows(args.rows), args.seeds, args.budget, args.out, args.work)
-    write_report(results, args.out, regenerate_command(results, args.out))
-    print(f"wrote {args.out / REPORT}, {args.out / TABLE}, {args.out / FIGURE}")
+    try:
+        if args.report_from is not None:
+            results = read_results(args.report_from, ("budget", "runs", "machine"), "a recipe sweep's results")
+        else:
+            results = sweep(select_rows(args.rows), args.seeds, args.budget, args.out, args.work)
+        written = write_report(results, args.out, regenerate_command(results, args.out))
+    except GptlabError as e:
+        raise SystemExit(str(e)) from None
+    print(f"wrote {', '.join(str(path) for path in written)}")
 
 
 if __name__ == "__main__":

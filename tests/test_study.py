@@ -1,11 +1,14 @@
-"""The variant study on its tiny scale: every variant and conversion measured, the report equal to its JSON, sizes
-equal to an independent count, conversions that reduce to the base case, and clear errors for bad input."""
+"""The variant study on its tiny scale: every variant and conversion measured, the tables and CSVs equal to their
+JSON, the comparisons equal to a hand computation, sizes equal to an independent count, the baseline read from the
+shipped demo recipe, conversions that reduce to the base case, and clear errors for bad input."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -13,28 +16,35 @@ import torch
 
 from gptlab import GPT, ConfigError, load_pretrained
 from gptlab.cli import main
-from gptlab.config import load_job_config
+from gptlab.config import TrainConfig, config_path, load_job_config
 from gptlab.convert import init_kv_heads
 from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
-from gptlab.evals.probes import loss_by_position
+from gptlab.device import describe_machine
+from gptlab.evals.probes import loss_by_position, recall_schedule
 from gptlab.evals.split import evaluate_split
+from gptlab.optim import GROUP_LR_KEYS
 from gptlab.study import (
     BASELINE,
     CONVERSIONS,
+    DEMO_CONFIG,
+    FULL,
     IMAGES,
     RESULTS_FILE,
     RUNS_MARKER,
     SCALES,
+    TABLES,
     VARIANTS,
     convert_model,
+    demo_recipe,
     prepare_runs_dir,
     training_job,
+    training_recipe,
     validation_loss,
     variant_configs,
     write_report,
 )
-from gptlab.study.grid import LR_KEYS, base_config, reach, widest_window
-from gptlab.study.report import recall_finding, recall_spans, relays_little, sparse_rows_note, untrained_probe
+from gptlab.study.grid import LR_KEYS, RUN_KEYS, base_config, reach, widest_window
+from gptlab.study.report import mean_recall, recall_queries, recall_spans
 from gptlab.study.run import EVAL_BATCH_SIZE
 
 
@@ -52,14 +62,19 @@ def study(char_data, tmp_path_factory) -> tuple[dict, Path, Path]:
     return json.loads((out / "variants.json").read_text()), out, runs
 
 
-def table_rows(markdown: str, section: str) -> dict[str, list[str]]:
-    """Cells of every table row of a section whose first cell is a `name`, by name."""
-    rows = {}
+def tables(markdown: str, section: str) -> list[dict[str, list[str]]]:
+    """The tables of a section, in order: each one's cells by row, keyed by the first cell (`name` or a word)."""
+    found, rows = [], None
     for line in markdown.split(f"\n## {section}")[1].split("\n## ")[0].splitlines():
-        if line.startswith("| `"):
-            cells = [cell.strip() for cell in line.strip("|").split("|")]
-            rows[cells[0].strip("`")] = cells
-    return rows
+        if not line.startswith("|"):
+            rows = None
+            continue
+        if rows is None:
+            rows = {}
+            found.append(rows)
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells
+    return found
 
 
 def test_every_variant_and_conversion_is_measured(study):
@@ -99,34 +114,70 @@ def test_report_files_hold_the_numbers_of_the_json(study):
     results, out, _ = study
     for image in IMAGES.values():
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.glob(".variants-*"))  # the staging folder is gone
-    markdown = (out / "variants.md").read_text()
-    assert f"gptlab study --scale tiny --out {out}" in markdown
-    rows = table_rows(markdown, "The grid")
+    assert not list(out.rglob("*.tmp"))  # every file was renamed into place
+    markdown = (out / TABLES).read_text()
+    assert f"`gptlab study --scale tiny --out {out} --runs" in markdown
+    assert describe_machine(results["hardware"]) in markdown
+    (rows,) = tables(markdown, "The grid")
     csv_rows = {row["variant"]: row for row in csv.DictReader((out / "variants.csv").open())}
     for record in results["variants"]:
         cells = rows[record["name"]]
         assert cells[2] == f"{record['params']:,}"
         assert cells[3] == f"{record['kv_bytes_per_token']:,} B"
         assert cells[8] == f"{record['eval_loss_mean']:.4f} ± {record['eval_loss_sd']:.4f}"
-        assert cells[10] == f"{record['eval_bpb_mean']:.4f}"
+        assert cells[11] == f"{record['eval_bpb_mean']:.4f}"
         assert int(csv_rows[record["name"]]["params"]) == record["params"]
         assert float(csv_rows[record["name"]]["eval_loss_mean"]) == pytest.approx(record["eval_loss_mean"], abs=1e-6)
-    recall = table_rows(markdown, "Reach")
+    recall, spans = tables(markdown, "Reach")
     probed = [record for record in results["variants"] if record["recall"]]
-    assert sorted(recall) == sorted(record["name"] for record in probed)
+    assert sorted(recall) == sorted(["variant", "---", "queries", *(record["name"] for record in probed)])
+    assert sorted(spans) == sorted(["variant", "---", *(record["name"] for record in probed)])
     for record in probed:
         assert recall[record["name"]][2:-2] == [f"{a:.2f}" for a in record["recall"]["accuracy"]]
-    positions = table_rows(markdown, "Loss by position")
+        assert spans[record["name"]][3] == f"{statistics.mean(record['recall']['accuracy']):.2f}"
+    (positions,) = tables(markdown, "Loss by position")
     for record in results["variants"]:
         shown = [cell for cell in positions[record["name"]][1:] if cell != "—"]
         assert shown == [f"{v:.3f}" for v in record["positions"]["loss"]]
-    rows = table_rows(markdown, "Converting")
+    (rows,) = tables(markdown, "Converting")
     for record in results["conversions"]:
         cells = rows[record["name"]]
         assert cells[1] == f"`{record['source']}`"
         assert cells[3] == f"{record['converted_mean']:.4f} ± {record['converted_sd']:.4f}"
         assert cells[5] == f"{record['uptrained_10pct_mean']:.4f} ± {record['uptrained_10pct_sd']:.4f}"
+
+
+def test_differences_and_spreads_equal_a_hand_computation(study):
+    results, out, _ = study
+    variants = {record["name"]: record for record in results["variants"]}
+
+    def mean_sd(values: dict) -> tuple[float, float]:
+        return statistics.mean(values.values()), statistics.stdev(values.values())
+
+    base_mean, base_sd = mean_sd(variants[BASELINE]["eval_loss"])
+    (grid,) = tables((out / TABLES).read_text(), "The grid")
+    csv_rows = {row["variant"]: row for row in csv.DictReader((out / "variants.csv").open())}
+    for name, record in variants.items():
+        mean, sd = mean_sd(record["eval_loss"])
+        assert (record["eval_loss_mean"], record["eval_loss_sd"]) == pytest.approx((mean, sd), abs=1e-12)
+        assert float(csv_rows[name]["eval_loss_delta"]) == pytest.approx(mean - base_mean, abs=1e-6)
+        assert float(csv_rows[name]["eval_loss_spread"]) == pytest.approx(sd + base_sd, abs=1e-6)
+        if name != BASELINE:
+            assert grid[name][9:11] == [f"{mean - base_mean:+.4f}", f"{sd + base_sd:.4f}"]
+    # each conversion after 10% uptraining: against its source's control and its target trained from scratch
+    controls = {c["source"]: c for c in results["conversions"] if c["source"] == c["target"]}
+    (table,) = tables((out / TABLES).read_text(), "Converting")
+    for row in csv.DictReader((out / "variants-conversion.csv").open()):
+        record = next(c for c in results["conversions"] if c["name"] == row["conversion"])
+        mean, sd = mean_sd(record["uptrained_10pct"])
+        control_mean, control_sd = mean_sd(controls[record["source"]]["uptrained_10pct"])
+        scratch_mean, scratch_sd = mean_sd(variants[record["target"]]["val_loss"])
+        expected = (mean - control_mean, sd + control_sd, mean - scratch_mean, sd + scratch_sd)
+        got = [float(row[key]) for key in ("vs_control", "vs_control_spread", "vs_scratch", "vs_scratch_spread")]
+        assert got == pytest.approx(expected, abs=1e-6), record["name"]
+        assert table[record["name"]][9:] == [f"{expected[2]:+.4f}", f"{expected[3]:.4f}"]
+        if record["source"] != record["target"]:
+            assert table[record["name"]][7:9] == [f"{expected[0]:+.4f}", f"{expected[1]:.4f}"]
 
 
 def test_sizes_equal_an_independent_count(study):
@@ -194,60 +245,53 @@ def test_the_records_hold_what_gptlab_eval_measures(study, char_data):
         assert split.bpb == pytest.approx(split.loss / math.log(2), rel=0.02)
 
 
-def test_a_probe_near_chance_at_every_distance_is_called_untrained(study):
-    chance = 1 / 64
-    assert untrained_probe({"chance": chance, "accuracy": [0.05, 0.02, 0.01]}).startswith(" Its probe model")
-    # a window that recalls well within its reach and nothing beyond it has learned the task
-    assert untrained_probe({"chance": chance, "accuracy": [0.3, 0.01, 0.0]}) == ""
-    # the tiny study's probes train 3 steps: every one of its recall findings carries the caveat
-    results, out, _ = study
-    section = (out / "variants.md").read_text().split("\n## Reach")[1].split("\n## ")[0]
-    findings = [line for line in section.splitlines() if line.startswith("- `")]
-    assert len(findings) == sum(1 for r in results["variants"] if r["recall"]) - 1  # all but the baseline
-    assert all("barely learned the task" in line for line in findings)
-
-
 def test_windowed_recall_is_split_at_one_window_and_at_the_reach():
     # windows of 16 in 4 layers: one layer looks 15 back, the stack 60; recalling at distance d looks d - 1 back
     distances = [16, 17, 61, 62]
-    base = {"name": "tuned", "recall": {"distances": distances, "accuracy": [0.4, 0.4, 0.4, 0.4], "chance": 1 / 64}}
+    base = {"name": "tuned", "config": {"window": None}, "recall": {"distances": distances, "accuracy": [0.4] * 4}}
     record = {
         "name": "window",
         "config": {"window": 16},
-        "recall": {"distances": distances, "accuracy": [0.4, 0.1, 0.1, 0.0], "chance": 1 / 64},
+        "recall": {"distances": distances, "accuracy": [0.4, 0.1, 0.1, 0.0]},
     }
-    widest, spans = recall_spans(record, base, 4)
-    assert widest == 16
+    spans = recall_spans(record, base, 4)
     assert spans == {"window": (0.4, 0.4), "relayed": (pytest.approx(0.1), pytest.approx(0.4)), "beyond": (0.0, 0.4)}
-    assert relays_little(spans)
-    finding = recall_finding(record, base, 4)
-    assert "0.40 within one window, d ≤ 16 (the baseline 0.40)" in finding and "beyond the reach, d > 61" in finding
-    assert "practical reach is nearer one window (16) than its bound of 60" in finding
-    # relaying half of the baseline's share or more is not called little
-    record["recall"]["accuracy"] = [0.4, 0.2, 0.2, 0.0]
-    assert not relays_little(recall_spans(record, base, 4)[1])
-    assert "practical reach" not in recall_finding(record, base, 4)
+    assert mean_recall(record["recall"]) == pytest.approx(0.15)
+    # a span without a measured distance has no mean; a stack with a full layer has no spans
+    record["recall"] = {"distances": [16, 17], "accuracy": [0.4, 0.2]}
+    assert recall_spans(record, base, 4)["beyond"] == (None, 0.4)
+    assert recall_spans({**record, "config": {"window": [16, None, 16, None]}}, base, 4) == {}
 
 
-def test_the_longest_distances_rows_are_counted():
+def test_the_longest_distances_rest_on_fewer_queries():
     # at d = 120 of 128 the pairs can start at slots 0, 2, 4 and 6 only; at d = 16 of 32, at 0, 2, ..., 14
-    assert sparse_rows_note(128, 120) == (
-        " At d = 120 a row holds only 4 pairs, all in its first 8 positions: that share rests on fewer queries than "
-        "the others."
-    )
-    assert " 8 pairs, all in its first 16 positions" in sparse_rows_note(32, 16)
-    assert sparse_rows_note(128, 63) == ""  # shorter than half a row: pairs anywhere
+    assert recall_queries(128, [120], seed=0, rows=64) == [64 * 4]
+    assert recall_queries(32, [16], seed=3, rows=5) == [5 * 8]
+    # shorter than half a row: up to 12 pairs anywhere in it
+    (short,) = recall_queries(128, [32], seed=0, rows=64)
+    assert 64 * 4 < short <= 64 * 12
 
 
 def test_the_full_scale_baseline_is_make_demos_model_and_recipe():
-    # the report says so; the recall probe's optimizer shares the same rates (gptlab.optim.TUNED_MUON_RATES)
-    demo = load_job_config(Path(__file__).parents[1] / "configs" / "shakespeare_char.toml")
-    study = training_job(base_config(SCALES["full"], vocab_size=83), SCALES["full"], Path("d"), Path("o"), seed=0)
-    demo_model = demo.model.model_dump(exclude_none=True)
-    assert demo_model == {key: value for key, value in study.model.model_dump().items() if key in demo_model}
+    demo = load_job_config(DEMO_CONFIG)
+    study = training_job(base_config(FULL, vocab_size=83), FULL, Path("d"), Path("o"), seed=0)
+    assert study.model.build() == demo.model.build(vocab_size=83)
     # what a study run sets for itself: where it writes, how often it evaluates and saves, its seeds and device
-    own = {"out_dir", "eval_interval", "checkpoint_interval", "keep_checkpoints", "seed", "device"}
-    assert demo.train.model_dump(exclude=own) == study.train.model_dump(exclude=own)
+    assert demo.train.model_dump(exclude=set(RUN_KEYS)) == study.train.model_dump(exclude=set(RUN_KEYS))
+    # the recall probe trains with the same optimizer and peak learning rates, on a schedule of its own
+    probe = recall_schedule(TrainConfig.model_validate(training_recipe(FULL)), steps=600)
+    for key in ("optimizer", *GROUP_LR_KEYS.values()):
+        assert getattr(probe, key) == getattr(demo.train, key), key
+    assert (probe.max_steps, probe.min_lr / probe.lr) == (600, pytest.approx(0.1))
+
+
+def test_the_baseline_follows_the_shipped_config(tmp_path):
+    text = config_path(DEMO_CONFIG).read_text()
+    edited = re.sub(r"(?m)^n_layer = .*$", "n_layer = 3", re.sub(r"(?m)^muon_lr = .*$", "muon_lr = 0.07", text))
+    (tmp_path / "demo.toml").write_text(edited)
+    recipe = demo_recipe(tmp_path / "demo.toml")
+    assert (recipe["n_layer"], recipe["model"]) == (3, FULL.model)
+    assert recipe["train"] == {**FULL.train, "muon_lr": 0.07}
 
 
 def test_reach_is_layers_times_window_minus_one():
@@ -263,7 +307,8 @@ def test_a_report_is_rewritten_from_the_saved_results(study, tmp_path, capsys):
     # the CLI kept the results with the runs before writing the report
     assert json.loads((runs / RESULTS_FILE).read_text()) == results
     assert main(["study", "--report-from", str(out / "variants.json"), "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "variants.md").read_text() == (out / "variants.md").read_text()
+    for name in (TABLES, "variants.json", "variants.csv", "variants-conversion.csv"):
+        assert (tmp_path / name).read_text() == (out / name).read_text(), name
     (tmp_path / "bad.json").write_text('{"variants": []}')
     with pytest.raises(SystemExit) as exit_info:
         main(["study", "--report-from", str(tmp_path / "bad.json"), "--out", str(tmp_path / "again")])

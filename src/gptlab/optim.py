@@ -30,9 +30,6 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_EPS = 1e-7  # guards the normalisation of an all-zero update (torch.optim.Muon's EPS)
 
-# The tuned recipe's peak learning rates under train.optimizer=muon (src/gptlab/configs/shakespeare_char.toml, which `make demo`
-# trains; docs/recipes.md measures them): the blocks' matrices, then AdamW's groups.
-TUNED_MUON_RATES = {"muon_lr": 0.05, "embedding_lr": 1e-2, "head_lr": 4e-3, "scalar_lr": 1e-2}
 # Parameter groups in train.optimizer=muon, each named by the key that sets its peak learning rate.
 GROUP_LR_KEYS = {"muon": "muon_lr", "embedding": "embedding_lr", "head": "head_lr", "scalar": "scalar_lr"}
 

@@ -16,12 +16,10 @@
   multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"). Each row holds (key, value) pairs, each
   queried again `d` positions later, with one `d` for the whole row, so that accuracy against `d` has no other
   cause (with pairs first and queries after, short distances also meant early queries, and accuracy rose with
-  distance). It trains with the tuned recipe's Muon. With AdamW (1e-3, 1,200 steps, 6 pairs a row; `gptlab
-  study` at commit 8c916a8, its docs/variants.md) a windowed model, for which most rows (those past its reach)
-  cannot be learned, stayed near its guessing loss and recalled 0.09-0.13 even within one window; with Muon in
-  half the steps it recalls 0.16-0.20 there, as much as full attention does (which recalled more with AdamW's
-  1,200 steps: 0.25-0.38, against 0.15-0.46 now). docs/variants.md has the figures of every layout, the README
-  the command.
+  distance). It trains with the optimizer and peak learning rates of the recipe it is given (`gptlab study`
+  passes its baseline's, `make demo`'s Muon): a windowed model, most of whose rows (those past its reach) cannot
+  be learned, must still learn the rows within its reach in a few hundred steps, and with AdamW at 1e-3 it stays
+  near its guessing loss even there. docs/variants.md has the figures of every layout.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from gptlab.device import autocast, eval_mode
 from gptlab.errors import GptlabError
 from gptlab.evals.split import check_block_size, next_token_losses
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import TUNED_MUON_RATES, configure_optimizer, lr_at, set_learning_rates
+from gptlab.optim import configure_optimizer, lr_at, set_learning_rates
 
 DEFAULT_DISTANCES = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 KEY_TOKENS, VALUE_TOKENS = 4, 4  # the planted key's and value's lengths
@@ -213,9 +211,8 @@ def retrieval_accuracy(
 RECALL_KEYS = RECALL_VALUES = RECALL_NOISE = 64
 RECALL_VOCAB = RECALL_KEYS + RECALL_VALUES + RECALL_NOISE
 RECALL_PAIRS = 12  # (key, value) pairs per row, where the distance leaves room for them
-# The probe's optimizer: the tuned recipe's Muon for the blocks' matrices and AdamW for the rest, at its rates,
-# warmup over the first 5% of the steps, then cosine decay to a tenth of every peak.
-RECALL_TRAIN = {"optimizer": "muon", "lr": 3e-3, **TUNED_MUON_RATES, "weight_decay": 0.0}
+# The probe's own schedule on the optimizer it is given: warmup over the first 5% of the steps, then cosine decay
+# to a tenth of every peak, without weight decay.
 RECALL_WARMUP = 0.05
 
 
@@ -275,30 +272,39 @@ def recall_accuracy(model, length: int, distances: tuple[int, ...], rows: int = 
     return accuracies
 
 
+def recall_schedule(recipe: TrainConfig, steps: int) -> TrainConfig:
+    """`recipe`'s optimizer and peak learning rates on the probe's schedule of `steps` steps (`RECALL_WARMUP`)."""
+    return TrainConfig.model_validate(
+        {
+            **recipe.model_dump(),
+            "max_steps": steps,
+            "warmup_steps": max(1, round(RECALL_WARMUP * steps)),
+            "min_lr": recipe.lr / 10,
+            "weight_decay": 0.0,
+        }
+    )
+
+
 def associative_recall(
     config: GPTConfig,
     distances: tuple[int, ...],
     steps: int = 600,
     *,
+    recipe: TrainConfig,
     batch_size: int = 32,
     rows: int = 64,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> RecallResult:
     """Train a fresh model of `config` (its vocabulary replaced by recall's) on `recall_batch` rows of its
-    block_size for `steps` steps of `RECALL_TRAIN` (gradient norm clipped to 1; loss on the queried values only),
-    then measure `recall_accuracy` at `distances` over `rows` fresh rows each."""
+    block_size for `steps` steps with `recipe`'s optimizer on `recall_schedule` (gradient norm clipped to 1; loss
+    on the queried values only), then measure `recall_accuracy` at `distances` over `rows` fresh rows each."""
     if steps < 1 or batch_size < 1:
         raise GptlabError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     torch.manual_seed(seed)
     device = torch.device(device)
     model = GPT(config.replace(vocab_size=RECALL_VOCAB, dropout=0.0)).to(device)
-    train = TrainConfig(
-        **RECALL_TRAIN,
-        min_lr=RECALL_TRAIN["lr"] / 10,
-        max_steps=steps,
-        warmup_steps=max(1, round(RECALL_WARMUP * steps)),
-    )
+    train = recall_schedule(recipe, steps)
     optimizer = configure_optimizer(model, train, device)
     rng, length, losses = np.random.default_rng(seed), config.block_size, []
     for step in range(steps):

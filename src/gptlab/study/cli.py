@@ -12,11 +12,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "study",
         help="train and measure the variant grid (GQA/MQA, windows, positions, the recipe's switches) and write "
-        "the report (docs/variants.md)",
+        "its tables, CSV/JSON files and plots",
         description="Trains every variant with the same recipe and seeds on the embedded corpus, measures sizes, "
         "speeds, loss and bits per byte over the validation split, loss by position and associative recall, runs "
-        "the MHA -> GQA/MQA and learned -> RoPE conversion experiment, and writes variants.md, variants.json, CSVs "
-        "and img/*.png into --out.",
+        "the MHA -> GQA/MQA and learned -> RoPE conversion experiment, and writes variants-tables.md, variants.json, "
+        "CSVs and img/*.png into --out.",
     )
     p.add_argument(
         "--quick",
@@ -49,7 +49,8 @@ def study_command(args: argparse.Namespace, scale: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from gptlab.study import RESULTS_FILE, check_out_dir, read_results, results_json, run_study, write_report
+    from gptlab.files import write_json_atomically
+    from gptlab.study import RESULTS_FILE, TABLES, check_out_dir, read_results, run_study, write_report
 
     if args.quick and args.scale not in (None, "quick"):
         raise GptlabError(f"--quick and --scale {args.scale} contradict each other; pass one of them")
@@ -67,8 +68,6 @@ def run(args: argparse.Namespace) -> None:
     check_out_dir(Path(args.out), Path(args.runs))  # before the training, not after it
     results = run_study(scale, args.runs, args.data, args.device, command=study_command(args, scale))
     # kept with the runs first: a report that fails to render can be written again from them (`--report-from`)
-    (Path(args.runs) / RESULTS_FILE).write_text(results_json(results))
+    write_json_atomically(Path(args.runs) / RESULTS_FILE, results, indent=1)
     written = write_report(results, args.out)
-    print(
-        f"wrote {len(written)} files into {args.out} in {results['runtime_s']:.0f} s: {Path(args.out) / 'variants.md'}"
-    )
+    print(f"wrote {len(written)} files into {args.out} in {results['runtime_s']:.0f} s: {Path(args.out) / TABLES}")

@@ -8,39 +8,49 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gptlab.config import JobConfig
+from gptlab.config import JobConfig, load_job_config
 from gptlab.convert import KV_INITS
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig
-from gptlab.optim import TUNED_MUON_RATES
 
 UPTRAIN_FRACTIONS = (0.05, 0.10)  # of the baseline's steps (the GQA paper uptrains with 5% of pre-training)
 # Uptraining draws its batches with seed + UPTRAIN_SEED_OFFSET: fresh text rather than a replay of the first
 # batches of pre-training. Its losses are measured on the source model's own validation batches.
 UPTRAIN_SEED_OFFSET = 1000
 # Uptraining continues at the learning rates the source's schedule ended with (every peak times min_lr / lr),
-# decaying to a tenth of them. Re-warming to the original peaks sets the unconverted control back (1.58 -> 1.63 at
-# the full scale; scripts/uptrain_lr.py), so it would measure the disruption along with the recovery.
-UPTRAIN_LR = "the learning rates the source model's schedule ended with, decaying to a tenth of them"
-# The associative-recall probe's training batch and measured rows (`associative_recall`'s own defaults, passed
-# explicitly so that the report can say what ran; its optimizer is `gptlab.evals.probes.RECALL_TRAIN`).
+# decaying to a tenth of them: re-warming to the original peaks sets even an unconverted model back, so the
+# conversions would be measured along with that disruption.
+# The associative-recall probe's training batch and measured rows (`associative_recall`'s defaults, set here with
+# the study's other settings; the tables count the queries from them); its optimizer is the baseline's
+# (`training_recipe`).
 RECALL_BATCH_SIZE, RECALL_ROWS = 32, 64
 # The learning rates of the training config, each scaled alike for uptraining.
 LR_KEYS = ("lr", "muon_lr", "embedding_lr", "head_lr", "scalar_lr")
 
-# `make demo`'s model switches (src/gptlab/configs/shakespeare_char.toml): the tuned recipe every variant starts from.
-TUNED_MODEL = {
-    "bias": False,
-    "pos_emb": "rope",
-    "mlp": "relu2",
-    "qk_norm": True,
-    "tie_embeddings": False,
-    "logit_softcap": 15.0,
-}
-# ... and its optimizer: Muon for the blocks' matrices, AdamW at these rates for the rest.
-TUNED_TRAIN = {"optimizer": "muon", **TUNED_MUON_RATES}
+# The recipe `make demo` trains (src/gptlab/configs/shakespeare_char.toml) is the study's baseline: the full scale
+# reads its model and training recipe from there.
+DEMO_CONFIG = "shakespeare_char"
+# What each scale sets for itself (the demo's values at the full scale): the model's size ...
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
+# ... and the run's batch, length and schedule.
+SCHEDULE_KEYS = ("batch_size", "max_steps", "lr", "min_lr", "warmup_steps", "eval_steps")
+# What every study run sets for itself: where it writes, how often it evaluates and saves, its seed and device.
+RUN_KEYS = ("out_dir", "init_from", "eval_interval", "checkpoint_interval", "keep_checkpoints", "seed", "device")
 # AdamW for every parameter at train.lr, as GPT-2 and nanoGPT train
 ADAMW = {"optimizer": "adamw", "embedding_lr": None, "head_lr": None, "scalar_lr": None}
+
+
+def demo_recipe(config: str | Path = DEMO_CONFIG) -> dict[str, Any]:
+    """A shipped recipe as `StudyScale`'s fields: its sizes and schedule, `model` (the model switches it sets) and
+    `train` (its optimizer, peak learning rates and any other training key it sets)."""
+    job = load_job_config(config)
+    built = job.model.build()
+    return {
+        **{key: getattr(built, key) for key in SIZE_KEYS},
+        **{key: getattr(job.train, key) for key in SCHEDULE_KEYS},
+        "model": {key: value for key, value in job.model.overrides().items() if key not in SIZE_KEYS},
+        "train": job.train.model_dump(include=job.train.model_fields_set, exclude={*SCHEDULE_KEYS, *RUN_KEYS}),
+    }
 
 
 @dataclass(frozen=True)
@@ -74,28 +84,19 @@ class StudyScale:
     position_windows: int
     position_extrapolation: int
     # the model switches and training fields every variant starts from (a variant's own fields override them)
-    model: dict[str, Any] = field(default_factory=lambda: dict(TUNED_MODEL))
-    train: dict[str, Any] = field(default_factory=lambda: dict(TUNED_TRAIN))
+    model: dict[str, Any]
+    train: dict[str, Any]
 
     @property
     def tokens_per_run(self) -> int:
         return self.max_steps * self.batch_size * self.block_size
 
 
-# `make demo`'s model and recipe (src/gptlab/configs/shakespeare_char.toml, 700 steps of 16 x 128), two seeds.
+# `make demo`'s model and recipe, two seeds, ten points on each validation curve.
 FULL = StudyScale(
     name="full",
-    n_layer=4,
-    n_head=4,
-    n_embd=128,
-    block_size=128,
-    batch_size=16,
-    max_steps=700,
-    lr=2e-3,
-    min_lr=2e-4,
-    warmup_steps=50,
+    **demo_recipe(),
     eval_interval=70,
-    eval_steps=20,
     seeds=(0, 1),
     decode_contexts=(32, 128, 512, 2048, 8192),
     decode_tokens=64,
@@ -175,7 +176,7 @@ GPT2_MODEL = {
 }
 VARIANTS = (
     Variant(BASELINE, "the tuned recipe: RoPE, MHA, full attention (baseline)", lambda c: {}, recall=True),
-    # attention: what the issue's grid changes, on top of the tuned recipe
+    # attention: the layouts of the grid, on top of the tuned recipe
     Variant("gqa", "GQA, n_head/2 KV heads", lambda c: {"n_kv_head": c.n_head // 2}, recall=True),
     Variant("mqa", "MQA, 1 KV head", lambda c: {"n_kv_head": 1}, recall=True),
     Variant("window", "window W = block/8 in every layer", lambda c: {"window": c.block_size // 8}, recall=True),
@@ -246,14 +247,13 @@ CONVERSIONS = (
 
 
 def base_config(scale: StudyScale, vocab_size: int) -> GPTConfig:
-    """The baseline of a scale: the tuned recipe's model (RoPE, multi-head, full attention), no dropout."""
+    """The baseline of a scale: its sizes with the demo's model switches (RoPE, multi-head, full attention)."""
     return GPTConfig(
         block_size=scale.block_size,
         vocab_size=vocab_size,
         n_layer=scale.n_layer,
         n_head=scale.n_head,
         n_embd=scale.n_embd,
-        dropout=0.0,
         **scale.model,
     )
 
@@ -281,6 +281,11 @@ def widest_window(window: Any) -> int | None:
     return max(windows, default=None)
 
 
+def training_recipe(scale: StudyScale, train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The scale's optimizer and peak learning rates (the demo's at the full scale), a variant's `train` on top."""
+    return {"lr": scale.lr, "min_lr": scale.min_lr, **scale.train, **(train or {})}
+
+
 def variant_train(name: str) -> dict[str, Any]:
     """A variant's training overrides."""
     return next(variant.train for variant in VARIANTS if variant.name == name)
@@ -299,11 +304,11 @@ def training_job(
 ) -> JobConfig:
     """The shared recipe as a training job, with a variant's `train` overrides. `max_steps` shortens it for
     uptraining: a fresh warmup + cosine schedule of that many steps (warmup the same fraction as the baseline's)
-    that peaks at the learning rates the source ended with and decays to a tenth of them (`UPTRAIN_LR`);
+    that peaks at the learning rates the source ended with and decays to a tenth of them;
     `init_from` starts from saved weights, whose config is then the model's (`config` None)."""
     steps = max_steps or scale.max_steps
     warmup = round(scale.warmup_steps * steps / scale.max_steps)
-    recipe = {"lr": scale.lr, "min_lr": scale.min_lr, **scale.train, **(train or {})}
+    recipe = training_recipe(scale, train)
     if max_steps is not None:
         ended = scale.min_lr / scale.lr  # where the source's cosine schedule left every learning rate
         recipe.update({key: recipe[key] * ended for key in LR_KEYS if recipe.get(key) is not None})
@@ -326,7 +331,6 @@ def training_job(
                 "keep_checkpoints": 1,
                 "seed": seed,
                 "device": device,
-                "dtype": "float32",
             },
         }
     )

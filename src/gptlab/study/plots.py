@@ -3,14 +3,14 @@ state): one function per figure."""
 
 from __future__ import annotations
 
+import io
 import statistics
-from pathlib import Path
 from typing import Any
 
 from gptlab.errors import GptlabError
 from gptlab.study.grid import reach, widest_window
 
-# Where each figure is written, relative to the report's directory (variants.md links them).
+# Where each figure is written, relative to the report's directory (the tables and variants.md link them).
 IMAGES = {
     "loss_time": "img/variants-loss-vs-time.png",
     "recall": "img/variants-recall.png",
@@ -21,13 +21,26 @@ IMAGES = {
 }
 
 
-def plot_figures(results: dict[str, Any], directory: Path) -> None:
-    """Draw every figure of `IMAGES` into `directory`."""
+def new_figure(size: tuple[float, float]):
+    """A matplotlib Figure of `size` inches, drawn off screen."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise GptlabError("gptlab study draws its plots with matplotlib: pip install 'gptlab[study]'") from None
-    # each figure's drawing and size in inches
+        raise GptlabError("the study's plots need matplotlib: pip install 'gptlab[study]'") from None
+    return Figure(figsize=size)
+
+
+def png(figure) -> bytes:
+    """`figure` laid out and rendered as PNG bytes, so that a report can be drawn whole before it is written."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def render_figures(results: dict[str, Any]) -> dict[str, bytes]:
+    """Every figure of `IMAGES` as PNG bytes, by its path."""
+    # each figure's drawing, size in inches and panels
     figures = {
         "loss_time": (loss_time_figure, (13, 5), 2),
         "recall": (recall_figure, (7, 5), 1),
@@ -36,13 +49,12 @@ def plot_figures(results: dict[str, Any], directory: Path) -> None:
         "decode": (decode_figure, (7, 5), 1),
         "conversion": (conversion_figure, (8, 5), 1),
     }
+    rendered = {}
     for key, (draw, size, panels) in figures.items():
-        figure = Figure(figsize=size)
+        figure = new_figure(size)
         draw(results, figure.subplots(1, panels))
-        figure.tight_layout()
-        path = directory / IMAGES[key]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=110)
+        rendered[IMAGES[key]] = png(figure)
+    return rendered
 
 
 def _panels(axes) -> tuple[tuple[Any, tuple[str, ...], str], ...]:

@@ -1,6 +1,5 @@
 """Running the study: training the grid with the real training loop, converting and uptraining the conversions'
-sources,
-measuring sizes and speeds, and gathering everything into one JSON-able results dict."""
+sources, measuring sizes and speeds, and gathering everything into one JSON-able results dict."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from gptlab.bench.timing import interleaved_medians
-from gptlab.config import JobConfig
+from gptlab.config import JobConfig, TrainConfig
 from gptlab.convert import convert_state_dict
 from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
 from gptlab.device import autocast, machine_info, resolve_device, synced
@@ -48,6 +47,7 @@ from gptlab.study.grid import (
     Variant,
     planned_steps,
     training_job,
+    training_recipe,
     uptrain_steps,
     variant_configs,
     variant_train,
@@ -66,23 +66,31 @@ CONFIG_KEYS = ("pos_emb", "n_kv_head", "window", "mlp", "norm", "bias", "qk_norm
 # ------------------------------------------------------------------------------------------------- training
 
 
+def read_metrics(run_dir: str | Path) -> tuple[list[float], list[list[float]]]:
+    """A training run's metrics.jsonl: every step's time, and the validation curve as [step, loss, training seconds
+    so far] (the steps' own time: start-up, evaluations and checkpoints left out)."""
+    step_times, curve, elapsed = [], [], 0.0
+    for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines():
+        record = json.loads(line)
+        if "step_time" in record:
+            step_times.append(record["step_time"])
+            elapsed += record["step_time"]
+        if "val_loss" in record:
+            curve.append([record["step"], record["val_loss"], round(elapsed, 3)])
+    return step_times, curve
+
+
 def run_training(job: JobConfig) -> tuple[GPT, dict[str, Any]]:
-    """Train the job from scratch (its out_dir must be new); the trained model and what its metrics say: the
-    final validation loss, the validation curve as (step, loss, training seconds so far) and the training speed
-    (median step time, first step left out)."""
+    """Train the job (from scratch when its out_dir is new); the trained model and what its metrics say: the final
+    validation loss, the validation curve (`read_metrics`), the training speed (median step time, first step left
+    out) and the wall seconds of the whole run."""
     # the loop's per-evaluation lines; the study prints its own
     with contextlib.redirect_stdout(io.StringIO()):
         result = train(job, progress=False)
-    records = [json.loads(line) for line in (Path(job.train.out_dir) / METRICS_FILE).read_text().splitlines()]
-    steps = [r for r in records if "step_time" in r]
-    tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
-    step_times = [r["step_time"] for r in steps]
-    curve, elapsed = [], 0.0
-    for record in records:
-        elapsed += record.get("step_time", 0.0)
-        if "val_loss" in record:
-            curve.append([record["step"], record["val_loss"], round(elapsed, 3)])
-    return load_pretrained(result.checkpoint), {
+    step_times, curve = read_metrics(job.train.out_dir)
+    model = load_pretrained(result.checkpoint)
+    tokens_per_step = job.train.batch_size * model.config.block_size
+    return model, {
         "val_loss": result.val_loss,
         "curve": curve,
         "train_tokens_per_s": tokens_per_step / statistics.median(step_times[1:] or step_times),
@@ -277,14 +285,16 @@ def recall_probes(
     configs: dict[str, GPTConfig], scale: StudyScale, device: torch.device, log: Callable[[str], None]
 ) -> dict[str, dict[str, Any]]:
     """Associative recall (`gptlab.evals.probes.associative_recall`) of every variant marked `recall`: a fresh model of
-    its architecture trained on the task for `scale.recall_steps` steps, seed the study's first."""
-    probes = {}
+    its architecture trained on the task for `scale.recall_steps` steps with the baseline's optimizer and peak
+    learning rates, seed the study's first."""
+    probes, recipe = {}, TrainConfig.model_validate(training_recipe(scale))
     for variant in (v for v in VARIANTS if v.recall):
         started = time.perf_counter()
         result = associative_recall(
             configs[variant.name],
             scale.recall_distances,
             scale.recall_steps,
+            recipe=recipe,
             batch_size=RECALL_BATCH_SIZE,
             rows=RECALL_ROWS,
             seed=scale.seeds[0],
