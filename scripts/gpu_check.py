@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from gptlab.device import describe_machine, machine_info
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -93,12 +95,11 @@ class Checks:
         if self.cuda and not torch.cuda.is_available():
             raise AssertionError("no CUDA device visible (run with --cpu for the CPU checks)")
         gptlab("prepare", "shakespeare-char", "--out", str(self.data))
+        machine = f"torch {torch.__version__}, {describe_machine(machine_info(torch.device(self.device)))}"
         if not self.cuda:
-            return f"torch {torch.__version__}, CPU, {os.cpu_count()} cores"
+            return machine
         capability = ".".join(map(str, torch.cuda.get_device_capability()))
-        return (
-            f"torch {torch.__version__}, {torch.cuda.get_device_name()} (sm {capability}) x {torch.cuda.device_count()}"
-        )
+        return f"{machine}, sm {capability}, {torch.cuda.device_count()} GPU(s)"
 
     def loss_gradients(self) -> str:
         """The fused loss against float32 cross-entropy, N=4096, C=64, V=4000, loss x 65536 (a GradScaler's)."""

@@ -1,4 +1,5 @@
-"""Devices: which GPU each process takes, and TF32 (GPU checks skip without CUDA)."""
+"""Devices: which GPU each process takes, TF32 (GPU checks skip without CUDA), and the machine description every
+measurement records."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from gptlab import ConfigError
-from gptlab.device import resolve_device, use_device
+from gptlab.device import cpu_flags, describe_machine, machine_info, resolve_device, use_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -48,3 +49,13 @@ def test_use_device_makes_the_gpu_current_and_sets_tf32():
     assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
 
 
+def test_the_machine_description_names_the_cpu_its_bf16_units_and_the_threads():
+    info = machine_info(torch.device("cpu"))
+    assert info["device_type"] == "cpu" and info["threads"] == torch.get_num_threads()
+    assert set(info["cpu_bf16"]) == cpu_flags() & {"avx512_bf16", "amx_bf16"}
+    record = {**info, "cpu": "Some CPU", "cpu_count": 2, "threads": 2}
+    assert describe_machine({**record, "cpu_bf16": []}) == "Some CPU (no bf16 units), 2 cores, 2 torch threads"
+    both = describe_machine({**record, "cpu_bf16": ["amx_bf16", "avx512_bf16"]})
+    assert both == "Some CPU (AVX512-BF16, AMX), 2 cores, 2 torch threads"
+    gpu = describe_machine({**record, "cpu_bf16": [], "device": "NVIDIA H100 80GB HBM3", "device_type": "cuda"})
+    assert gpu.startswith("NVIDIA H100 80GB HBM3; Some CPU")

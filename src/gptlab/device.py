@@ -136,7 +136,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def describe_machine(info: dict[str, Any]) -> str:
     """One line for a report: `Intel Xeon ... (AVX512-BF16, AMX), 2 cores, 2 torch threads`, the GPU first on CUDA."""
-    units = ", ".join(flag.replace("_bf16", "").upper() for flag in info["cpu_bf16"]) or "no bf16 units"
+    names = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}
+    units = ", ".join(name for flag, name in names.items() if flag in info["cpu_bf16"]) or "no bf16 units"
     cpu = f"{info['cpu']} ({units}), {info['cpu_count']} cores, {info['threads']} torch threads"
     return f"{info['device']}; {cpu}" if info["device_type"] == "cuda" else cpu
 
