@@ -318,7 +318,7 @@ def run_prepare(args: argparse.Namespace) -> None:
 
 
 def add_train_parser(subparsers) -> None:
-    from gptlab.config import keys_help
+    from gptlab.config import keys_help, shipped_configs
 
     p = subparsers.add_parser(
         "train",
@@ -333,7 +333,12 @@ def add_train_parser(subparsers) -> None:
         + keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=None, help="TOML file with [model], [data], [train], [parallel] sections")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a TOML file with [model], [data], [train], [parallel] sections, or the name of a shipped one: "
+        f"{', '.join(shipped_configs())}",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_train)
 
