@@ -1,5 +1,6 @@
 """The optimizers: our Muon equals torch.optim.Muon, c_attn's q/k/v are orthogonalised apart, every parameter
-goes to the group its name says, the AdamW groups are torch's AdamW, and the schedule scales every group."""
+goes to the group its name says, the AdamW groups are torch's AdamW, the schedule warms up then decays to
+min_lr, and it scales every group."""
 
 from __future__ import annotations
 
@@ -180,3 +181,12 @@ def test_a_muon_group_without_gradients_is_left_alone():
     optimizer = MuonWithAdamW([muon_group([used, unused])])
     take_steps(optimizer, [used], random_grads([(8, 4)], steps=1))
     assert torch.equal(unused, before) and unused not in optimizer.state
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-4, rel=1e-3)
+    lrs = [lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from gptlab import GPT, ConfigError, GPTConfig, GptlabError, generate, load_pretrained
-from gptlab.config import TrainConfig, load_job_config
-from gptlab.optim import lr_at
+from gptlab.config import load_job_config
 from gptlab.rundir import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
 from gptlab.train import NonFiniteLossError, train
@@ -79,15 +78,6 @@ def test_gradient_accumulation_takes_the_same_steps(char_data, tmp_path):
         train(job, progress=False)
         runs[micro] = [loss for _, loss in train_losses(out)]
     assert runs[8] == pytest.approx(runs[2], abs=1e-5)
-
-
-def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
-    assert lr_at(0, cfg) == pytest.approx(1e-4)
-    assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(99, cfg) == pytest.approx(1e-4, rel=1e-3)
-    lrs = [lr_at(s, cfg) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 def gptlab_train(args: list[str], **kwargs) -> subprocess.Popen:
