@@ -6,7 +6,7 @@
         rng/rank-N.pt       each rank's RNG states (CPU and its own GPU: dropout), restored when resuming with
                             the same world size
         state.json          step, world size, mode, gradient-scaler state
-        config.json         the model config (`GPT.from_pretrained` / `gptlab inspect` read it)
+        config.json         the model config (`gptlab.load_pretrained` / `gptlab inspect` read it)
         model.safetensors   single/ddp runs only: the whole model, for `GPT.from_pretrained` and transformers;
                             a sharded (fsdp) run writes it with `gptlab export RUN DST`
         job.json            the job config that produced it
