@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gptlab.device as device_module
 from gptlab import ConfigError
-from gptlab.device import cpu_flags, describe_machine, machine_info, resolve_device, use_device
+from gptlab.device import cpu_flags, describe_machine, machine_info, resolve_device, resolve_dtype, use_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -59,3 +60,12 @@ def test_the_machine_description_names_the_cpu_its_bf16_units_and_the_threads():
     assert both == "Some CPU (AVX512-BF16, AMX), 2 cores, 2 torch threads"
     gpu = describe_machine({**record, "cpu_bf16": [], "device": "NVIDIA H100 80GB HBM3", "device_type": "cuda"})
     assert gpu.startswith("NVIDIA H100 80GB HBM3; Some CPU")
+
+
+@pytest.mark.parametrize(
+    "flags, expected", [(set(), "float32"), ({"amx_bf16"}, "bfloat16"), ({"avx512_bf16"}, "bfloat16")]
+)
+def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_bf16_units(monkeypatch, flags, expected):
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: flags | {"avx2", "fma"})
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("float16", torch.device("cpu")) == "float16"  # a name is itself

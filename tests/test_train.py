@@ -17,6 +17,7 @@ import torch
 
 from gptlab import GPT, ConfigError, GPTConfig, GptlabError, generate, load_pretrained
 from gptlab.config import load_job_config
+from gptlab.device import resolve_dtype
 from gptlab.rundir import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
 from gptlab.train import NonFiniteLossError, train
@@ -37,6 +38,16 @@ def test_loss_falls_and_the_run_is_loadable(char_data, tmp_path):
     assert [step for step, _ in run_checkpoints(out)] == [30, 60]
     model = load_pretrained(out)  # a run directory loads its latest checkpoint
     assert model.config.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
+
+
+def test_auto_dtype_trains_in_the_dtype_this_machine_has_units_for_and_records_it(char_data, tmp_path):
+    out = tmp_path / "run"
+    job = load_job_config(None, job_args(char_data, out, "--train.max_steps=2", "--train.dtype=auto"))
+    train(job, progress=False)
+    saved = json.loads((out / "ckpt-0000002" / "job.json").read_text())
+    assert saved["train"]["dtype"] == resolve_dtype("auto", torch.device("cpu")) != "auto"
+    train(load_job_config(None, job_args(char_data, out, "--train.max_steps=3", "--train.dtype=auto")), progress=False)
+    assert [step for step, _ in train_losses(out)] == [1, 2, 3]  # resumes under auto as well
 
 
 def test_sample_from_a_run_uses_its_own_tokenizer(char_data, tmp_path):

@@ -159,8 +159,10 @@ class TrainConfig(BaseModel):
     checkpoint_interval: int = Field(500, gt=0, description="steps between checkpoints (and at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="latest checkpoints kept in out_dir; older ones are deleted")
     seed: int = Field(1337, description="seeds the weights and the batches (a function of seed and step)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="autocast dtype; weights stay float32 (float16 needs CUDA: a gradient scaler)"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32",
+        description="autocast dtype; weights stay float32 (float16 needs CUDA: a gradient scaler); auto: bfloat16 "
+        "where the hardware has bf16 matmul units (AVX512-BF16/AMX CPUs, bf16 GPUs), else float32",
     )
     compile: bool = Field(False, description="torch.compile each transformer block")
     device: str = Field(

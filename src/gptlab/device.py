@@ -74,6 +74,22 @@ def autocast(device: torch.device, dtype: str, key: str = "dtype"):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run on units made for them: a CUDA GPU that supports bf16, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere a CPU emulates them, several times slower than float32 (docs/distributed.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """The autocast dtype `dtype` names on `device`: `auto` is bfloat16 where `native_bf16`, else float32; any
+    other name is itself."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a timer measures it (a no-op on the CPU)."""
     if device.type == "cuda":

@@ -34,7 +34,7 @@ from gptlab.data import (
     load_tokens,
     shard_starts,
 )
-from gptlab.device import autocast, eval_mode
+from gptlab.device import autocast, eval_mode, resolve_dtype
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import write_text_atomically
 from gptlab.hf import load_config, load_pretrained, read_config
@@ -158,6 +158,9 @@ def train(job: JobConfig, progress: bool = True) -> TrainResult:
 def setup_run(job: JobConfig, world: World) -> Run:
     """Everything a run needs before its first step: data, the batch split, the resume point, the model built
     and parallelized, the optimizer, and (when resuming) their state from the newest checkpoint."""
+    # `auto` becomes the dtype this device trains fastest in; the run (and its job.json) records which
+    dtype = resolve_dtype(job.train.dtype, world.device)
+    job = job.model_copy(update={"train": job.train.model_copy(update={"dtype": dtype})})
     cfg = job.train
     autocast(world.device, cfg.dtype, key="train.dtype")  # refuse a dtype this device cannot train in, now
     micro, accum = batch_split(cfg, world)
