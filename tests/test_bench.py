@@ -186,3 +186,24 @@ def test_kernels_check_fails_naming_each_window_that_is_ignored(monkeypatch):
         assert f"{case} window=16: flash, expected blockwise" in str(failure.value)
         assert f"{case} window=16: max error" in str(failure.value)
     assert "window=None" not in str(failure.value)
+
+
+def test_profile_cuts_the_real_training_step_into_its_phases(char_data, tmp_path, monkeypatch):
+    from gptlab.bench.profile import format_profile_lines, profile_job
+    from gptlab.train import STEP_PHASES
+
+    monkeypatch.chdir(tmp_path)  # the job's own out_dir is relative: nothing may be written there
+    overrides = [f"--data.dir={char_data}", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2"]
+    overrides += ["--train.batch_size=4"]
+    result = profile_job("shakespeare_char", overrides, steps=3, warmup=1, device="cpu")
+    phases = result["phases_s"]
+    assert list(phases) == [*STEP_PHASES, "other"] and all(seconds >= 0 for seconds in phases.values())
+    assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0 and phases["data"] > 0
+    # the labelled phases are inside the step: together no longer than it, and most of it
+    labelled = sum(seconds for name, seconds in phases.items() if name != "other")
+    assert 0.5 * result["step_s"] < labelled <= result["step_s"] * 1.05
+    assert result["tokens_per_step"] == 4 * 128 and result["model"]["n_layer"] == 1 and result["step_s_unprofiled"] > 0
+    assert result["evaluate_s"] > 0 and result["evaluate_s_per_step"] == result["evaluate_s"] / 100  # eval_interval
+    assert not (tmp_path / "out").exists()
+    report = "\n".join(format_profile_lines(result))
+    assert all(name in report for name in phases) and "top ops by own time" in report

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from gptlab.checkpoint import load_checkpoint, run_lock, write_checkpoint
 from gptlab.config import JobConfig, TrainConfig
@@ -322,6 +323,10 @@ def train_loop(run: Run, progress: bool) -> TrainResult:
     return TrainResult(max(0, cfg.max_steps - run.start_step), val_loss, seconds, run.checkpoint, run.world.is_main)
 
 
+# The phases of a step, each a `record_function` range that `torch.profiler` (gptlab bench profile) reports.
+STEP_PHASES = ("data", "forward", "backward", "clip", "sync", "optimizer")
+
+
 def train_step(run: Run, step: int) -> StepStats:
     """Optimizer step `step` (0-based): its batch split into micro-batches whose gradients accumulate (synced
     across ranks on the last one only), then clipping and the update, unless the loss or gradients are
@@ -332,25 +337,32 @@ def train_step(run: Run, step: int) -> StepStats:
     lr = lr_at(step, cfg)
     set_learning_rates(run.optimizer, lr, cfg)
     loss_sum = torch.zeros((), device=world.device)
-    for micro_step, (x, y) in enumerate(step_batches(run, step)):
+    with record_function("data"):
+        batches = step_batches(run, step)
+    for micro_step, (x, y) in enumerate(batches):
         with gradient_sync(run.forward, sync=micro_step == run.accum_steps - 1):
-            with run.autocast():
+            with record_function("forward"), run.autocast():
                 loss = run.forward(x, targets=y) / run.accum_steps
-            run.scaler.scale(loss).backward()
+            with record_function("backward"):
+                run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    norm = clip_gradients(run)
+    with record_function("clip"):
+        norm = clip_gradients(run)
     if step + 1 < cfg.max_steps:
-        run.prefetched = step + 1, step_batches(run, step + 1)
+        with record_function("data"):
+            run.prefetched = step + 1, step_batches(run, step + 1)
     # The one sync of the step: loss (averaged over ranks) and gradient norm in one copy to the host
-    loss_value, norm_value = torch.stack([mean_over_ranks(loss_sum, world), norm]).tolist()
+    with record_function("sync"):
+        loss_value, norm_value = torch.stack([mean_over_ranks(loss_sum, world), norm]).tolist()
     # (with float16 a non-finite norm is the scaler's business: it skips the step and lowers the scale)
     finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or cfg.dtype == "float16")
-    if finite:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        skip_step(run, step, loss_value)
-    run.optimizer.zero_grad(set_to_none=True)
+    with record_function("optimizer"):
+        if finite:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            skip_step(run, step, loss_value)
+        run.optimizer.zero_grad(set_to_none=True)
     grad_norm = norm_value if cfg.grad_clip > 0 else None
     return StepStats(step + 1, loss_value, grad_norm, lr, finite, time.perf_counter() - started)
 

@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
     d = BenchOptions()
     p = subparsers.add_parser(
         "bench",
-        help="benchmarks: training, decoding, prefill, sliding window, MFU, speed levers, attention kernels; vs HF",
+        help="benchmarks: training, decoding, prefill, sliding window, MFU, levers, attention kernels, profile; vs HF",
         description="Cases that are compared run interleaved in one process; the table gives medians and ratios.",
     )
     p.add_argument(
@@ -58,7 +58,21 @@ def add_parser(subparsers) -> None:
         help="kernels: exit non-zero unless on CUDA full attention is flash and every window FlexAttention (on a "
         "CPU blockwise), and every output matches SDPA under the dense band mask",
     )
+    add_profile_flags(p, d)
     p.set_defaults(run=run)
+
+
+def add_profile_flags(p: argparse.ArgumentParser, d) -> None:
+    group = p.add_argument_group("profile: where a training step's time goes")
+    group.add_argument("--profile_config", default=d.profile_config, help="a shipped config or TOML (%(default)s)")
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a key of the job on top of its config, repeatable (--set train.dtype=bfloat16)",
+    )
+    group.add_argument("--profile_steps", type=int, default=d.profile_steps, help="steps profiled (%(default)s)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -69,6 +83,7 @@ def run(args: argparse.Namespace) -> None:
     from gptlab.bench.suites import DEFAULT_SUITES, SUITES, BenchOptions, run_suites
 
     sized = ("batch_size", "seq_len", "new_tokens", "prefill_len", "window_seq_len", "window", "kernels_seq_len")
+    sized += ("profile_steps",)
     sizes = {name: getattr(args, name) for name in (*sized, "repeats")}
     if args.matmul_size is not None:
         sizes["matmul_size"] = args.matmul_size
@@ -90,6 +105,8 @@ def run(args: argparse.Namespace) -> None:
         compile=args.compile,
         compare_hf=args.compare == "hf",
         kernels_dtype=args.kernels_dtype,
+        profile_config=args.profile_config,
+        profile_overrides=tuple(f"--{item}" for item in args.set),
         data=DataBenchOptions(**loader),
         **sizes,
     )

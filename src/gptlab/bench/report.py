@@ -6,6 +6,7 @@ from gptlab import gemv
 from gptlab.bench.data import format_data_lines
 from gptlab.bench.kernels import format_kernels_lines
 from gptlab.bench.levers import format_levers_lines
+from gptlab.bench.profile import format_profile_lines
 
 
 def _case(row: dict) -> str:
@@ -19,7 +20,7 @@ def _case(row: dict) -> str:
 
 def format_report(result: dict) -> str:
     """The figures as a plain-text table, with the ratios gptlab/HF of cases measured side by side, and the lines
-    of the suites that are not cases of the table (window, data, levers, kernels)."""
+    of the suites that are not cases of the table (window, data, levers, kernels, profile)."""
     lines = [
         *_machine_lines(result),
         *_case_table(result),
@@ -34,6 +35,8 @@ def format_report(result: dict) -> str:
         lines += format_levers_lines(result["levers"])
     if "kernels" in result:
         lines += format_kernels_lines(result["kernels"])
+    if "profile" in result:
+        lines += format_profile_lines(result["profile"])
     if any(row["suite"] == "train" for row in result["rows"]):
         lines.append("")
         lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")

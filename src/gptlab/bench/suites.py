@@ -14,7 +14,9 @@ Suites (`gptlab bench [suite ...]`):
 - levers (only when named): what each of gptlab's speed levers gives against the plain alternative
   (`gptlab.bench.levers`);
 - kernels (only when named): which attention kernel each case {MHA, GQA, MQA} x {full, window} gets, and its
-  output against SDPA under the dense band mask (`gptlab.bench.kernels`).
+  output against SDPA under the dense band mask (`gptlab.bench.kernels`);
+- profile (only when named): where the real training step of a job spends its time, phase by phase and op by op,
+  under `torch.profiler` (`gptlab.bench.profile`).
 With `compare_hf`, train, decode and prefill also run Hugging Face transformers' GPT2LMHeadModel on
 the same inputs, interleaved with ours.
 """
@@ -35,15 +37,16 @@ from gptlab.bench.kernels import kernels_suite
 from gptlab.bench.levers import levers_suite
 from gptlab.bench.machine import matmul_peak, matvec_bandwidth, published_peak
 from gptlab.bench.models import gptlab_model, greedy_decoding, hf_model, training_step
+from gptlab.bench.profile import profile_job
 from gptlab.bench.timing import interleaved_medians, peak_memory
 from gptlab.device import machine_info, resolve_device, synced, use_device
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.sizes import flops_per_token
 
-SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels")
-# run by name only: data writes and tokenizes hundreds of MB, levers takes minutes at GPT-2's size, and kernels is a
-# check of which attention kernel runs rather than a speed
+SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels", "profile")
+# run by name only: data writes and tokenizes hundreds of MB, levers takes minutes at GPT-2's size, kernels is a
+# check of which attention kernel runs rather than a speed, and profile trains a job of its own
 DEFAULT_SUITES = SUITES[:5]
 
 
@@ -67,6 +70,9 @@ class BenchOptions:
     compare_hf: bool = False
     kernels_seq_len: int = 1024  # kernels; the window is `window`
     kernels_dtype: str | None = None  # kernels (None: bfloat16 on CUDA, float32 on a CPU)
+    profile_config: str = "shakespeare_char"  # profile: a shipped config's name or a TOML file
+    profile_overrides: tuple[str, ...] = ()  # profile: --section.key=value on top of it
+    profile_steps: int = 10  # profile: steps under the profiler, after 3 warm-up steps
     data: DataBenchOptions = field(default_factory=DataBenchOptions)
 
 
@@ -254,6 +260,9 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
             result["levers"] = levers_suite(config, opts, device)
         elif suite == "kernels":
             result["kernels"] = kernels_suite(opts, device)
+        elif suite == "profile":
+            args = opts.profile_config, list(opts.profile_overrides), opts.profile_steps
+            result["profile"] = profile_job(*args, device=str(device))
         elif suite == "window":
             result["window"] = window_benchmark(opts.window_seq_len, opts.window, repeats=opts.repeats, device=device)
         else:
