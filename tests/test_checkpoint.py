@@ -68,4 +68,3 @@ def test_the_rng_state_is_the_own_gpus_only():
     expected = torch.rand(3, device=device)
     set_rng_state(state, device)
     assert torch.equal(torch.rand(3, device=device), expected)
-

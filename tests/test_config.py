@@ -83,9 +83,7 @@ def test_every_shipped_config_loads_and_splits_its_batch_at_the_ranks_it_is_for(
 
 def test_toml_file_under_command_line(tmp_path):
     config = tmp_path / "job.toml"
-    config.write_text(
-        '[data]\ndir = "data/x"\n[train]\nlr = 0.002\nmax_steps = 7\n[model]\nwindow = [8, "none"]\n'
-    )
+    config.write_text('[data]\ndir = "data/x"\n[train]\nlr = 0.002\nmax_steps = 7\n[model]\nwindow = [8, "none"]\n')
     job = load_job_config(config, ["--train.max_steps=9"])
     assert job.train.lr == 0.002 and job.train.max_steps == 9 and job.model.window == (8, None)
     (tmp_path / "bad.toml").write_text("[train]\nlr = 'high'\n")

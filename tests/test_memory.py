@@ -26,4 +26,3 @@ def test_training_state_formula_equals_what_one_rank_holds_after_a_step(memory, 
     n = sum(config_breakdown(GPTConfig.from_preset("tiny")).values())
     assert held["total"] == training_state_bytes(n) == 16 * n
     assert held["parameters"] == held["gradients"] == 4 * n and held["AdamW state"] == 8 * n
-

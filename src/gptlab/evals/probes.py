@@ -16,10 +16,10 @@
   multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"). Each row holds (key, value) pairs, each
   queried again `d` positions later, with one `d` for the whole row, so that accuracy against `d` has no other
   cause (with all pairs first and all queries after, short distances would also be early queries, and accuracy
-  would rise with distance). It trains with the optimizer and peak learning rates of the recipe it is given (`gptlab study`
-  passes its baseline's, `make demo`'s Muon): a windowed model, most of whose rows (those past its reach) cannot
-  be learned, must still learn the rows within its reach in a few hundred steps, and with AdamW at 1e-3 it stays
-  near its guessing loss even there. docs/variants.md has the figures of every layout.
+  would rise with distance). It trains with the optimizer and peak learning rates of the recipe it is given
+  (`gptlab study` passes its baseline's, `make demo`'s Muon): a windowed model, most of whose rows (those past
+  its reach) cannot be learned, must still learn the rows within its reach in a few hundred steps, and with AdamW
+  at 1e-3 it stays near its guessing loss even there. docs/variants.md has the figures of every layout.
 """
 
 from __future__ import annotations
