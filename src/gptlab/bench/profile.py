@@ -1,10 +1,11 @@
 """Where a training step's time goes (`gptlab bench profile`): the real training step of a job, under
 `torch.profiler`, cut into the phases `gptlab.train` labels with `record_function`.
 
-The job is a shipped config or a TOML file with `--section.key=value` overrides, trained in a temporary run
-directory on its own data (or, when that is not prepared, the embedded corpus at character level). After
-`warmup` steps (allocation, first calls, compilation) `steps` steps run under the profiler, then one evaluation
-and one checkpoint, whose cost the report spreads over the job's `eval_interval` and `checkpoint_interval`.
+The job is a shipped config or a TOML file with `--section.key=value` overrides, trained from scratch in a
+temporary run directory on its own data (or, when that is not prepared, the embedded corpus at character level).
+After `warmup` steps (allocation, first calls, compilation), `steps` steps are timed as they are and `steps` more
+under the profiler, then one evaluation and one checkpoint, whose cost the report spreads over the job's
+`eval_interval` and `checkpoint_interval`.
 
 Phases of a step: `data` (batches to the device), `forward` (with the loss), `backward`, `clip` (the global
 gradient norm), `sync` (the step's one copy to the host: on a GPU it waits for the queued work), `optimizer` (the
