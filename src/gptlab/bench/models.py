@@ -11,6 +11,7 @@ from gptlab.config import TrainConfig
 from gptlab.device import autocast, synced
 from gptlab.errors import GptlabError
 from gptlab.generate import generate
+from gptlab.hf_config import config_to_hf, export_format
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import configure_optimizer
 from gptlab.parallel import compile_blocks
@@ -28,25 +29,16 @@ def gptlab_model(config: GPTConfig, device: torch.device, compiled: bool = False
 def hf_model(config: GPTConfig, device: torch.device) -> torch.nn.Module:
     """transformers' GPT2LMHeadModel of the same shape, seeded, on `device`; or a `GptlabError` saying why there
     is none (a config GPT-2 cannot express, or transformers not installed)."""
-    if config.pos_emb != "learned" or config.kv_heads != config.n_head or config.window is not None:
+    if export_format(config) != "gpt2":
         raise GptlabError(
-            "transformers' GPT2LMHeadModel needs a plain GPT-2 config (learned positions, full MHA, no window)"
+            "transformers' GPT2LMHeadModel computes GPT-2 configs only (learned positions, full MHA, "
+            "no window, GPT-2's block)"
         )
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as e:
         raise GptlabError("comparing with transformers' GPT-2 needs transformers: pip install transformers") from e
-    hf_config = GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
-        layer_norm_epsilon=config.norm_eps,
-    )
+    hf_config = GPT2Config(**config_to_hf(config, torch.float32))  # the config.json gptlab's export writes
     torch.manual_seed(0)
     return GPT2LMHeadModel(hf_config).to(device)
 
