@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The tools' subcommands live with the tools; their heavy imports wait until a command runs.
     from gptlab.bench import cli as bench_cli
     from gptlab.evals import cli as evals_cli
+    from gptlab.serve import cli as serve_cli
     from gptlab.study import cli as study_cli
 
     parser = argparse.ArgumentParser(prog="gptlab", description=__doc__.splitlines()[0])
@@ -377,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(subparsers)
     add_export_parser(subparsers)
     add_inspect_parser(subparsers)
+    serve_cli.add_parser(subparsers)
     bench_cli.add_parser(subparsers)
     study_cli.add_parser(subparsers)
     return parser

@@ -20,7 +20,9 @@ Shapes: B batch, T sequence length, C = n_embd; n_head query heads and n_kv_head
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -198,19 +200,20 @@ PRESETS: dict[str, GPTConfig] = {
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim) of the rotary angles for `positions` (T,), in float32.
+    """cos and sin (..., T, head_dim) of the rotary angles for `positions` (..., T), in float32.
 
     Pair i of a head rotates by position * theta^(-2i/head_dim) (RoFormer eq. 15). The pairs are (x_i, x_{i+d/2}),
     the "rotate-half" layout of GPT-NeoX, Llama and Starcoder2, so each frequency appears twice.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, head_dim / 2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., T, head_dim)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys x (B, heads, T, head_dim) by the angles whose cos/sin are (T, head_dim)."""
+    """Rotate queries or keys x (B, heads, T, head_dim) by the angles whose cos/sin are (T, head_dim), or
+    (B, 1, T, head_dim) when each row has its own positions."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -233,14 +236,26 @@ class KVCache(nn.Module):
     A one-token decoding step attends over the whole buffer under a mask, as gpt-fast's static cache: the same
     shapes at every step, so a compiled step compiles once. Which position a slot holds follows from the step's
     position alone (`slot_positions`), so nothing but the keys and values is stored.
+
+    Rows are independent sequences. A decoding step may put each row at its own position (a (B,) tensor instead
+    of an int), and `row(b)` is a one-row view that writes into the same memory: how a server keeps many
+    requests of different lengths in one batch and fills one of them while the others wait.
     """
 
-    def __init__(self, batch_size: int, size: int, n_kv_head: int, head_dim: int, rolling: bool, dtype, device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rolling: bool):
         super().__init__()
-        self.size, self.rolling = size, rolling
+        self.size, self.rolling = k.size(2), rolling
+        self.register_buffer("k", k, persistent=False)  # (B, n_kv_head, size, head_dim)
+        self.register_buffer("v", v, persistent=False)
+
+    @classmethod
+    def empty(cls, batch_size: int, size: int, n_kv_head: int, head_dim: int, rolling: bool, dtype, device):
         shape = (batch_size, n_kv_head, size, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), rolling)
+
+    def row(self, b: int) -> KVCache:
+        """Row b alone, (1, n_kv_head, size, head_dim), sharing this cache's memory."""
+        return KVCache(self.k[b : b + 1], self.v[b : b + 1], self.rolling)
 
     def write(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, n_kv_head, T, head_dim) of positions start_pos ..; a ring keeps the last `size`."""
@@ -258,16 +273,22 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, slots, k[:, :, T - keep :])
         self.v.index_copy_(2, slots, v[:, :, T - keep :])
 
-    def slot_positions(self, pos: int) -> torch.Tensor:
+    def slot_positions(self, pos: int | torch.Tensor) -> torch.Tensor:
         """(size,) the position each slot holds once position `pos` is written: the latest p <= pos with
         p % size == slot, or, for a slot not yet written, its own index, a position after `pos` that the causal
-        mask hides."""
+        mask hides. With `pos` (B, 1), one row per sequence: (B, size)."""
         slots = torch.arange(self.size, device=self.k.device)
         return slots + self.size * ((pos - slots) // self.size).clamp(min=0)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Append k, v at start_pos and return the keys and values the new queries may need with their positions:
-        (k, v, k_pos), k_pos (S,)."""
+        (k, v, k_pos), k_pos (S,), or (B, S) when `start_pos` is a (B,) tensor of one position per row."""
+        if isinstance(start_pos, torch.Tensor):  # one token per row, each row at its own position
+            # No bounds check (it would wait for the device): the caller keeps every row inside the cache.
+            rows, slots = torch.arange(k.size(0), device=k.device), start_pos % self.size
+            self.k[rows, :, slots] = k[:, :, 0]
+            self.v[rows, :, slots] = v[:, :, 0]
+            return self.k, self.v, self.slot_positions(start_pos[:, None])
         if k.size(2) == 1:  # the decoding hot path: the whole buffer, slots as they lie (static shapes)
             self.write(start_pos, k, v)
             return self.k, self.v, self.slot_positions(start_pos)
@@ -311,13 +332,17 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if start_pos is not None and self.kv_cache is None:
             raise RuntimeError("start_pos given but no KV cache is set up; call model.setup_kv_cache first")
-        if start_pos is None or start_pos == 0:  # a whole sequence (training, or the prefill of generation)
+        per_row = isinstance(start_pos, torch.Tensor)
+        if start_pos is None or (not per_row and start_pos == 0):  # a whole sequence (training, or a prefill)
             if start_pos == 0:
                 self.kv_cache.write(0, k, v)
             y = causal_attention(q, k, v, self.window, dropout_p)
         else:  # continuing a cached sequence
             k, v, k_pos = self.kv_cache.update(start_pos, k, v)
-            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+            if per_row:  # a position per row: masks (B, 1, 1, S), one per row
+                q_pos, k_pos = start_pos[:, None, None], k_pos[:, None, :]
+            else:
+                q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
             # (T, S); a boolean mask gives the hidden slots (empty ones too) exactly zero weight
             mask = band_mask(q_pos, k_pos, self.window)
             y = F.scaled_dot_product_attention(
@@ -409,7 +434,7 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        start_pos: int | None = None,
+        start_pos: int | torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
@@ -419,21 +444,27 @@ class GPT(nn.Module):
 
         With `start_pos`, `idx` holds positions start_pos .. start_pos + T - 1 and attention reads and extends
         the KV cache set up by `setup_kv_cache`; without it, the sequence is processed from position 0 alone.
+        A (B,) tensor `start_pos` with T == 1 is one decoding step in which row b is at position start_pos[b]
+        (a batch of sequences of different lengths); the caller keeps those positions inside the cache.
         """
         T = idx.size(1)
-        offset = start_pos or 0
-        if self.max_positions is not None and offset + T > self.max_positions:
-            raise ValueError(
-                f"sequence reaches position {offset + T}, beyond block_size={self.config.block_size} "
-                "(the learned position table has no rows past it)"
-            )
-        pos = torch.arange(offset, offset + T, device=idx.device)  # (T,)
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos[:, None]  # (B, 1)
+        else:
+            offset = start_pos or 0
+            if self.max_positions is not None and offset + T > self.max_positions:
+                raise ValueError(
+                    f"sequence reaches position {offset + T}, beyond block_size={self.config.block_size} "
+                    "(the learned position table has no rows past it)"
+                )
+            pos = torch.arange(offset, offset + T, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)
-        else:
-            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)  # shared by every layer
+        else:  # shared by every layer; (T, head_dim), or (B, 1, T, head_dim) with a position per row
+            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+            rope = (cos, sin) if pos.ndim == 1 else (cos[:, None], sin[:, None])
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, start_pos)
@@ -458,7 +489,7 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             window = self.config.layer_window(layer)
             rolling = window is not None and window < max_seq_len
-            block.attn.kv_cache = KVCache(
+            block.attn.kv_cache = KVCache.empty(
                 batch_size,
                 window if rolling else max_seq_len,
                 self.config.kv_heads,
@@ -471,6 +502,19 @@ class GPT(nn.Module):
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
+
+    @contextlib.contextmanager
+    def kv_cache_row(self, b: int) -> Iterator[None]:
+        """Within it, the model runs one sequence (batch 1) in row b of the KV cache, the other rows untouched:
+        how one request's prompt is filled in while others are mid-generation."""
+        caches = [block.attn.kv_cache for block in self.transformer.h]
+        try:
+            for block, cache in zip(self.transformer.h, caches, strict=True):
+                block.attn.kv_cache = cache.row(b)
+            yield
+        finally:
+            for block, cache in zip(self.transformer.h, caches, strict=True):
+                block.attn.kv_cache = cache
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, a tied LM head counted once; `non_embedding` leaves out the embedding tables (an
