@@ -142,8 +142,8 @@ class Sequence:
     row: int
     text: TextStream
     generator: torch.Generator | None
-    position: int = 0  # of the next token to feed
-    token: int = 0  # the next token to feed
+    token: int = 0  # the last token chosen, which the next decoding step feeds
+    position: int = 0  # its position
     generated: int = 0
     done: bool = False
 
@@ -175,7 +175,7 @@ class Engine:
         context_len: int | None = None,
         max_queue: int = 64,
         prefill_chunk: int = 256,
-        compile: bool = False,
+        compile: bool | str | Callable = False,
     ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
@@ -184,7 +184,9 @@ class Engine:
             raise GptlabError(f"context_len={self.context_len} exceeds the model's block_size={model.max_positions}")
         self.device = model.lm_head.weight.device
         model.setup_kv_cache(max_batch, self.context_len)
-        self.decode = torch.compile(decode_rows, fullgraph=True) if compile else decode_rows
+        # `compile`: True for Inductor, or a torch.compile backend
+        backend = "inductor" if compile is True else compile
+        self.decode = torch.compile(decode_rows, fullgraph=True, backend=backend) if compile else decode_rows
         self.waiting: collections.deque[Request] = collections.deque()
         self.filling: list[Request] = []  # admitted, prompt not fully in the cache yet
         self.running: list[Sequence] = []
@@ -348,7 +350,7 @@ class Engine:
                 cache = block.attn.kv_cache
                 cache.k[seq.row], cache.v[seq.row] = cache.k[first], cache.v[first]
         for seq in request.sequences:
-            seq.position = len(request.prompt)
+            seq.position = len(request.prompt) - 1  # the first token chosen goes one further
             self.running.append(seq)
             if request.params.max_tokens == 0:
                 self.finish(seq, "length")
@@ -395,7 +397,7 @@ class Engine:
         text, stopped = seq.text.push(token)
         if stopped:
             self.finish(seq, "stop", [token], logprobs, text)
-        elif seq.generated >= params.max_tokens or seq.position >= self.context_len:
+        elif seq.generated >= params.max_tokens or seq.position + 1 >= self.context_len:
             self.finish(seq, "length", [token], logprobs, text)
         else:
             self.report(seq.request, Delta(seq.index, [token], text, logprobs))

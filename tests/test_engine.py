@@ -1,0 +1,222 @@
+"""The serving engine: continuous batching gives every request the tokens it gets alone, whatever else runs."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from gptlab import generate
+from gptlab.model import GPTConfig
+from gptlab.serve.engine import Engine, QueueFull, SamplingParams, TextStream
+from gptlab.tokenizer import load_tokenizer
+from helpers import random_gpt
+
+VOCAB = 50257  # GPT-2's tokenizer, for text and stop strings
+VARIANTS = {
+    "gpt2": dict(),
+    # RoPE, grouped-query attention, and a window smaller than the prompts on one layer: its cache is a ring
+    "rope-gqa-window": dict(pos_emb="rope", n_kv_head=1, window=[6, None]),
+}
+
+
+def tiny(variant: str, seed: int = 0):
+    config = GPTConfig(block_size=64, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, **VARIANTS[variant])
+    return random_gpt(config, seed)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("gpt2")
+
+
+def prompts(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def run_concurrently(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list:
+    """Submit every request at once from its own thread; the completions in request order."""
+    results = [None] * len(requests)
+
+    def run(i: int) -> None:
+        results[i] = engine.generate(*requests[i], timeout=60)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_greedy_requests_get_the_tokens_generate_gives_each_alone(variant, tokenizer):
+    """Nine requests of mixed prompt lengths and max_tokens through 3 rows, prompts filled in 5-token chunks (so
+    requests queue, rows are reused and prompts are split): each gets exactly what gptlab.generate gives it."""
+    model = tiny(variant)
+    lengths, budgets = [1, 17, 4, 30, 9, 2, 23, 11, 6], [12, 3, 20, 7, 15, 1, 9, 18, 5]
+    requests = [(p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(prompts(lengths), budgets)]
+    with_engine = Engine(model, tokenizer, max_batch=3, prefill_chunk=5).start()
+    try:
+        results = run_concurrently(with_engine, requests)
+    finally:
+        with_engine.stop()
+    for (prompt, params), result in zip(requests, results):
+        expected = generate(model, torch.tensor([prompt]), params.max_tokens, temperature=0)[0, len(prompt) :]
+        (choice,) = result.choices
+        assert choice.token_ids == expected.tolist()
+        assert choice.finish_reason == "length"
+        assert choice.text == tokenizer.decode(expected.tolist())
+
+
+def test_seeded_sampling_is_the_same_batched_as_alone(tokenizer):
+    model = tiny("rope-gqa-window")
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.9, top_k=50, seed=1),
+        SamplingParams(max_tokens=14, temperature=1.2, top_p=0.8, seed=2),
+        SamplingParams(max_tokens=6, temperature=0.7, seed=3),
+    ]
+    requests = list(zip(prompts([5, 12, 3], seed=1), params))
+    engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=4).start()
+    try:
+        alone = [engine.generate(*request).choices[0].token_ids for request in requests]
+        together = [r.choices[0].token_ids for r in run_concurrently(engine, requests)]
+    finally:
+        engine.stop()
+    assert together == alone
+
+
+def test_n_choices_share_the_prompt_and_decode_independently(tokenizer):
+    """n greedy choices are n copies of the single answer (the prompt's cache row copied to each)."""
+    model = tiny("rope-gqa-window")
+    (prompt,) = prompts([13], seed=2)
+    engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=64).start()
+    try:
+        single = engine.generate(prompt, SamplingParams(max_tokens=9, temperature=0)).choices[0].token_ids
+        triple = engine.generate(prompt, SamplingParams(max_tokens=9, temperature=0), n=3)
+    finally:
+        engine.stop()
+    assert [choice.token_ids for choice in triple.choices] == [single] * 3
+    assert [choice.index for choice in triple.choices] == [0, 1, 2]
+
+
+def test_logprobs_are_the_models_own(tokenizer):
+    """Prompt and generated log-probabilities equal log_softmax over one uncached forward, and the top
+    alternatives are the most likely tokens in order; the first prompt token has none."""
+    model = tiny("gpt2")
+    (prompt,) = prompts([11], seed=3)
+    engine = Engine(model, tokenizer, max_batch=2, prefill_chunk=4).start()
+    try:
+        result = engine.generate(prompt, SamplingParams(max_tokens=5, temperature=0, logprobs=3, prompt_logprobs=True))
+    finally:
+        engine.stop()
+    tokens = prompt + result.choices[0].token_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([tokens]))[0].float(), dim=-1)  # (T, V)
+    entries = result.prompt_logprobs + result.choices[0].logprobs
+    assert [e.token for e in entries] == tokens
+    assert entries[0].logprob is None
+    for t in range(1, len(tokens)):
+        assert entries[t].logprob == pytest.approx(logp[t - 1, tokens[t]].item(), abs=1e-4)
+        best = logp[t - 1].topk(3)
+        assert [token for token, _ in entries[t].top] == best.indices.tolist()
+        assert [value for _, value in entries[t].top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+def test_stops_end_a_sequence_and_the_context_bounds_it(tokenizer):
+    model = tiny("gpt2")
+    (prompt,) = prompts([8], seed=4)
+    engine = Engine(model, tokenizer, max_batch=2).start()
+    try:
+        free = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0)).choices[0]
+        # a stop token: the first generated token after the first that did not come before
+        k = next(i for i, t in enumerate(free.token_ids) if i >= 1 and t not in free.token_ids[:i])
+        by_token = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=(free.token_ids[k],)))
+        # a stop string that starts inside the first token's text and ends in the next one's
+        first = tokenizer.decode(free.token_ids[:1])
+        stop = tokenizer.decode(free.token_ids[:2])[1 if len(first) > 1 else 0 :]
+        by_string = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop=(stop,)))
+        # the context (64) runs out before max_tokens
+        long_prompt = prompts([60], seed=5)[0]
+        by_context = engine.generate(long_prompt, SamplingParams(max_tokens=30, temperature=0))
+    finally:
+        engine.stop()
+    choice = by_token.choices[0]
+    assert choice.finish_reason == "stop" and choice.token_ids == free.token_ids[: k + 1]
+    assert choice.text == tokenizer.decode(free.token_ids[:k])  # the stop token is not text
+    choice = by_string.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == free.text[: free.text.index(stop)]
+    choice = by_context.choices[0]
+    assert choice.finish_reason == "length" and len(choice.token_ids) == 64 - 60
+
+
+def test_text_is_released_as_whole_characters_and_stop_strings_are_held_back(tokenizer):
+    """A character split across byte-level tokens comes out whole, never as a replacement character, and text
+    that may be the start of a stop string waits until it is ruled out."""
+    stream = TextStream(tokenizer, stop=("<|end",))
+    released = [stream.push(token) for token in tokenizer.encode("é🙂 ab<|e")]
+    assert all("\ufffd" not in text for text, _ in released)
+    assert "".join(text for text, _ in released) == "é🙂 ab"  # "<|e" held: it may become "<|end"
+    assert stream.flush() == "<|e"
+    emoji = tokenizer.encode("🙂")
+    assert len(emoji) > 1  # a 4-byte character in several tokens
+    stream = TextStream(tokenizer, stop=())
+    assert [stream.push(t)[0] for t in emoji][:-1] == [""] * (len(emoji) - 1)
+
+
+def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses(tokenizer):
+    model = tiny("gpt2")
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=1).start()
+    try:
+        first = threading.Event()
+        request = engine.submit(prompts([4])[0], SamplingParams(max_tokens=10**6, temperature=0),
+                                on_event=lambda delta: first.set())
+        assert first.wait(10)
+        request.cancel()
+        # the single row is free again: a new request completes
+        done = engine.generate(prompts([3])[0], SamplingParams(max_tokens=4, temperature=0), timeout=30)
+        assert done.choices[0].finish_reason == "length"
+    finally:
+        engine.stop()
+    idle = Engine(model, tokenizer, max_batch=1, max_queue=1)  # not started: nothing leaves the queue
+    idle.submit([1], SamplingParams())
+    with pytest.raises(QueueFull, match="1 requests"):
+        idle.submit([1], SamplingParams())
+
+
+def test_a_failing_request_fails_alone(tokenizer):
+    """A token id past the embedding fails that request inside the engine; the one beside it completes."""
+    model = tiny("gpt2")
+    engine = Engine(model, tokenizer, max_batch=2).start()
+    try:
+        bad, good = run_concurrently(
+            engine,
+            [([VOCAB + 5], SamplingParams(max_tokens=3, temperature=0)),
+             (prompts([5])[0], SamplingParams(max_tokens=3, temperature=0))],
+        )
+    finally:
+        engine.stop()
+    assert bad.choices[0].finish_reason == "error" and "IndexError" in bad.choices[0].error
+    assert good.choices[0].finish_reason == "length" and len(good.choices[0].token_ids) == 3
+    assert engine.stats.errors == 1
+
+
+def test_the_compiled_decoding_step_compiles_once(tokenizer):
+    """All rows at their own positions in one static-shape step: one graph however the batch changes."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = tiny("rope-gqa-window")
+    requests = [(p, SamplingParams(max_tokens=8, temperature=0)) for p in prompts([3, 9, 5, 14])]
+    engine = Engine(model, tokenizer, max_batch=2, prefill_chunk=4, compile=counter).start()
+    try:
+        results = run_concurrently(engine, requests)
+    finally:
+        engine.stop()
+    assert counter.frame_count == 1
+    for (prompt, params), result in zip(requests, results):
+        expected = generate(model, torch.tensor([prompt]), params.max_tokens, temperature=0)[0, len(prompt) :]
+        assert result.choices[0].token_ids == expected.tolist()
