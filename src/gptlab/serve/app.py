@@ -197,9 +197,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                 given = request.headers.get("authorization", "")
                 if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                     raise APIError(401, "a valid API key is required: Authorization: Bearer <key>", code="invalid_api_key")
-            size = request.headers.get("content-length")
-            if size is not None and int(size) > server.limits.max_body_bytes:
-                raise APIError(413, f"the body has {size} bytes, above the limit of {server.limits.max_body_bytes}")
+            size, limit = request.headers.get("content-length", "0"), server.limits.max_body_bytes
+            if not size.isdigit():
+                raise APIError(400, f"Content-Length {size!r} is not a number of bytes")
+            if int(size) > limit:
+                if int(size) <= 16 * limit:  # read it first: a client mid-upload would see the reply as a reset
+                    async for _ in request.stream():
+                        pass
+                raise APIError(413, f"the body has {size} bytes, above the limit of {limit}")
             response = await call_next(request)
         except APIError as error:
             response = error.response()
