@@ -223,3 +223,49 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_row(model):
         assert metric(url, "running_slots") == 0
         assert metric(url, "requests_rejected_total") == 1
         assert 'gptlab_http_requests_total{path="/v1/completions",code="429"} 1' in http(url, "/metrics")[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_serve_command_serves_a_checkpoint_until_terminated(tmp_path, model):
+    """`gptlab serve DIR` as users start it: a subprocess on 127.0.0.1 that answers the openai client, and exits
+    cleanly on SIGTERM; a taken port and bad flags are one-line errors."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from gptlab import save_pretrained
+
+    save_pretrained(model, tmp_path / "model")
+    port = free_port()
+    command = [sys.executable, "-m", "gptlab", "serve", str(tmp_path / "model"), "--port", str(port), "--name", "m"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "GPTLAB_API_KEY": ""})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if http(url, "/health")[0] == 200:
+                    break
+            except urllib.error.URLError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert answer.choices[0].finish_reason in ("length", "stop")
+        taken = subprocess.run([*command[:-2]], capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in taken.stderr
+        assert "Traceback" not in taken.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    # uvicorn shuts down gracefully, then re-raises the signal so that a supervisor sees why it ended
+    assert server.returncode in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr
+    bad = subprocess.run([*command[:-2], "--max_batch", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--max_batch must be >= 1" in bad.stderr

@@ -40,6 +40,7 @@ def run_serve(args: argparse.Namespace) -> None:
     for key in ("max_batch", "max_queue", "prefill_chunk"):
         if getattr(args, key) < 1:
             raise GptlabError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    check_port_free(args.host, args.port)
     device = resolve_device(args.device, key="--device")
     directory = resolve_checkpoint_dir(args.model)
     tokenizer = load_run_tokenizer(directory, None)
@@ -54,3 +55,14 @@ def run_serve(args: argparse.Namespace) -> None:
         server.run()
     finally:
         engine.stop()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before loading the model when the address cannot be bound."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise GptlabError(f"cannot serve on {host}:{port} (--host/--port): {error.strerror}") from None
