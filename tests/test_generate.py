@@ -187,3 +187,26 @@ def test_bad_sampling_options_raise(model, options, culprit):
 def test_kv_cache_is_released_after_generation(model):
     generate(model, torch.zeros(1, 3, dtype=torch.long), 5)
     assert all(block.attn.kv_cache is None for block in model.transformer.h)
+
+
+@pytest.mark.parametrize("fields", [{}, dict(pos_emb="rope", n_kv_head=1, window=[5, None])])
+def test_a_step_with_a_position_per_row_equals_each_row_decoded_alone(fields):
+    """Three sequences of different lengths in one cache, filled in through one-row views, then decoded in one
+    step each at its own position (RowPositions, attending over the first `span` slots): each row's logits are
+    its own sequence's, decoded alone."""
+    from gptlab.model import RowPositions
+
+    config = GPTConfig(block_size=48, vocab_size=101, n_layer=2, n_head=2, n_embd=32, **fields)
+    model = random_gpt(config)
+    lengths = [3, 11, 7]
+    seqs = [torch.randint(0, 101, (1, n + 1), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    with torch.inference_mode():
+        alone = [model(seq)[:, -1] for seq in seqs]  # the logits after each whole sequence
+        model.setup_kv_cache(3, 48)
+        for row, (seq, n) in enumerate(zip(seqs, lengths)):
+            with model.kv_cache_row(row):
+                model(seq[:, :n], start_pos=0)
+        tokens = torch.cat([seq[:, -1:] for seq in seqs])  # (3, 1): each row's last token, at its own position
+        together = model(tokens, start_pos=RowPositions(torch.tensor(lengths), span=16))[:, -1]
+    model.clear_kv_cache()
+    torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=1e-5)

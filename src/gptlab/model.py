@@ -24,7 +24,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +228,14 @@ def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
+class RowPositions(NamedTuple):
+    """A decoding step in which each row is its own sequence: row b's one new token is at `positions[b]` (B,).
+    Every position is below `span`, so a full-attention layer attends over its first `span` cache slots only."""
+
+    positions: torch.Tensor
+    span: int
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer, so a decoding step costs O(T), not a re-run.
 
@@ -237,7 +245,7 @@ class KVCache(nn.Module):
     shapes at every step, so a compiled step compiles once. Which position a slot holds follows from the step's
     position alone (`slot_positions`), so nothing but the keys and values is stored.
 
-    Rows are independent sequences. A decoding step may put each row at its own position (a (B,) tensor instead
+    Rows are independent sequences. A decoding step may put each row at its own position (`RowPositions` instead
     of an int), and `row(b)` is a one-row view that writes into the same memory: how a server keeps many
     requests of different lengths in one batch and fills one of them while the others wait.
     """
@@ -280,15 +288,17 @@ class KVCache(nn.Module):
         slots = torch.arange(self.size, device=self.k.device)
         return slots + self.size * ((pos - slots) // self.size).clamp(min=0)
 
-    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def update(self, start_pos: int | RowPositions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Append k, v at start_pos and return the keys and values the new queries may need with their positions:
-        (k, v, k_pos), k_pos (S,), or (B, S) when `start_pos` is a (B,) tensor of one position per row."""
-        if isinstance(start_pos, torch.Tensor):  # one token per row, each row at its own position
+        (k, v, k_pos), k_pos (S,), or (B, S) with `RowPositions`."""
+        if isinstance(start_pos, RowPositions):  # one token per row, each row at its own position
             # No bounds check (it would wait for the device): the caller keeps every row inside the cache.
-            rows, slots = torch.arange(k.size(0), device=k.device), start_pos % self.size
+            rows, slots = torch.arange(k.size(0), device=k.device), start_pos.positions % self.size
             self.k[rows, :, slots] = k[:, :, 0]
             self.v[rows, :, slots] = v[:, :, 0]
-            return self.k, self.v, self.slot_positions(start_pos[:, None])
+            span = self.size if self.rolling else start_pos.span  # a ring's slots hold positions in any order
+            k_pos = self.slot_positions(start_pos.positions[:, None])[:, :span]
+            return self.k[:, :, :span], self.v[:, :, :span], k_pos
         if k.size(2) == 1:  # the decoding hot path: the whole buffer, slots as they lie (static shapes)
             self.write(start_pos, k, v)
             return self.k, self.v, self.slot_positions(start_pos)
@@ -332,7 +342,7 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if start_pos is not None and self.kv_cache is None:
             raise RuntimeError("start_pos given but no KV cache is set up; call model.setup_kv_cache first")
-        per_row = isinstance(start_pos, torch.Tensor)
+        per_row = isinstance(start_pos, RowPositions)
         if start_pos is None or (not per_row and start_pos == 0):  # a whole sequence (training, or a prefill)
             if start_pos == 0:
                 self.kv_cache.write(0, k, v)
@@ -340,7 +350,7 @@ class CausalSelfAttention(nn.Module):
         else:  # continuing a cached sequence
             k, v, k_pos = self.kv_cache.update(start_pos, k, v)
             if per_row:  # a position per row: masks (B, 1, 1, S), one per row
-                q_pos, k_pos = start_pos[:, None, None], k_pos[:, None, :]
+                q_pos, k_pos = start_pos.positions[:, None, None], k_pos[:, None, :]
             else:
                 q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
             # (T, S); a boolean mask gives the hidden slots (empty ones too) exactly zero weight
@@ -434,7 +444,7 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        start_pos: int | torch.Tensor | None = None,
+        start_pos: int | RowPositions | None = None,
         targets: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
@@ -444,12 +454,12 @@ class GPT(nn.Module):
 
         With `start_pos`, `idx` holds positions start_pos .. start_pos + T - 1 and attention reads and extends
         the KV cache set up by `setup_kv_cache`; without it, the sequence is processed from position 0 alone.
-        A (B,) tensor `start_pos` with T == 1 is one decoding step in which row b is at position start_pos[b]
-        (a batch of sequences of different lengths); the caller keeps those positions inside the cache.
+        With `RowPositions` and T == 1, one decoding step in which each row is at its own position (a batch of
+        sequences of different lengths); the caller keeps those positions inside the cache.
         """
         T = idx.size(1)
-        if isinstance(start_pos, torch.Tensor):
-            pos = start_pos[:, None]  # (B, 1)
+        if isinstance(start_pos, RowPositions):
+            pos = start_pos.positions[:, None]  # (B, 1)
         else:
             offset = start_pos or 0
             if self.max_positions is not None and offset + T > self.max_positions:

@@ -29,7 +29,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.generate import sample_next
-from gptlab.model import GPT
+from gptlab.model import GPT, RowPositions
 from gptlab.tokenizer import Tokenizer
 
 
@@ -159,9 +159,16 @@ class EngineStats:
     steps: int = 0
 
 
-def decode_rows(model: GPT, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Logits (B, V) after `tokens` (B, 1), row b at position positions[b]: the batched decoding step."""
-    return model(tokens, start_pos=positions)[:, -1]
+def decode_rows(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+    """Logits (B, V) after `tokens` (B, 1), row b at position positions[b] < span: the batched decoding step."""
+    return model(tokens, start_pos=RowPositions(positions, span))[:, -1]
+
+
+def cache_span(last_position: int, size: int) -> int:
+    """How many cache slots a decoding step attends over when no row is past `last_position`: the next power of
+    two from 64, capped at the cache. The attention reads what the rows use rather than the whole context, and a
+    compiled step compiles once per span (log2 of the context at most)."""
+    return min(size, max(64, 1 << last_position.bit_length()))
 
 
 class Engine:
@@ -241,7 +248,7 @@ class Engine:
     def warm_up(self) -> None:
         """Run the decoding step once (so a compiled one compiles) before any request waits for it."""
         zeros = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        self.decode(self.model, zeros[:, None], zeros)
+        self.decode(self.model, zeros[:, None], zeros, cache_span(0, self.context_len))
 
     @property
     def queue_length(self) -> int:
@@ -366,7 +373,8 @@ class Engine:
         for seq in self.running:
             tokens[seq.row, 0], positions[seq.row] = seq.token, seq.position
         try:
-            logits = self.decode(self.model, tokens.to(self.device), positions.to(self.device))
+            span = cache_span(int(positions.max()), self.context_len)
+            logits = self.decode(self.model, tokens.to(self.device), positions.to(self.device), span)
         except Exception as error:  # the shared step failed: every running request fails with it
             for seq in list(self.running):
                 self.fail(seq.request, error)
