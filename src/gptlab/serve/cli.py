@@ -33,7 +33,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from gptlab.serve.engine import Engine
 
     try:
-        from gptlab.serve.server import build_server
+        from gptlab.serve.server import build_server, serve_forever
     except ImportError as error:
         raise GptlabError(f"gptlab serve needs its web stack ({error.name}): pip install 'gptlab[serve]'") from None
 
@@ -49,12 +49,9 @@ def run_serve(args: argparse.Namespace) -> None:
                     compile=args.compile)
     if args.compile:
         engine.warm_up()
-    server = build_server(engine.start(), tokenizer, args.name or args.model, args.host, args.port, args.api_key)
+    server = build_server(engine, tokenizer, args.name or args.model, args.host, args.port, args.api_key)
     print(f"gptlab: serving {args.name or args.model} at http://{args.host}:{args.port} (chat page at /)", flush=True)
-    try:
-        server.run()
-    finally:
-        engine.stop()
+    serve_forever(engine, server)
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -270,10 +270,11 @@ class Engine:
             self.thread.join()
 
     # ---- the loop ----
-    def run(self) -> None:
-        while not self.stopping:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """The loop: step while there is work, wait for it otherwise; until `stop()` or `until()`."""
+        while not (self.stopping or until()):
             if not (self.waiting or self.filling or self.running):
-                self.wake.wait(timeout=0.5)
+                self.wake.wait(timeout=0.1)
                 self.wake.clear()
                 continue
             try:
@@ -287,6 +288,7 @@ class Engine:
     def step(self) -> None:
         """One round: retire, admit, fill in up to `prefill_chunk` prompt tokens, decode one token everywhere."""
         self.retire_cancelled()
+        self.compact()
         self.admit()
         self.fill()
         if self.running:
@@ -351,11 +353,8 @@ class Engine:
 
     def start_sequences(self, request: Request, logits: torch.Tensor) -> None:
         """The prompt is in: copy its cache row to the other choices' rows and sample every choice's first token."""
-        first = request.sequences[0].row
         for seq in request.sequences[1:]:
-            for block in self.model.transformer.h:
-                cache = block.attn.kv_cache
-                cache.k[seq.row], cache.v[seq.row] = cache.k[first], cache.v[first]
+            self.model.copy_kv_row(request.sequences[0].row, seq.row)
         for seq in request.sequences:
             seq.position = len(request.prompt) - 1  # the first token chosen goes one further
             self.running.append(seq)
@@ -364,10 +363,28 @@ class Engine:
             else:
                 self.emit_token(seq, logits)
 
+    def rows_in_use(self) -> dict[int, Sequence]:
+        sequences = self.running + [seq for request in self.filling for seq in request.sequences]
+        return {seq.row: seq for seq in sequences}
+
+    def compact(self) -> None:
+        """Keep the rows in use at the bottom of the cache: a sequence above a free row moves down into it (its
+        cache row copied), so a step over the first rows covers every sequence."""
+        used = self.rows_in_use()
+        while self.free_rows and used and self.free_rows[0] < max(used):
+            seq, free = used.pop(max(used)), self.free_rows.pop(0)
+            self.model.copy_kv_row(seq.row, free)
+            self.free_rows.append(seq.row)
+            self.free_rows.sort()
+            seq.row = free
+            used[free] = seq
+
     def decode_step(self) -> None:
-        """One token for every running sequence, in one forward of all rows."""
-        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        positions = torch.zeros(self.max_batch, dtype=torch.long)
+        """One token for every running sequence, in one forward of the first rows: as many as are in use,
+        rounded up to a power of two (so that a compiled step sees few shapes)."""
+        rows = min(self.max_batch, 1 << max(self.rows_in_use()).bit_length())
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        positions = torch.zeros(rows, dtype=torch.long)
         for request in self.filling:  # such a row's next prompt position: the garbage written there is overwritten
             positions[request.sequences[0].row] = request.filled
         for seq in self.running:

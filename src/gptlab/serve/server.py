@@ -1,10 +1,16 @@
-"""Loading a model into an engine and running the app with uvicorn, in the foreground (`gptlab serve`) or in a
-background thread (tests, `gptlab bench serve`)."""
+"""Running the app with uvicorn over an engine: `serve_forever` for `gptlab serve`, `serving` in a background
+thread for tests.
+
+`serve_forever` runs the engine's loop on the calling (main) thread and uvicorn beside it. The model's work
+belongs on the thread that loaded it: with PyTorch's OpenMP (libgomp), a second thread running parallel kernels
+after the first has its own worker team, the teams outnumber the cores, and every kernel then pays for waking
+threads that have gone to sleep; small decoding matmuls ran ~2-7x slower that way (2-core CPU)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -58,3 +64,21 @@ def serving(
         server.should_exit = True
         thread.join(timeout=10)
         engine.stop()
+
+
+def serve_forever(engine: Engine, server: uvicorn.Server) -> None:
+    """Serve until SIGINT or SIGTERM: uvicorn in a background thread, the engine's loop on this one."""
+    thread = threading.Thread(target=server.run, name="gptlab-server", daemon=True)
+
+    def shut_down(signum, frame) -> None:
+        server.should_exit = True
+        engine.stopping = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, shut_down)
+    thread.start()
+    try:
+        engine.run(until=lambda: not thread.is_alive())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
