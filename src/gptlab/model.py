@@ -230,7 +230,8 @@ def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
 
 class RowPositions(NamedTuple):
     """A decoding step in which each row is its own sequence: row b's one new token is at `positions[b]` (B,).
-    Every position is below `span`, so a full-attention layer attends over its first `span` cache slots only."""
+    A step of B rows uses the cache's first B rows. Every position is below `span`, so a full-attention layer
+    attends over its first `span` cache slots only."""
 
     positions: torch.Tensor
     span: int
@@ -296,9 +297,9 @@ class KVCache(nn.Module):
             rows, slots = torch.arange(k.size(0), device=k.device), start_pos.positions % self.size
             self.k[rows, :, slots] = k[:, :, 0]
             self.v[rows, :, slots] = v[:, :, 0]
-            span = self.size if self.rolling else start_pos.span  # a ring's slots hold positions in any order
+            B, span = k.size(0), self.size if self.rolling else start_pos.span  # a ring's slots: any order
             k_pos = self.slot_positions(start_pos.positions[:, None])[:, :span]
-            return self.k[:, :, :span], self.v[:, :, :span], k_pos
+            return self.k[:B, :, :span], self.v[:B, :, :span], k_pos
         if k.size(2) == 1:  # the decoding hot path: the whole buffer, slots as they lie (static shapes)
             self.write(start_pos, k, v)
             return self.k, self.v, self.slot_positions(start_pos)
@@ -525,6 +526,12 @@ class GPT(nn.Module):
         finally:
             for block, cache in zip(self.transformer.h, caches, strict=True):
                 block.attn.kv_cache = cache
+
+    def copy_kv_row(self, src: int, dst: int) -> None:
+        """Make row dst of every layer's KV cache a copy of row src."""
+        for block in self.transformer.h:
+            cache = block.attn.kv_cache
+            cache.k[dst], cache.v[dst] = cache.k[src], cache.v[src]
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, a tied LM head counted once; `non_embedding` leaves out the embedding tables (an
