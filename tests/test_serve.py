@@ -269,3 +269,16 @@ def test_the_serve_command_serves_a_checkpoint_until_terminated(tmp_path, model)
     assert server.returncode in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr
     bad = subprocess.run([*command[:-2], "--max_batch", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--max_batch must be >= 1" in bad.stderr
+
+
+def test_the_tokenizer_routes_round_trip_and_know_the_special_token(url, tokenizer):
+    text = "Hello<|endoftext|> world"
+    code, answer = http(url, "/tokenize", {"prompt": text, "add_special_tokens": False})
+    assert code == 200 and answer["tokens"] == tokenizer.encode(text, allow_special=True)
+    assert tokenizer.eot_token in answer["tokens"] and answer["count"] == len(answer["tokens"])
+    assert http(url, "/detokenize", {"tokens": answer["tokens"]}) == (200, {"prompt": text})
+    code, info = http(url, "/tokenizer_info")
+    assert http(url, "/tokenize", {"prompt": info["eos_token"]})[1]["tokens"] == [tokenizer.eot_token]
+    assert info["model_max_length"] == 96
+    code, answer = http(url, "/detokenize", {"tokens": [-1]})
+    assert code == 400 and answer["error"]["param"] == "tokens"

@@ -275,6 +275,34 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             return event_stream(chat_chunks(server, call, body, len(prompt)))
         return JSONResponse(chat_body(server, body, len(prompt), await call.collect(http)))
 
+    # The tokenizer routes of vLLM's server, which lm-evaluation-harness's remote tokenizer reads.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        eot = tokenizer.eot_token
+        eos = tokenizer.decode([eot]) if eot is not None else None
+        return {"tokenizer_class": tokenizer.name, "eos_token": eos, "bos_token": eos, "pad_token": None,
+                "chat_template": None, "model_max_length": engine.context_len, "vocab_size": tokenizer.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(http: Request) -> dict:
+        body = await parse(http, protocol.TokenizeRequest)
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give one of prompt or messages", "prompt")
+        if body.messages is not None:
+            check_messages(body, server.limits)
+        text = body.prompt if body.messages is None else protocol.render_plain_chat(body.messages)
+        tokens = server.encode(text)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_len}
+
+    @app.post("/detokenize")
+    async def detokenize(http: Request) -> dict:
+        body = await parse(http, protocol.DetokenizeRequest)
+        server.check_model(body.model)
+        if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
+            raise APIError(400, f"tokens must be ids in [0, {tokenizer.vocab_size})", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
         return prometheus_text(server)
