@@ -396,7 +396,8 @@ class Engine:
             for seq in list(self.running):
                 self.fail(seq.request, error)
             return
-        greedy = logits.argmax(dim=-1).tolist()  # one transfer for the rows that decode greedily
+        # one transfer for the rows that decode greedily; max(dim).indices is argmax (the first maximum), faster on a CPU
+        greedy = logits.max(dim=-1).indices.tolist()
         for seq in list(self.running):
             if not seq.done:
                 try:
