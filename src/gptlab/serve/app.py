@@ -8,6 +8,7 @@ import asyncio
 import functools
 import json
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -60,6 +61,13 @@ class Server:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Limits):
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
         self.http_requests: Counter[tuple[str, int]] = Counter()
+        self._inbox: Inbox | None = None
+
+    def inbox(self) -> Inbox:
+        """The running event loop's inbox (made on first use, inside the loop)."""
+        if self._inbox is None or self._inbox.loop is not asyncio.get_running_loop():
+            self._inbox = Inbox(asyncio.get_running_loop())
+        return self._inbox
 
     # ---- requests into engine calls ----
     def encode(self, text: str) -> list[int]:
@@ -119,12 +127,34 @@ class Server:
         )
 
 
+class Inbox:
+    """Events from the engine's thread into the event loop. A step reports an event per running sequence; they
+    are handed over in one wake-up of the loop rather than one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Call:
     """Prompts submitted to the engine, seen from asyncio: `events()` yields (choice index, Delta) as the engine
     reports them; choice i * n + j is prompt i's j-th. Leaving early (the client went away) cancels what runs."""
 
     def __init__(self, server: Server, prompts: list[list[int]], params: SamplingParams, n: int):
-        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.inbox, self.queue = server.inbox(), asyncio.Queue()
         self.params, self.n, self.expected = params, n, len(prompts) * n
         self.requests = []
         try:
@@ -138,7 +168,7 @@ class Call:
             raise APIError(400, str(error)) from None
 
     def put(self, prompt_index: int, delta: Delta) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (prompt_index * self.n + delta.index, delta))
+        self.inbox.put(self.queue, (prompt_index * self.n + delta.index, delta))
 
     def cancel(self) -> None:
         for request in self.requests:
