@@ -22,13 +22,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond which the server answers 429")
     p.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens filled in per engine step")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=[*DTYPES, "auto"],
+        help="weights and cache; auto: bfloat16 where the hardware has bf16 matmul units (AMX, bf16 GPUs), else "
+        "float32 (default: %(default)s)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (compiles at start)")
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from gptlab.device import resolve_device
+    from gptlab.device import resolve_device, resolve_dtype
     from gptlab.hf import load_pretrained, resolve_checkpoint_dir
     from gptlab.serve.engine import Engine
 
@@ -44,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> None:
     device = resolve_device(args.device, key="--device")
     directory = resolve_checkpoint_dir(args.model)
     tokenizer = load_run_tokenizer(directory, None)
-    model = load_pretrained(directory, dtype=DTYPES[args.dtype]).to(device)
+    model = load_pretrained(directory, dtype=DTYPES[resolve_dtype(args.dtype, device)]).to(device)
     engine = Engine(model, tokenizer, args.max_batch, args.context_len, args.max_queue, args.prefill_chunk,
                     compile=args.compile)
     if args.compile:
