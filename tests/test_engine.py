@@ -57,13 +57,15 @@ def test_batched_greedy_requests_get_the_tokens_generate_gives_each_alone(varian
     requests queue, rows are reused and prompts are split): each gets exactly what gptlab.generate gives it."""
     model = tiny(variant)
     lengths, budgets = [1, 17, 4, 30, 9, 2, 23, 11, 6], [12, 3, 20, 7, 15, 1, 9, 18, 5]
-    requests = [(p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(prompts(lengths), budgets)]
+    requests = [
+        (p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(prompts(lengths), budgets, strict=True)
+    ]
     with_engine = Engine(model, tokenizer, max_batch=3, prefill_chunk=5).start()
     try:
         results = run_concurrently(with_engine, requests)
     finally:
         with_engine.stop()
-    for (prompt, params), result in zip(requests, results):
+    for (prompt, params), result in zip(requests, results, strict=True):
         expected = generate(model, torch.tensor([prompt]), params.max_tokens, temperature=0)[0, len(prompt) :]
         (choice,) = result.choices
         assert choice.token_ids == expected.tolist()
@@ -78,7 +80,7 @@ def test_seeded_sampling_is_the_same_batched_as_alone(tokenizer):
         SamplingParams(max_tokens=14, temperature=1.2, top_p=0.8, seed=2),
         SamplingParams(max_tokens=6, temperature=0.7, seed=3),
     ]
-    requests = list(zip(prompts([5, 12, 3], seed=1), params))
+    requests = list(zip(prompts([5, 12, 3], seed=1), params, strict=True))
     engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=4).start()
     try:
         alone = [engine.generate(*request).choices[0].token_ids for request in requests]
@@ -133,7 +135,9 @@ def test_stops_end_a_sequence_and_the_context_bounds_it(tokenizer):
         free = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0)).choices[0]
         # a stop token: the first generated token after the first that did not come before
         k = next(i for i, t in enumerate(free.token_ids) if i >= 1 and t not in free.token_ids[:i])
-        by_token = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=(free.token_ids[k],)))
+        by_token = engine.generate(
+            prompt, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=(free.token_ids[k],))
+        )
         # a stop string that starts inside the first token's text and ends in the next one's
         first = tokenizer.decode(free.token_ids[:1])
         stop = tokenizer.decode(free.token_ids[:2])[1 if len(first) > 1 else 0 :]
@@ -171,8 +175,9 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses(tokenizer):
     engine = Engine(model, tokenizer, max_batch=1, max_queue=1).start()
     try:
         first = threading.Event()
-        request = engine.submit(prompts([4])[0], SamplingParams(max_tokens=10**6, temperature=0),
-                                on_event=lambda delta: first.set())
+        request = engine.submit(
+            prompts([4])[0], SamplingParams(max_tokens=10**6, temperature=0), on_event=lambda delta: first.set()
+        )
         assert first.wait(10)
         request.cancel()
         # the single row is free again: a new request completes
@@ -193,8 +198,10 @@ def test_a_failing_request_fails_alone(tokenizer):
     try:
         bad, good = run_concurrently(
             engine,
-            [([VOCAB + 5], SamplingParams(max_tokens=3, temperature=0)),
-             (prompts([5])[0], SamplingParams(max_tokens=3, temperature=0))],
+            [
+                ([VOCAB + 5], SamplingParams(max_tokens=3, temperature=0)),
+                (prompts([5])[0], SamplingParams(max_tokens=3, temperature=0)),
+            ],
         )
     finally:
         engine.stop()
@@ -228,6 +235,6 @@ def test_the_compiled_decoding_step_compiles_once_per_shape_at_most(tokenizer):
         engine.stop()
     assert len(set(shapes)) >= 4  # rows 1 and 2; spans 64, 128 and 160 (the whole cache)
     assert counter.frame_count <= len(set(shapes)) < len(shapes)
-    for (prompt, params), result in zip(requests, results):
+    for (prompt, params), result in zip(requests, results, strict=True):
         expected = generate(model, torch.tensor([prompt]), params.max_tokens, temperature=0)[0, len(prompt) :]
         assert result.choices[0].token_ids == expected.tolist()

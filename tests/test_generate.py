@@ -203,7 +203,7 @@ def test_a_step_with_a_position_per_row_equals_each_row_decoded_alone(fields):
     with torch.inference_mode():
         alone = [model(seq)[:, -1] for seq in seqs]  # the logits after each whole sequence
         model.setup_kv_cache(3, 48)
-        for row, (seq, n) in enumerate(zip(seqs, lengths)):
+        for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
             with model.kv_cache_row(row):
                 model(seq[:, :n], start_pos=0)
         tokens = torch.cat([seq[:, -1:] for seq in seqs])  # (3, 1): each row's last token, at its own position

@@ -68,8 +68,15 @@ def results(tmp_path_factory):
     with running_server(model) as url:
         out = lm_eval.simple_evaluate(
             model="local-completions",
-            model_args={"base_url": f"{url}/v1/completions", "model": MODEL_NAME, "tokenizer_backend": "remote",
-                        "tokenized_requests": True, "num_concurrent": 2, "max_retries": 1, "max_length": 96},
+            model_args={
+                "base_url": f"{url}/v1/completions",
+                "model": MODEL_NAME,
+                "tokenizer_backend": "remote",
+                "tokenized_requests": True,
+                "num_concurrent": 2,
+                "max_retries": 1,
+                "max_length": 96,
+            },
             tasks=["gptlab_choice", "gptlab_until"],
             task_manager=TaskManager(include_path=str(folder)),
             log_samples=True,
@@ -83,7 +90,9 @@ def test_log_likelihoods_and_accuracy_equal_gptlabs_own(results):
     correct = []
     for sample in out["samples"]["gptlab_choice"]:
         scores = []
-        for (context, continuation), [(loglikelihood, is_greedy)] in zip(sample["arguments"], sample["resps"]):
+        for (context, continuation), [(loglikelihood, is_greedy)] in zip(
+            sample["arguments"], sample["resps"], strict=True
+        ):
             # lm-eval's split: the whole text encoded, the context's tokens first
             whole, head = tokenizer.encode(context + continuation), tokenizer.encode(context)
             with torch.no_grad():
@@ -102,8 +111,9 @@ def test_generations_equal_gptlabs_greedy_decoding(results):
     tokenizer = load_tokenizer("gpt2")
     for sample in out["samples"]["gptlab_until"]:
         context = sample["arguments"][0][0]
-        ids = generate(model, torch.tensor([tokenizer.encode(context)]), 8, temperature=0,
-                       stop_tokens=[tokenizer.eot_token])[0, len(tokenizer.encode(context)) :].tolist()
+        ids = generate(
+            model, torch.tensor([tokenizer.encode(context)]), 8, temperature=0, stop_tokens=[tokenizer.eot_token]
+        )[0, len(tokenizer.encode(context)) :].tolist()
         if tokenizer.eot_token in ids:
             ids = ids[: ids.index(tokenizer.eot_token)]
         text = tokenizer.decode(ids)

@@ -43,7 +43,9 @@ def tokenizer():
 def http(url: str, path: str, body: dict | bytes | None = None, headers: dict | None = None) -> tuple[int, dict | str]:
     """(status, parsed JSON or text) of a GET, or of a POST when there is a body."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             status, raw = response.status, response.read().decode()
@@ -68,8 +70,9 @@ def test_models_and_health(client, url):
 
 def test_completion_logprobs_and_echo_are_the_models_own(client, model, tokenizer):
     prompt = "The quick brown fox"
-    result = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
-                                       echo=True)
+    result = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True
+    )
     (choice,) = result.choices
     ids = tokenizer.encode(prompt)
     logprobs = choice.logprobs
@@ -108,8 +111,10 @@ def test_every_prompt_form_and_n(client, tokenizer):
     """A string, strings, token ids and lists of token ids; choice i * n + j is prompt i's j-th."""
     texts = ["One two", "Once upon a time"]
     ids = [tokenizer.encode(t) for t in texts]
-    alone = [client.completions.create(model=MODEL_NAME, prompt=t, max_tokens=5, temperature=0).choices[0].text
-             for t in texts]
+    alone = [
+        client.completions.create(model=MODEL_NAME, prompt=t, max_tokens=5, temperature=0).choices[0].text
+        for t in texts
+    ]
     for prompt in (texts, ids):
         result = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=5, temperature=0, n=2)
         assert [c.index for c in result.choices] == [0, 1, 2, 3]
@@ -121,17 +126,26 @@ def test_every_prompt_form_and_n(client, tokenizer):
 def test_streamed_text_is_the_whole_text(client):
     prompt, options = "It was the best of times", dict(max_tokens=12, temperature=0)
     whole = client.completions.create(model=MODEL_NAME, prompt=prompt, **options).choices[0].text
-    pieces = [chunk.choices[0].text for chunk in
-              client.completions.create(model=MODEL_NAME, prompt=prompt, stream=True, **options)]
+    pieces = [
+        chunk.choices[0].text
+        for chunk in client.completions.create(model=MODEL_NAME, prompt=prompt, stream=True, **options)
+    ]
     assert "".join(pieces) == whole and len(pieces) > 1
 
 
 def test_chat_streams_with_usage_and_matches_the_whole_answer(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
-    whole = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_completion_tokens=10,
-                                           temperature=0)
-    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_completion_tokens=10, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -209,8 +223,11 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_row(model):
         stream = client.completions.create(model=MODEL_NAME, prompt="a", max_tokens=90, stream=True, temperature=0)
         next(iter(stream))  # the row is taken
         waiting = {}
-        thread = threading.Thread(target=lambda: waiting.update(
-            result=client.completions.create(model=MODEL_NAME, prompt="b", max_tokens=3, temperature=0)))
+        thread = threading.Thread(
+            target=lambda: waiting.update(
+                result=client.completions.create(model=MODEL_NAME, prompt="b", max_tokens=3, temperature=0)
+            )
+        )
         thread.start()
         deadline = time.monotonic() + 30
         while metric(url, "queue_length") < 1 and time.monotonic() < deadline:
@@ -246,8 +263,9 @@ def test_the_serve_command_serves_a_checkpoint_until_terminated(tmp_path, model)
     save_pretrained(model, tmp_path / "model")
     port = free_port()
     command = [sys.executable, "-m", "gptlab", "serve", str(tmp_path / "model"), "--port", str(port), "--name", "m"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "GPTLAB_API_KEY": ""})
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "GPTLAB_API_KEY": ""}
+    )
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
         while time.monotonic() < deadline and server.poll() is None:

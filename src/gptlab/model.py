@@ -260,7 +260,9 @@ class KVCache(nn.Module):
     @classmethod
     def empty(cls, batch_size: int, size: int, n_kv_head: int, head_dim: int, rolling: bool, dtype, device):
         shape = (batch_size, n_kv_head, size, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), rolling)
+        return cls(
+            torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), rolling
+        )
 
     def row(self, b: int) -> KVCache:
         """Row b alone, (1, n_kv_head, size, head_dim), sharing this cache's memory."""

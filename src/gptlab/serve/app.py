@@ -47,8 +47,17 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenizer_info",
-          "/tokenize", "/detokenize")
+ROUTES = (
+    "/",
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/tokenizer_info",
+    "/tokenize",
+    "/detokenize",
+)
 
 
 def sse(payload: dict | str) -> str:
@@ -78,8 +87,12 @@ class Server:
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, "", self.model_name):
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}", "model",
-                           "model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
 
     def check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
         if not ids:
@@ -211,8 +224,9 @@ async def watch_disconnect(http: Request, call: Call) -> None:
     call.cancel()
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-               limits: Limits | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None, limits: Limits | None = None
+) -> FastAPI:
     """The app: routes over a started `engine`. With `api_key`, every route but `/health` and the page needs
     `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="gptlab", docs_url=None, redoc_url=None, openapi_url=None)
@@ -226,7 +240,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             if api_key and not public:
                 given = request.headers.get("authorization", "")
                 if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                    raise APIError(401, "a valid API key is required: Authorization: Bearer <key>", code="invalid_api_key")
+                    raise APIError(
+                        401, "a valid API key is required: Authorization: Bearer <key>", code="invalid_api_key"
+                    )
             size, limit = request.headers.get("content-length", "0"), server.limits.max_body_bytes
             if not size.isdigit():
                 raise APIError(400, f"Content-Length {size!r} is not a number of bytes")
@@ -268,8 +284,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "gptlab",
-                "max_model_len": engine.context_len}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "gptlab",
+            "max_model_len": engine.context_len,
+        }
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
@@ -278,10 +299,17 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         server.check_model(body.model)
         prompts = server.prompts(body.prompt)
         if body.logprobs is not None and body.logprobs > server.limits.max_logprobs:
-            raise APIError(400, f"logprobs={body.logprobs} is above the limit of {server.limits.max_logprobs}",
-                           "logprobs")
-        params = server.sampling(body, body.max_tokens, max(map(len, prompts)), stop=body.stop_strings(),
-                                 logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
+            raise APIError(
+                400, f"logprobs={body.logprobs} is above the limit of {server.limits.max_logprobs}", "logprobs"
+            )
+        params = server.sampling(
+            body,
+            body.max_tokens,
+            max(map(len, prompts)),
+            stop=body.stop_strings(),
+            logprobs=body.logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+        )
         call = Call(server, prompts, params, body.n)
         if body.stream:
             return event_stream(completion_chunks(server, call, body, prompts))
@@ -295,11 +323,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         prompt = server.check_prompt(server.encode(protocol.render_plain_chat(body.messages)), "messages")
         top = body.top_logprobs if body.logprobs else None
         if top is not None and top > server.limits.max_logprobs:
-            raise APIError(400, f"top_logprobs={top} is above the limit of {server.limits.max_logprobs}", "top_logprobs")
+            raise APIError(
+                400, f"top_logprobs={top} is above the limit of {server.limits.max_logprobs}", "top_logprobs"
+            )
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         stops = body.stop_strings() + (protocol.PLAIN_TEMPLATE_STOP,)
-        params = server.sampling(body, max_tokens, len(prompt), stop=stops,
-                                 logprobs=(top or 0) if body.logprobs else None)
+        params = server.sampling(
+            body, max_tokens, len(prompt), stop=stops, logprobs=(top or 0) if body.logprobs else None
+        )
         call = Call(server, [prompt], params, body.n)
         if body.stream:
             return event_stream(chat_chunks(server, call, body, len(prompt)))
@@ -310,8 +341,15 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
     async def tokenizer_info() -> dict:
         eot = tokenizer.eot_token
         eos = tokenizer.decode([eot]) if eot is not None else None
-        return {"tokenizer_class": tokenizer.name, "eos_token": eos, "bos_token": eos, "pad_token": None,
-                "chat_template": None, "model_max_length": engine.context_len, "vocab_size": tokenizer.vocab_size}
+        return {
+            "tokenizer_class": tokenizer.name,
+            "eos_token": eos,
+            "bos_token": eos,
+            "pad_token": None,
+            "chat_template": None,
+            "model_max_length": engine.context_len,
+            "vocab_size": tokenizer.vocab_size,
+        }
 
     @app.post("/tokenize")
     async def tokenize(http: Request) -> dict:
@@ -367,8 +405,11 @@ def check_messages(body: ChatRequest, limits: Limits) -> None:
         raise APIError(400, f"at most {limits.max_messages} messages, got {len(body.messages)}", "messages")
     for i, message in enumerate(body.messages):
         if len(message.content) > limits.max_message_chars:
-            raise APIError(400, f"messages[{i}] has {len(message.content)} characters, above the limit of "
-                           f"{limits.max_message_chars}", f"messages.{i}.content")
+            raise APIError(
+                400,
+                f"messages[{i}] has {len(message.content)} characters, above the limit of {limits.max_message_chars}",
+                f"messages.{i}.content",
+            )
 
 
 def event_stream(chunks: AsyncIterator[dict | str]) -> StreamingResponse:
@@ -387,8 +428,12 @@ def event_stream(chunks: AsyncIterator[dict | str]) -> StreamingResponse:
 
 
 def header(server: Server, prefix: str, obj: str) -> dict:
-    return {"id": f"{prefix}-{secrets.token_hex(12)}", "object": obj, "created": int(time.time()),
-            "model": server.model_name}
+    return {
+        "id": f"{prefix}-{secrets.token_hex(12)}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": server.model_name,
+    }
 
 
 def completion_body(server: Server, call: Call, body: CompletionRequest, prompts, choices: list[Delta]) -> dict:
@@ -482,8 +527,12 @@ def prometheus_text(server: Server) -> str:
         lines.extend(f"gptlab_{name}{labels} {value}" for labels, value in samples)
 
     http = sorted(server.http_requests.items())
-    metric("http_requests_total", "counter", "HTTP requests by path and status code.",
-           [(f'{{path="{path}",code="{code}"}}', count) for (path, code), count in http])
+    metric(
+        "http_requests_total",
+        "counter",
+        "HTTP requests by path and status code.",
+        [(f'{{path="{path}",code="{code}"}}', count) for (path, code), count in http],
+    )
     metric("requests_total", "counter", "Requests the engine accepted.", [("", stats.requests)])
     metric("requests_rejected_total", "counter", "Requests refused because the queue was full.", [("", stats.rejected)])
     metric("request_errors_total", "counter", "Sequences that failed inside the engine.", [("", stats.errors)])

@@ -51,8 +51,9 @@ def run_serve(args: argparse.Namespace) -> None:
     directory = resolve_checkpoint_dir(args.model)
     tokenizer = load_run_tokenizer(directory, None)
     model = load_pretrained(directory, dtype=DTYPES[resolve_dtype(args.dtype, device)]).to(device)
-    engine = Engine(model, tokenizer, args.max_batch, args.context_len, args.max_queue, args.prefill_chunk,
-                    compile=args.compile)
+    engine = Engine(
+        model, tokenizer, args.max_batch, args.context_len, args.max_queue, args.prefill_chunk, compile=args.compile
+    )
     if args.compile:
         engine.warm_up()
     server = build_server(engine, tokenizer, args.name or args.model, args.host, args.port, args.api_key)

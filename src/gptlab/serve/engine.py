@@ -123,7 +123,9 @@ class Request:
         self.id = next(Request._ids)
         self.prompt, self.params, self.n, self.on_event = prompt, params, n, on_event
         self.filled = 0  # prompt tokens already in the cache
-        self.prompt_logprobs: list[TokenLogprob] | None = [TokenLogprob(prompt[0], None)] if params.prompt_logprobs else None
+        self.prompt_logprobs: list[TokenLogprob] | None = (
+            [TokenLogprob(prompt[0], None)] if params.prompt_logprobs else None
+        )
         self.sequences: list[Sequence] = []
         self.cancelled = False
         self.submitted = time.perf_counter()
@@ -396,7 +398,7 @@ class Engine:
             for seq in list(self.running):
                 self.fail(seq.request, error)
             return
-        # one transfer for the rows that decode greedily; max(dim).indices is argmax (the first maximum), faster on a CPU
+        # one transfer for the greedy rows; max(dim).indices is argmax (the first maximum), faster on a CPU
         greedy = logits.max(dim=-1).indices.tolist()
         for seq in list(self.running):
             if not seq.done:
@@ -436,7 +438,9 @@ class Engine:
         best = logp.topk(top, dim=-1) if top else None
         report = []
         for i, (target, value) in enumerate(zip(targets, chosen, strict=True)):
-            pairs = list(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best is not None else []
+            pairs = (
+                list(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best is not None else []
+            )
             report.append(TokenLogprob(target, value, pairs))
         return report
 

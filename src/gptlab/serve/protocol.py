@@ -128,7 +128,11 @@ def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict:
     """The chat route's `logprobs` object: a `content` list of {token, logprob, bytes, top_logprobs}."""
 
     def item(token: int, logprob: float) -> dict:
-        return {"token": token_text(tokenizer, token), "logprob": logprob, "bytes": list(tokenizer.decode_bytes([token]))}
+        return {
+            "token": token_text(tokenizer, token),
+            "logprob": logprob,
+            "bytes": list(tokenizer.decode_bytes([token])),
+        }
 
     return {"content": [item(e.token, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
 
