@@ -59,7 +59,20 @@ def add_parser(subparsers) -> None:
         "CPU blockwise), and every output matches SDPA under the dense band mask",
     )
     add_profile_flags(p, d)
+    add_serve_flags(p, d.serve)
     p.set_defaults(run=run)
+
+
+def add_serve_flags(p: argparse.ArgumentParser, d) -> None:
+    group = p.add_argument_group("serve: the server under concurrent streaming clients")
+    group.add_argument("--url", default=None, help="a running server (default: start one in this process)")
+    group.add_argument("--concurrency", type=int, nargs="+", default=list(d.concurrency), help="clients at once")
+    group.add_argument("--serve_prompt_len", type=int, default=d.prompt_len, help="prompt tokens (%(default)s)")
+    group.add_argument("--serve_max_tokens", type=int, default=d.max_tokens, help="new tokens (%(default)s)")
+    group.add_argument(
+        "--requests_per_client", type=int, default=d.requests_per_client, help="requests each client runs in turn"
+    )
+    group.add_argument("--serve_dtype", choices=["float32", "bfloat16"], default=d.dtype, help="in-process weights")
 
 
 def add_profile_flags(p: argparse.ArgumentParser, d) -> None:
@@ -80,6 +93,7 @@ def run(args: argparse.Namespace) -> None:
 
     from gptlab.bench.data import DataBenchOptions
     from gptlab.bench.report import format_report
+    from gptlab.bench.serve import ServeBenchOptions
     from gptlab.bench.suites import DEFAULT_SUITES, SUITES, BenchOptions, run_suites
 
     sized = ("batch_size", "seq_len", "new_tokens", "prefill_len", "window_seq_len", "window", "kernels_seq_len")
@@ -90,7 +104,15 @@ def run(args: argparse.Namespace) -> None:
     loader = {name: getattr(args, name) for name in ("loader_shards", "loader_shard_tokens", "loader_batches")}
     if args.prepare_copies is not None:
         loader["prepare_copies"] = args.prepare_copies
-    for name, value in [*sizes.items(), *loader.items(), *(("decode_batches", b) for b in args.decode_batches)]:
+    serve = {
+        "prompt_len": args.serve_prompt_len,
+        "max_tokens": args.serve_max_tokens,
+        "requests_per_client": args.requests_per_client,
+    }
+    checked = [*sizes.items(), *loader.items(), *(("decode_batches", b) for b in args.decode_batches)]
+    checked += [*(("serve_" + k if k != "requests_per_client" else k, v) for k, v in serve.items())]
+    checked += [("concurrency", c) for c in args.concurrency]
+    for name, value in checked:
         if value < 1:
             raise GptlabError(f"--{name} must be >= 1, got {value}")
     unknown = [suite for suite in args.suites if suite not in SUITES]
@@ -108,6 +130,7 @@ def run(args: argparse.Namespace) -> None:
         profile_config=args.profile_config,
         profile_overrides=tuple(f"--{item}" for item in args.set),
         data=DataBenchOptions(**loader),
+        serve=ServeBenchOptions(url=args.url, concurrency=tuple(args.concurrency), dtype=args.serve_dtype, **serve),
         **sizes,
     )
     try:

@@ -7,6 +7,7 @@ from gptlab.bench.data import format_data_lines
 from gptlab.bench.kernels import format_kernels_lines
 from gptlab.bench.levers import format_levers_lines
 from gptlab.bench.profile import format_profile_lines
+from gptlab.bench.serve import format_serve_lines
 
 
 def _case(row: dict) -> str:
@@ -37,6 +38,8 @@ def format_report(result: dict) -> str:
         lines += format_kernels_lines(result["kernels"])
     if "profile" in result:
         lines += format_profile_lines(result["profile"])
+    if "serve" in result:
+        lines += format_serve_lines(result["serve"], result["options"]["preset"])
     if any(row["suite"] == "train" for row in result["rows"]):
         lines.append("")
         lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")

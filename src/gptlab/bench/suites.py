@@ -16,7 +16,9 @@ Suites (`gptlab bench [suite ...]`):
 - kernels (only when named): which attention kernel each case {MHA, GQA, MQA} x {full, window} gets, and its
   output against SDPA under the dense band mask (`gptlab.bench.kernels`);
 - profile (only when named): where the real training step of a job spends its time, phase by phase and op by op,
-  under `torch.profiler` (`gptlab.bench.profile`).
+  under `torch.profiler` (`gptlab.bench.profile`);
+- serve (only when named): gptlab's server under 1 to 64 concurrent streaming clients, against the same prompts
+  decoded one at a time by gptlab and by transformers (`gptlab.bench.serve`).
 With `compare_hf`, train, decode and prefill also run Hugging Face transformers' GPT2LMHeadModel on
 the same inputs, interleaved with ours.
 """
@@ -38,15 +40,16 @@ from gptlab.bench.levers import levers_suite
 from gptlab.bench.machine import matmul_peak, matvec_bandwidth, published_peak
 from gptlab.bench.models import gptlab_model, greedy_decoding, hf_model, training_step
 from gptlab.bench.profile import profile_job
+from gptlab.bench.serve import ServeBenchOptions, serve_suite
 from gptlab.bench.timing import interleaved_medians, peak_memory
 from gptlab.device import machine_info, resolve_device, synced, use_device
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.sizes import flops_per_token
 
-SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels", "profile")
+SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels", "profile", "serve")
 # run by name only: data writes and tokenizes hundreds of MB, levers takes minutes at GPT-2's size, kernels is a
-# check of which attention kernel runs rather than a speed, and profile trains a job of its own
+# check of which attention kernel runs rather than a speed, profile trains a job of its own, serve starts a server
 DEFAULT_SUITES = SUITES[:5]
 
 
@@ -74,6 +77,7 @@ class BenchOptions:
     profile_overrides: tuple[str, ...] = ()  # profile: --section.key=value on top of it
     profile_steps: int = 10  # profile: steps under the profiler, after 3 warm-up steps
     data: DataBenchOptions = field(default_factory=DataBenchOptions)
+    serve: ServeBenchOptions = field(default_factory=ServeBenchOptions)
 
 
 def _models(
@@ -263,6 +267,8 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
         elif suite == "profile":
             args = opts.profile_config, list(opts.profile_overrides), opts.profile_steps
             result["profile"] = profile_job(*args, device=str(device))
+        elif suite == "serve":
+            result["serve"] = serve_suite(config, opts.serve, device)
         elif suite == "window":
             result["window"] = window_benchmark(opts.window_seq_len, opts.window, repeats=opts.repeats, device=device)
         else:

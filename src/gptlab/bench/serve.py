@@ -1,0 +1,233 @@
+"""`gptlab bench serve`: a load generator against gptlab's server, beside the same prompts decoded one at a time.
+
+At each level of concurrency, that many clients stream completions at once, each running `requests_per_client`
+requests one after another (prompts of `prompt_len` random token ids, exactly `max_tokens` new tokens each:
+`ignore_eos`). Reported per level: generated tokens/s in total, time to first token and the interval between
+tokens (p50/p95). Beside them: gptlab's `generate` and transformers' `generate` on the same prompts one at a time,
+and what bounds a decoding step (the weights read per step over the measured bandwidth).
+
+Without `url` the server runs in this process over a random-weight model of the preset: the engine's loop on the
+main thread as `gptlab serve` runs it, uvicorn and the clients on other threads. The clients are plain threads
+with `http.client`, so they need nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import statistics
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.model import GPTConfig
+
+
+@dataclass
+class ServeBenchOptions:
+    url: str | None = None  # a running server; None: start one in this process
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    prompt_len: int = 64
+    max_tokens: int = 64
+    requests_per_client: int = 2
+    dtype: str = "float32"  # the in-process server's weights
+    baseline_prompts: int = 4  # prompts decoded one at a time by each baseline
+
+
+def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed completion: the times its token events arrived (after the request was sent) and the tokens
+    the server counted."""
+    parts = urllib.parse.urlsplit(url)
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+    start, events, tokens = time.perf_counter(), [], None
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise GptlabError(f"{url} answered {response.status}: {response.read().decode()[:200]}")
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise GptlabError(f"{url} failed a request: {chunk['error']['message']}")
+            if chunk["choices"]:
+                events.append(time.perf_counter() - start)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    finally:
+        connection.close()
+    return {"events": events, "tokens": tokens}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def load_level(url: str, model: str, prompts: list[list[int]], concurrency: int, opts: ServeBenchOptions) -> dict:
+    """`concurrency` clients at once, each streaming its share of `prompts` one after another."""
+    results: list[dict] = []
+    failures: list[BaseException] = []
+
+    def client(share: list[list[int]]) -> None:
+        try:
+            for prompt in share:
+                results.append(stream_completion(url, model, prompt, opts.max_tokens))
+        except BaseException as error:
+            failures.append(error)
+
+    shares = [prompts[i::concurrency] for i in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    if failures:
+        raise failures[0]
+    tokens = sum(r["tokens"] for r in results)
+    first = [r["events"][0] for r in results]
+    gaps = [b - a for r in results for a, b in itertools.pairwise(r["events"])]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "ttft_p50_s": percentile(first, 50),
+        "ttft_p95_s": percentile(first, 95),
+        "itl_p50_s": percentile(gaps, 50),
+        "itl_p95_s": percentile(gaps, 95),
+    }
+
+
+def served_model_name(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.request("GET", "/v1/models")
+        return json.loads(connection.getresponse().read())["data"][0]["id"]
+    except (OSError, KeyError, ValueError) as error:
+        raise GptlabError(f"--url {url}: no gptlab/OpenAI server answers there ({error})") from None
+    finally:
+        connection.close()
+
+
+def run_levels(url: str, prompts: list[list[int]], opts: ServeBenchOptions) -> list[dict]:
+    model = served_model_name(url)
+    stream_completion(url, model, prompts[0], 2)  # warm-up: the first request pays for lazy set-up
+    return [load_level(url, model, prompts[: c * opts.requests_per_client], c, opts) for c in opts.concurrency]
+
+
+def one_at_a_time(generate_one, prompts: list[list[int]], max_tokens: int) -> float:
+    """Tokens/s of decoding `prompts` one after another (after one warm-up)."""
+    generate_one(prompts[0][:8], 2)
+    start = time.perf_counter()
+    for prompt in prompts:
+        generate_one(prompt, max_tokens)
+    return len(prompts) * max_tokens / (time.perf_counter() - start)
+
+
+def baselines(model, config: GPTConfig, prompts: list[list[int]], max_tokens: int, device) -> dict[str, float]:
+    """gptlab's and transformers' `generate`, greedy, batch 1, exactly `max_tokens` new tokens per prompt."""
+    from gptlab import generate
+    from gptlab.bench.models import greedy_decoding, hf_model
+
+    def ours(prompt: list[int], n: int) -> None:
+        generate(model, torch.tensor([prompt], device=device), n, temperature=0.0)
+
+    figures = {"gptlab generate": one_at_a_time(ours, prompts, max_tokens)}
+    try:
+        hf = hf_model(config, device).to(next(model.parameters()).dtype)
+    except (ImportError, GptlabError):  # no transformers, or a config GPT-2 cannot express
+        return figures
+
+    def theirs(prompt: list[int], n: int) -> None:
+        greedy_decoding(hf, torch.tensor([prompt], device=device), n, device, impl="hf")()
+
+    figures["transformers generate"] = one_at_a_time(theirs, prompts, max_tokens)
+    return figures
+
+
+def serve_suite(config: GPTConfig, opts: ServeBenchOptions, device: torch.device) -> dict:
+    from gptlab.bench.machine import matvec_bandwidth
+    from gptlab.tokenizer import load_tokenizer
+
+    if any(c < 1 for c in opts.concurrency) or not opts.concurrency:
+        raise GptlabError(f"--concurrency must be integers >= 1, got {list(opts.concurrency)}")
+    tokenizer = load_tokenizer("gpt2")
+    if config.vocab_size < tokenizer.vocab_size:
+        raise GptlabError(f"the serve bench needs GPT-2's vocabulary; preset has vocab_size={config.vocab_size}")
+    generator = torch.Generator().manual_seed(0)
+    count = max(opts.concurrency) * opts.requests_per_client
+    prompts = torch.randint(0, tokenizer.vocab_size, (count, opts.prompt_len), generator=generator).tolist()
+    result: dict = {"options": {**opts.__dict__, "concurrency": list(opts.concurrency)}}
+    if opts.url is not None:
+        result["levels"] = run_levels(opts.url, prompts, opts)
+        return result
+
+    from gptlab.bench.models import gptlab_model
+    from gptlab.serve.engine import Engine
+    from gptlab.serve.server import build_server, serve_while
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
+    model = gptlab_model(config, device).to(dtype).eval()
+    context = opts.prompt_len + opts.max_tokens
+    engine = Engine(model, tokenizer, max_batch=max(opts.concurrency), context_len=context, max_queue=count)
+    server = build_server(engine, tokenizer, "bench", port=0)
+    result["levels"] = serve_while(engine, server, lambda url: run_levels(url, prompts, opts))
+    model.clear_kv_cache()
+    result["baselines"] = baselines(model, config, prompts[: opts.baseline_prompts], opts.max_tokens, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = matvec_bandwidth(device, repeats=5)[opts.dtype]
+    result["bound"] = {"weight_bytes": weight_bytes, "bytes_per_s": bandwidth, "step_s": weight_bytes / bandwidth}
+    return result
+
+
+def format_serve_lines(result: dict, preset: str) -> list[str]:
+    """The levels as a table, the ratios to one client and to transformers one at a time, the bound."""
+    opts, levels = result["options"], result["levels"]
+    one = next((level["tokens_per_s"] for level in levels if level["concurrency"] == 1), None)
+    base = result.get("baselines", {})
+    hf = base.get("transformers generate")
+    lines = [
+        "",
+        f"serve: {preset}, {opts['dtype']}, prompts of {opts['prompt_len']} tokens, {opts['max_tokens']} new tokens"
+        f" each, streamed, greedy" + (f", {opts['url']}" if opts["url"] else ", server in process"),
+        f"{'clients':>8}{'requests':>9}{'tok/s':>9}{'vs 1':>7}{'vs HF':>7}{'TTFT p50':>10}{'p95':>8}"
+        f"{'ITL p50':>9}{'p95':>8}",
+    ]
+    for level in levels:
+        rate, c = level["tokens_per_s"], level["concurrency"]
+        lines.append(
+            f"{c:>8}{level['requests']:>9}{rate:>9,.1f}"
+            + (f"{rate / one:>6.1f}x" if one else " " * 7)
+            + (f"{rate / hf:>6.1f}x" if hf else " " * 7)
+            + f"{level['ttft_p50_s'] * 1e3:>8,.0f}ms{level['ttft_p95_s'] * 1e3:>6,.0f}ms"
+            + f"{level['itl_p50_s'] * 1e3:>7,.1f}ms{level['itl_p95_s'] * 1e3:>6,.1f}ms"
+        )
+    for name, rate in base.items():
+        lines.append(f"{name}, one prompt at a time: {rate:,.1f} tok/s")
+    if "bound" in result:
+        bound = result["bound"]
+        lines.append(
+            f"bound: a decoding step reads the {bound['weight_bytes'] / 2**20:,.0f} MiB of weights; at the measured "
+            f"{bound['bytes_per_s'] / 1e9:,.1f} GB/s that is {bound['step_s'] * 1e3:,.1f} ms per step, "
+            f"at most {1 / bound['step_s']:,.1f} tok/s for one client"
+        )
+    return lines
