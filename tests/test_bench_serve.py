@@ -1,4 +1,4 @@
-"""`gptlab bench serve`: the load generator against an in-process server and a running one."""
+"""`gptlab bench serve`: the load generator against the `gptlab serve` it starts, and against a running server."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ TINY_LOAD = ["--preset", "tiny", "--serve_prompt_len", "6", "--serve_max_tokens"
 
 
 def test_every_level_serves_every_token_it_asks_for(capsys):
-    """In process: each level runs clients x requests_per_client requests of exactly max_tokens tokens (the
-    server's own count), the baselines and the bound are reported, and the table shows every level."""
+    """Against the `gptlab serve` it starts: each level runs clients x requests_per_client requests of exactly
+    max_tokens tokens (the server's own count); the baselines and the bound are reported."""
     assert main(["bench", "serve", "--concurrency", "1", "3", "--json", *TINY_LOAD]) == 0
     result = json.loads(capsys.readouterr().out)["serve"]
     assert [level["concurrency"] for level in result["levels"]] == [1, 3]

@@ -65,14 +65,16 @@ def add_parser(subparsers) -> None:
 
 def add_serve_flags(p: argparse.ArgumentParser, d) -> None:
     group = p.add_argument_group("serve: the server under concurrent streaming clients")
-    group.add_argument("--url", default=None, help="a running server (default: start one in this process)")
+    group.add_argument("--url", default=None, help="a running server (default: start `gptlab serve` for it)")
     group.add_argument("--concurrency", type=int, nargs="+", default=list(d.concurrency), help="clients at once")
     group.add_argument("--serve_prompt_len", type=int, default=d.prompt_len, help="prompt tokens (%(default)s)")
     group.add_argument("--serve_max_tokens", type=int, default=d.max_tokens, help="new tokens (%(default)s)")
     group.add_argument(
         "--requests_per_client", type=int, default=d.requests_per_client, help="requests each client runs in turn"
     )
-    group.add_argument("--serve_dtype", choices=["float32", "bfloat16"], default=d.dtype, help="in-process weights")
+    group.add_argument(
+        "--serve_dtype", choices=["float32", "bfloat16"], default=d.dtype, help="the started server's weights"
+    )
 
 
 def add_profile_flags(p: argparse.ArgumentParser, d) -> None:

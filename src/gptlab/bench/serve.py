@@ -6,20 +6,26 @@ requests one after another (prompts of `prompt_len` random token ids, exactly `m
 tokens (p50/p95). Beside them: gptlab's `generate` and transformers' `generate` on the same prompts one at a time,
 and what bounds a decoding step (the weights read per step over the measured bandwidth).
 
-Without `url` the server runs in this process over a random-weight model of the preset: the engine's loop on the
-main thread as `gptlab serve` runs it, uvicorn and the clients on other threads. The clients are plain threads
-with `http.client`, so they need nothing beyond the standard library.
+Without `url` it starts `gptlab serve` in a subprocess over a random-weight checkpoint of the preset, so that the
+server runs as users run it and the clients (plain threads with `http.client`, nothing beyond the standard
+library) do not share its interpreter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +41,7 @@ class ServeBenchOptions:
     prompt_len: int = 64
     max_tokens: int = 64
     requests_per_client: int = 2
-    dtype: str = "float32"  # the in-process server's weights
+    dtype: str = "float32"  # the started server's weights
     baseline_prompts: int = 4  # prompts decoded one at a time by each baseline
 
 
@@ -182,21 +188,49 @@ def serve_suite(config: GPTConfig, opts: ServeBenchOptions, device: torch.device
         return result
 
     from gptlab.bench.models import gptlab_model
-    from gptlab.serve.engine import Engine
-    from gptlab.serve.server import build_server, serve_while
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
     model = gptlab_model(config, device).to(dtype).eval()
-    context = opts.prompt_len + opts.max_tokens
-    engine = Engine(model, tokenizer, max_batch=max(opts.concurrency), context_len=context, max_queue=count)
-    server = build_server(engine, tokenizer, "bench", port=0)
-    result["levels"] = serve_while(engine, server, lambda url: run_levels(url, prompts, opts))
-    model.clear_kv_cache()
+    server_flags = ["--max_batch", max(opts.concurrency), "--context_len", opts.prompt_len + opts.max_tokens]
+    server_flags += ["--max_queue", count, "--dtype", opts.dtype, "--device", device]
+    with serve_subprocess(model, [str(flag) for flag in server_flags]) as url:
+        result["levels"] = run_levels(url, prompts, opts)
     result["baselines"] = baselines(model, config, prompts[: opts.baseline_prompts], opts.max_tokens, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = matvec_bandwidth(device, repeats=5)[opts.dtype]
     result["bound"] = {"weight_bytes": weight_bytes, "bytes_per_s": bandwidth, "step_s": weight_bytes / bandwidth}
     return result
+
+
+@contextlib.contextmanager
+def serve_subprocess(model, flags: list[str], timeout: float = 300) -> Iterator[str]:
+    """`gptlab serve` over `model` (written to a temporary checkpoint) on a free port of 127.0.0.1; yields its URL
+    once it answers, and stops it on exit."""
+    from gptlab.hf import save_pretrained
+
+    with tempfile.TemporaryDirectory() as directory, socket.socket() as probe:
+        save_pretrained(model, directory)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        command = [sys.executable, "-m", "gptlab", "serve", directory, "--port", str(port), "--name", "bench", *flags]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+        try:
+            while True:
+                if server.poll() is not None:
+                    raise GptlabError(f"gptlab serve exited with {server.returncode}: {server.stderr.read()[-500:]}")
+                try:
+                    served_model_name(url)
+                    break
+                except GptlabError:
+                    if time.monotonic() > deadline:
+                        raise GptlabError(f"gptlab serve did not answer within {timeout:.0f} s") from None
+                    time.sleep(0.2)
+            yield url
+        finally:
+            server.terminate()
+            server.communicate(timeout=60)
 
 
 def format_serve_lines(result: dict, preset: str) -> list[str]:
@@ -208,7 +242,7 @@ def format_serve_lines(result: dict, preset: str) -> list[str]:
     lines = [
         "",
         f"serve: {preset}, {opts['dtype']}, prompts of {opts['prompt_len']} tokens, {opts['max_tokens']} new tokens"
-        f" each, streamed, greedy" + (f", {opts['url']}" if opts["url"] else ", server in process"),
+        f" each, streamed, greedy" + (f", {opts['url']}" if opts["url"] else ", `gptlab serve` started for it"),
         f"{'clients':>8}{'requests':>9}{'tok/s':>9}{'vs 1':>7}{'vs HF':>7}{'TTFT p50':>10}{'p95':>8}"
         f"{'ITL p50':>9}{'p95':>8}",
     ]

@@ -1,5 +1,5 @@
-"""Running the app with uvicorn over an engine: `serve_forever` for `gptlab serve`, `serve_while` for a load
-generator in the same process (`gptlab bench serve`), `serving` in a background thread for tests.
+"""Running the app with uvicorn over an engine: `serve_forever` for `gptlab serve`, `serving` in a background
+thread for tests.
 
 `serve_forever` runs the engine's loop on the calling (main) thread and uvicorn beside it. The model's work
 belongs on the thread that loaded it: with PyTorch's OpenMP (libgomp), a second thread running parallel kernels
@@ -13,8 +13,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -26,7 +25,6 @@ from gptlab.serve.protocol import Limits
 from gptlab.tokenizer import Tokenizer
 
 API_KEY_ENV = "GPTLAB_API_KEY"
-T = TypeVar("T")
 
 
 def build_server(
@@ -66,37 +64,6 @@ def serving(
         server.should_exit = True
         thread.join(timeout=10)
         engine.stop()
-
-
-def serve_while(engine: Engine, server: uvicorn.Server, work: Callable[[str], T]) -> T:
-    """Run `work(base_url)` on a background thread while uvicorn serves on another and the engine's loop runs on
-    this one; stop both when `work` returns, and return what it returned (or raise what it raised)."""
-    outcome: dict = {}
-
-    def run_work() -> None:
-        try:
-            while not server.started:
-                time.sleep(0.01)
-            host, port = server.servers[0].sockets[0].getsockname()[:2]
-            outcome["value"] = work(f"http://{host}:{port}")
-        except BaseException as error:
-            outcome["error"] = error
-
-    uvicorn_thread = threading.Thread(target=server.run, name="gptlab-server", daemon=True)
-    work_thread = threading.Thread(target=run_work, name="gptlab-work", daemon=True)
-    uvicorn_thread.start()
-    work_thread.start()
-    try:
-        engine.run(until=lambda: not work_thread.is_alive() or not uvicorn_thread.is_alive())
-    finally:
-        server.should_exit = True
-        uvicorn_thread.join(timeout=10)
-    work_thread.join(timeout=10)
-    if "error" in outcome:
-        raise outcome["error"]
-    if "value" not in outcome:
-        raise GptlabError("the server stopped before the work was done")
-    return outcome["value"]
 
 
 def serve_forever(engine: Engine, server: uvicorn.Server) -> None:
