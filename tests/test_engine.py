@@ -186,9 +186,9 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses(tokenizer):
     finally:
         engine.stop()
     idle = Engine(model, tokenizer, max_batch=1, max_queue=1)  # not started: nothing leaves the queue
-    idle.submit([1], SamplingParams())
+    idle.submit([1], SamplingParams(), print)
     with pytest.raises(QueueFull, match="1 requests"):
-        idle.submit([1], SamplingParams())
+        idle.submit([1], SamplingParams(), print)
 
 
 def test_a_failing_request_fails_alone(tokenizer):

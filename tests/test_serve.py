@@ -300,3 +300,19 @@ def test_the_tokenizer_routes_round_trip_and_know_the_special_token(url, tokeniz
     assert info["model_max_length"] == 96
     code, answer = http(url, "/detokenize", {"tokens": [-1]})
     assert code == 400 and answer["error"]["param"] == "tokens"
+
+
+def test_a_character_model_is_served_and_refuses_characters_outside_its_alphabet():
+    from gptlab.model import GPTConfig
+    from gptlab.serve.server import serving
+    from helpers import random_gpt
+
+    tokenizer = load_tokenizer("char", chars="\n abcdefgh")
+    model = random_gpt(GPTConfig(block_size=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    with serving(model, tokenizer, "chars", {"max_batch": 2}) as url:
+        code, answer = http(url, "/v1/completions", {"prompt": "a bad", "max_tokens": 5, "temperature": 0})
+        assert code == 200 and answer["choices"][0]["finish_reason"] == "length"
+        assert set(answer["choices"][0]["text"]) <= set("\n abcdefgh")
+        code, answer = http(url, "/v1/completions", {"prompt": "xyz", "max_tokens": 5})
+        assert code == 400 and "'x'" in answer["error"]["message"] and answer["error"]["param"] == "prompt"
+        assert http(url, "/tokenizer_info")[1]["eos_token"] is None

@@ -79,11 +79,14 @@ class Server:
         return self._inbox
 
     # ---- requests into engine calls ----
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
         """Token ids of `text`, `<|endoftext|>` as its special id where the tokenizer has one."""
-        if ENDOFTEXT in text and getattr(self.tokenizer, "eot_token", None) is not None:
-            return self.tokenizer.encode(text, allow_special=True)
-        return self.tokenizer.encode(text)
+        try:
+            if ENDOFTEXT in text and getattr(self.tokenizer, "eot_token", None) is not None:
+                return self.tokenizer.encode(text, allow_special=True)
+            return self.tokenizer.encode(text)
+        except GptlabError as error:  # a character tokenizer meets a character outside its alphabet
+            raise APIError(400, str(error), param) from None
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, "", self.model_name):
@@ -172,7 +175,7 @@ class Call:
         self.requests = []
         try:
             for i, prompt in enumerate(prompts):
-                self.requests.append(server.engine.submit(prompt, params, n, functools.partial(self.put, i)))
+                self.requests.append(server.engine.submit(prompt, params, functools.partial(self.put, i), n))
         except QueueFull as error:
             self.cancel()
             raise APIError(429, str(error), code="queue_full") from None
@@ -320,7 +323,7 @@ def create_app(
         body = await parse(http, ChatRequest)
         server.check_model(body.model)
         check_messages(body, server.limits)
-        prompt = server.check_prompt(server.encode(protocol.render_plain_chat(body.messages)), "messages")
+        prompt = server.check_prompt(server.encode(protocol.render_plain_chat(body.messages), "messages"), "messages")
         top = body.top_logprobs if body.logprobs else None
         if top is not None and top > server.limits.max_logprobs:
             raise APIError(

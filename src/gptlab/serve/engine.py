@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import codecs
 import collections
-import itertools
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,10 +115,7 @@ class TextStream:
 class Request:
     """One submitted request: its prompt, its sampling, its `n` sequences, and what it reports to `on_event`."""
 
-    _ids = itertools.count()
-
     def __init__(self, prompt: list[int], params: SamplingParams, n: int, on_event: Callable[[Delta], None]):
-        self.id = next(Request._ids)
         self.prompt, self.params, self.n, self.on_event = prompt, params, n, on_event
         self.filled = 0  # prompt tokens already in the cache
         self.prompt_logprobs: list[TokenLogprob] | None = (
@@ -128,7 +123,6 @@ class Request:
         )
         self.sequences: list[Sequence] = []
         self.cancelled = False
-        self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the rows are freed at the next step."""
@@ -174,7 +168,8 @@ def cache_span(last_position: int, size: int) -> int:
 
 
 class Engine:
-    """Continuous batching over one model. `start()` runs the loop in a thread; `submit` from any thread."""
+    """Continuous batching over one model. `run()` runs the loop on the calling thread (`gptlab serve`: the main
+    thread, which loaded the model), `start()` on a background thread; `submit` from any thread."""
 
     def __init__(
         self,
@@ -208,7 +203,7 @@ class Engine:
 
     # ---- the caller's side ----
     def submit(
-        self, prompt: list[int], params: SamplingParams, n: int = 1, on_event: Callable[[Delta], None] = print
+        self, prompt: list[int], params: SamplingParams, on_event: Callable[[Delta], None], n: int = 1
     ) -> Request:
         """Queue a request; its events go to `on_event` from the engine's thread. Raises QueueFull at the bound,
         and GptlabError for a request that can never run."""
@@ -231,7 +226,7 @@ class Engine:
     def generate(self, prompt: list[int], params: SamplingParams, n: int = 1, timeout: float = 600) -> Completion:
         """Submit and wait for the whole completion."""
         events: queue.Queue[Delta] = queue.Queue()
-        request = self.submit(prompt, params, n, events.put)
+        request = self.submit(prompt, params, events.put, n)
         merged = [Delta(i, [], "", [] if params.logprobs is not None else None) for i in range(n)]
         remaining = n
         while remaining:
