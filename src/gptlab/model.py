@@ -352,11 +352,11 @@ class CausalSelfAttention(nn.Module):
             y = causal_attention(q, k, v, self.window, dropout_p)
         else:  # continuing a cached sequence
             k, v, k_pos = self.kv_cache.update(start_pos, k, v)
-            if per_row:  # a position per row: masks (B, 1, 1, S), one per row
+            if per_row:  # a position per row, so a mask per row
                 q_pos, k_pos = start_pos.positions[:, None, None], k_pos[:, None, :]
             else:
                 q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-            # (T, S); a boolean mask gives the hidden slots (empty ones too) exactly zero weight
+            # (T, S), or (B, 1, 1, S) per row; a boolean mask gives hidden (and empty) slots exactly zero weight
             mask = band_mask(q_pos, k_pos, self.window)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=self.n_head != self.n_kv_head
