@@ -239,6 +239,9 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_row(model):
         assert waiting["result"].choices[0].finish_reason == "length"
         assert metric(url, "running_slots") == 0
         assert metric(url, "requests_rejected_total") == 1
+        # the two served requests, each one sequence: the cancelled stream does not count as finished
+        assert metric(url, "requests_total") == 2 and metric(url, "sequences_finished_total") == 1
+        assert metric(url, "engine_steps_total") >= 3
         assert 'gptlab_http_requests_total{path="/v1/completions",code="429"} 1' in http(url, "/metrics")[1]
 
 

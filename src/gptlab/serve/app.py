@@ -207,12 +207,7 @@ class Call:
         watcher = asyncio.create_task(watch_disconnect(http, self))
         try:
             async for index, delta in self.events():
-                choice = choices[index]
-                choice.token_ids += delta.token_ids
-                choice.text += delta.text
-                if logprobs:
-                    choice.logprobs += delta.logprobs
-                choice.finish_reason, choice.error = delta.finish_reason, delta.error
+                choices[index].extend(delta)
         finally:
             watcher.cancel()
         for choice in choices:
@@ -538,9 +533,11 @@ def prometheus_text(server: Server) -> str:
     )
     metric("requests_total", "counter", "Requests the engine accepted.", [("", stats.requests)])
     metric("requests_rejected_total", "counter", "Requests refused because the queue was full.", [("", stats.rejected)])
+    metric("sequences_finished_total", "counter", "Sequences that ended by a stop or length.", [("", stats.finished)])
     metric("request_errors_total", "counter", "Sequences that failed inside the engine.", [("", stats.errors)])
     metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", stats.prompt_tokens)])
     metric("generated_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)])
+    metric("engine_steps_total", "counter", "Steps of the engine's loop.", [("", stats.steps)])
     metric("queue_length", "gauge", "Requests waiting for a slot.", [("", engine.queue_length)])
     metric("running_slots", "gauge", "Cache rows in use.", [("", engine.running_rows)])
     metric("max_batch", "gauge", "Cache rows in all.", [("", engine.max_batch)])

@@ -3,12 +3,13 @@ by continuous batching (Yu et al. 2022, "Orca"; vLLM's and llama.cpp's server sl
 `submit` token ids with `SamplingParams` and receive `Delta` events through a callback.
 
 Each step of the loop:
-1. frees the rows of requests that finished or were cancelled, and admits queued requests (FIFO) into free rows;
+1. frees the rows of cancelled requests, moves sequences down into free rows (so the rows in use are the first
+   ones), and admits queued requests (FIFO) into free rows;
 2. fills in admitted prompts, at most `prefill_chunk` tokens per step, so that one long prompt delays everyone's
    next token by one chunk rather than by its whole length;
-3. decodes one token for every running sequence in one forward of all `max_batch` rows, each at its own position.
-   The shapes never change, so `torch.compile` compiles the step once. Rows without a running sequence compute
-   a token that nobody reads.
+3. decodes one token for every running sequence in one forward of the first rows, each at its own position. The
+   rows and the cache slots attended over are rounded up to powers of two, so `torch.compile` compiles the step
+   once per such shape, never per position. Rows without a running sequence compute a token nobody reads.
 
 Rows are independent: a sequence's tokens do not depend on what else runs. At temperature 0 a request gets the
 tokens it gets alone; a seeded sampled one as well, since each sequence samples with its own generator.
@@ -56,7 +57,6 @@ class Completion:
     """A finished request, as `Engine.generate` returns it: one Delta per choice holding everything it produced."""
 
     choices: list[Delta]
-    prompt_tokens: int
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
@@ -83,6 +83,14 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     error: str | None = None
+
+    def extend(self, later: Delta) -> None:
+        """Append a later event of the same choice: how a whole completion is gathered from its events."""
+        self.token_ids += later.token_ids
+        self.text += later.text
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.finish_reason, self.error = later.finish_reason, later.error
 
 
 class TextStream:
@@ -231,15 +239,9 @@ class Engine:
         remaining = n
         while remaining:
             event = events.get(timeout=timeout)
-            choice = merged[event.index]
-            choice.token_ids += event.token_ids
-            choice.text += event.text
-            if event.logprobs is not None:
-                choice.logprobs += event.logprobs
-            if event.finish_reason is not None:
-                choice.finish_reason, choice.error = event.finish_reason, event.error
-                remaining -= 1
-        return Completion(merged, len(prompt), request.prompt_logprobs)
+            merged[event.index].extend(event)
+            remaining -= event.finish_reason is not None
+        return Completion(merged, request.prompt_logprobs)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
