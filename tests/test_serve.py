@@ -119,6 +119,8 @@ def test_every_prompt_form_and_n(client, tokenizer):
         result = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=5, temperature=0, n=2)
         assert [c.index for c in result.choices] == [0, 1, 2, 3]
         assert [c.text for c in result.choices] == [alone[0], alone[0], alone[1], alone[1]]
+        # each prompt is read once however many choices it has (as OpenAI and vLLM count it)
+        assert result.usage.prompt_tokens == sum(map(len, ids)) and result.usage.completion_tokens == 4 * 5
     single = client.completions.create(model=MODEL_NAME, prompt=ids[1], max_tokens=5, temperature=0)
     assert single.choices[0].text == alone[1]
 

@@ -449,7 +449,7 @@ def completion_body(server: Server, call: Call, body: CompletionRequest, prompts
     generated = sum(len(choice.token_ids) for choice in choices)
     return header(server, "cmpl", "text_completion") | {
         "choices": items,
-        "usage": protocol.usage(sum(map(len, prompts)) * body.n, generated),
+        "usage": protocol.usage(sum(map(len, prompts)), generated),
     }
 
 
@@ -474,7 +474,7 @@ async def completion_chunks(server: Server, call: Call, body: CompletionRequest,
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
         yield head | {"choices": [choice]}
     if body.stream_options and body.stream_options.include_usage:
-        yield head | {"choices": [], "usage": protocol.usage(sum(map(len, prompts)) * body.n, generated)}
+        yield head | {"choices": [], "usage": protocol.usage(sum(map(len, prompts)), generated)}
 
 
 def chat_body(server: Server, body: ChatRequest, prompt_len: int, choices: list[Delta]) -> dict:
@@ -486,7 +486,7 @@ def chat_body(server: Server, body: ChatRequest, prompt_len: int, choices: list[
     generated = sum(len(choice.token_ids) for choice in choices)
     return header(server, "chatcmpl", "chat.completion") | {
         "choices": items,
-        "usage": protocol.usage(prompt_len * body.n, generated),
+        "usage": protocol.usage(prompt_len, generated),
     }
 
 
@@ -512,7 +512,7 @@ async def chat_chunks(server: Server, call: Call, body: ChatRequest, prompt_len:
         choice = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
         yield head | {"choices": [choice]}
     if with_usage:
-        yield head | {"choices": [], "usage": protocol.usage(prompt_len * body.n, generated)}
+        yield head | {"choices": [], "usage": protocol.usage(prompt_len, generated)}
 
 
 def prometheus_text(server: Server) -> str:
