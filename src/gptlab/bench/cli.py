@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
         "requests_per_client": args.requests_per_client,
     }
     checked = [*sizes.items(), *loader.items(), *(("decode_batches", b) for b in args.decode_batches)]
-    checked += [*(("serve_" + k if k != "requests_per_client" else k, v) for k, v in serve.items())]
+    checked += [(name, getattr(args, name)) for name in ("serve_prompt_len", "serve_max_tokens", "requests_per_client")]
     checked += [("concurrency", c) for c in args.concurrency]
     for name, value in checked:
         if value < 1:

@@ -174,8 +174,6 @@ def serve_suite(config: GPTConfig, opts: ServeBenchOptions, device: torch.device
     from gptlab.bench.machine import matvec_bandwidth
     from gptlab.tokenizer import load_tokenizer
 
-    if any(c < 1 for c in opts.concurrency) or not opts.concurrency:
-        raise GptlabError(f"--concurrency must be integers >= 1, got {list(opts.concurrency)}")
     tokenizer = load_tokenizer("gpt2")
     if config.vocab_size < tokenizer.vocab_size:
         raise GptlabError(f"the serve bench needs GPT-2's vocabulary; preset has vocab_size={config.vocab_size}")
