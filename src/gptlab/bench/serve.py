@@ -151,23 +151,19 @@ def one_at_a_time(generate_one, prompts: list[list[int]], max_tokens: int) -> fl
 
 def baselines(model, config: GPTConfig, prompts: list[list[int]], max_tokens: int, device) -> dict[str, float]:
     """gptlab's and transformers' `generate`, greedy, batch 1, exactly `max_tokens` new tokens per prompt."""
-    from gptlab import generate
     from gptlab.bench.models import greedy_decoding, hf_model
 
-    def ours(prompt: list[int], n: int) -> None:
-        generate(model, torch.tensor([prompt], device=device), n, temperature=0.0)
-
-    figures = {"gptlab generate": one_at_a_time(ours, prompts, max_tokens)}
+    models = {"gptlab": model}
     try:
-        hf = hf_model(config, device).to(next(model.parameters()).dtype)
+        models["hf"] = hf_model(config, device).to(next(model.parameters()).dtype)
     except (ImportError, GptlabError):  # no transformers, or a config GPT-2 cannot express
-        return figures
+        pass
+    names = {"gptlab": "gptlab generate", "hf": "transformers generate"}
 
-    def theirs(prompt: list[int], n: int) -> None:
-        greedy_decoding(hf, torch.tensor([prompt], device=device), n, device, impl="hf")()
+    def decoder(impl: str):
+        return lambda prompt, n: greedy_decoding(models[impl], torch.tensor([prompt], device=device), n, device, impl)()
 
-    figures["transformers generate"] = one_at_a_time(theirs, prompts, max_tokens)
-    return figures
+    return {names[impl]: one_at_a_time(decoder(impl), prompts, max_tokens) for impl in models}
 
 
 def serve_suite(config: GPTConfig, opts: ServeBenchOptions, device: torch.device) -> dict:
