@@ -187,6 +187,12 @@ def test_bad_requests_get_openai_error_objects(client, url, body, status, param,
         client.completions.create(**{"model": MODEL_NAME, **body})
 
 
+def test_fields_the_server_does_not_use_are_ignored(url):
+    body = {"prompt": "hi", "max_tokens": 2, "user": "someone", "frequency_penalty": 0.5, "logit_bias": {}}
+    code, answer = http(url, "/v1/completions", body)
+    assert code == 200 and answer["usage"]["completion_tokens"] == 2
+
+
 def test_refusals_of_the_body_route_and_messages(url):
     code, answer = http(url, "/v1/completions", b"{not json")
     assert code == 400 and "JSON" in answer["error"]["message"]

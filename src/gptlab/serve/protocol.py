@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from gptlab.serve.engine import TokenLogprob
 from gptlab.tokenizer import Tokenizer
@@ -28,10 +28,8 @@ class StreamOptions(BaseModel):
 
 
 class Sampling(BaseModel):
-    """The sampling fields the two generation routes share. Unknown fields are ignored, as OpenAI's server does
-    with fields it does not use (clients send `user`, `frequency_penalty` and so on)."""
-
-    model_config = ConfigDict(extra="ignore")
+    """The sampling fields the two generation routes share. Unknown fields are ignored (pydantic's default), as
+    OpenAI's server does with fields it does not use (clients send `user`, `frequency_penalty` and so on)."""
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
@@ -57,8 +55,6 @@ class CompletionRequest(Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     role: Literal["system", "developer", "user", "assistant"]
     content: str
 
@@ -72,8 +68,6 @@ class ChatRequest(Sampling):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -81,8 +75,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     model: str | None = None
     tokens: list[int]
 
