@@ -36,7 +36,8 @@ def build_server(
     api_key: str | None = None,
     limits: Limits | None = None,
 ) -> uvicorn.Server:
-    """A uvicorn server for the app over a started `engine`; `api_key` falls back to $GPTLAB_API_KEY."""
+    """A uvicorn server for the app over `engine` (whose loop the caller runs); `api_key` falls back to
+    $GPTLAB_API_KEY."""
     app = create_app(engine, tokenizer, model_name, api_key or os.environ.get(API_KEY_ENV) or None, limits)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     return uvicorn.Server(config)
