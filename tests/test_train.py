@@ -355,8 +355,8 @@ def test_align_bos_starts_every_sequence_at_a_document(bpe_documents, tmp_path, 
     first_tokens = []
     get_batch = train_module.get_batch
 
-    def spy(tokens, starts, block_size, device):
-        x, y = get_batch(tokens, starts, block_size, device)
+    def spy(tokens, starts, block_size, device, mask=None):
+        x, y = get_batch(tokens, starts, block_size, device, mask)
         first_tokens.extend(x[:, 0].tolist())
         return x, y
 

@@ -274,33 +274,74 @@ def add_prepare_parser(subparsers) -> None:
     p.add_argument(
         "source",
         help="shakespeare-char, shakespeare, a .txt file, a folder of .txt, a .jsonl/.parquet file, a saved "
-        "dataset, a folder of llm.c .bin shards, or a Hugging Face dataset id",
+        "dataset, a folder of llm.c .bin shards, or a Hugging Face dataset id; with --conversations, chat-tasks "
+        "(the embedded task set), a .jsonl file, a saved dataset or a Hub dataset with a messages column",
     )
     p.add_argument("--out", required=True, help="directory to create")
     p.add_argument("--name", default=None, help="the Hugging Face dataset's config, e.g. sample-10BT")
     p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read (default: train)")
-    p.add_argument("--tokenizer", choices=["gpt2", "char"], default=None, help="default: char for shakespeare-char")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="the stream's last fraction held out")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="gpt2 or char (default: char for shakespeare-char and chat-tasks, else gpt2); with --conversations also "
+        "a run folder, to keep the tokenizer of the model to fine-tune",
+    )
+    p.add_argument(
+        "--conversations",
+        action="store_true",
+        help="the source holds conversations (OpenAI-style messages): render them with the chat template and pack "
+        "them into rows of --block_size + 1 tokens with a loss mask, for chat fine-tuning (implied by chat-tasks)",
+    )
+    p.add_argument("--block_size", type=int, default=1024, help="--conversations: the model's block_size")
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        default=None,
+        help="the stream's last fraction held out (default: 0.1); --conversations: every 1/fraction-th (0.05)",
+    )
     p.add_argument("--val_tokens", type=int, default=None, help="hold out the stream's last N tokens instead")
     p.add_argument(
         "--shard_tokens", type=int, default=None, help="tokens per shard file (default: 100,000,000, as llm.c)"
     )
     p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    p.add_argument(
+        "--text_field", default=None, help="field holding the text (default: text) or the messages (default: messages)"
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_prepare)
 
 
 def run_prepare(args: argparse.Namespace) -> None:
+    from gptlab.conversation import EMBEDDED_CONVERSATIONS, prepare_conversations
     from gptlab.prepare import SHARD_TOKENS, prepare
 
+    if args.conversations or args.source in EMBEDDED_CONVERSATIONS:
+        meta = prepare_conversations(
+            args.source,
+            args.out,
+            args.block_size,
+            tokenizer=args.tokenizer,
+            val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
+            field=args.text_field or "messages",
+            name=args.name,
+            split=args.split,
+            shard_tokens=SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
+        )
+        print(
+            f"wrote {args.out}: {meta['conversations']['train']:,} train and {meta['conversations']['val']:,} val "
+            f"conversations in rows of {meta['row_tokens']} tokens ({meta['train_tokens']:,} and "
+            f"{meta['val_tokens']:,} tokens, {meta['trained_tokens']['train']:,} and {meta['trained_tokens']['val']:,} "
+            f"trained), {sum(meta['truncated'].values())} cut to fit, {meta['tokenizer']['name']} tokenizer with "
+            f"chat markers, vocabulary {meta['vocab_size']:,}"
+        )
+        return
     meta = prepare(
         args.source,
         args.out,
         tokenizer=args.tokenizer,
-        val_fraction=args.val_fraction,
+        val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
         num_proc=args.num_proc,
-        text_field=args.text_field,
+        text_field=args.text_field or "text",
         name=args.name,
         split=args.split,
         val_tokens=args.val_tokens,

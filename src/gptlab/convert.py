@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.model import GPTConfig
+from gptlab.model import GPT, GPTConfig
 
 # How a group's key/value head is made from the group's heads (Ainslie et al. 2023, §2.1 and Figure 4).
 KV_INITS = ("mean", "first", "random")
@@ -94,3 +94,28 @@ def convert_state_dict(
                 v = init_kv_heads(v, target.kv_heads, source.head_dim, kv_init, generator)
                 state[key] = torch.cat([q, k, v], dim=0)
     return state
+
+
+def grow_vocab(model: GPT, vocab_size: int, new_ids: list[int]) -> GPT:
+    """`model` with `vocab_size` rows of token embedding (and of an untied head), in place: rows past the old
+    vocabulary are added, and the rows of `new_ids` (tokens the model never saw, such as chat markers) start
+    as the mean of the old rows, as transformers' `resize_token_embeddings` does: a new token begins as an
+    average token rather than a random one, whose logits could dominate the softmax."""
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise ConfigError(f"vocab_size={vocab_size} is smaller than the model's {old}")
+    wte = model.transformer.wte.weight
+    tables = [wte] if model.config.tie_embeddings else [wte, model.lm_head.weight]
+    grown = []
+    with torch.no_grad():
+        for table in tables:
+            mean = table[:old].float().mean(dim=0).to(table.dtype)
+            rows = torch.cat([table, mean.expand(vocab_size - old, -1)]) if vocab_size > old else table.clone()
+            rows[new_ids] = mean
+            grown.append(torch.nn.Parameter(rows, requires_grad=table.requires_grad))
+    model.transformer.wte.weight = grown[0]
+    model.transformer.wte.num_embeddings = vocab_size
+    model.lm_head.weight = grown[0] if model.config.tie_embeddings else grown[1]
+    model.lm_head.out_features = vocab_size
+    model.config = model.config.replace(vocab_size=vocab_size)
+    return model

@@ -164,6 +164,27 @@ def load_tokens(data_dir: str | Path, split: str) -> TokenStream:
     return TokenStream([_map_shard(Path(data_dir), shard, dtype) for shard in meta["shards"][split]])
 
 
+def load_mask(data_dir: str | Path, split: str) -> TokenStream | None:
+    """The loss mask of one split of prepared conversations (`gptlab.conversation`): one byte per token, 1 where
+    the token is trained as a target; None for a dataset without one (every token is trained)."""
+    meta = load_meta(data_dir)
+    if "row_tokens" not in meta:
+        return None
+    shards = [{**shard, "file": shard["mask"], "offset": 0} for shard in meta["shards"][split]]
+    return TokenStream([_map_shard(Path(data_dir), shard, np.dtype(np.uint8)) for shard in shards])
+
+
+def row_starts(n_tokens: int, row_tokens: int, block_size: int) -> np.ndarray:
+    """The offsets of the packed rows of prepared conversations, where every training sequence starts: a
+    sequence of block_size + 1 tokens is a whole row."""
+    if block_size + 1 != row_tokens:
+        raise ConfigError(
+            f"the conversations were packed into rows of {row_tokens} tokens, for block_size={row_tokens - 1}; "
+            f"the model has block_size={block_size}: prepare them again with --block_size {block_size}"
+        )
+    return np.arange(0, n_tokens, row_tokens, dtype=np.int64)
+
+
 def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
     """The tokenizer a dataset was prepared with."""
     return load_tokenizer(**meta["tokenizer"])
@@ -264,10 +285,18 @@ def shard_starts(starts: np.ndarray, rank: int, world_size: int, micro_batch_siz
     return starts[first : first + micro_batch_size]
 
 
+IGNORE_INDEX = -1  # a target the loss skips: a token of a prompt, a chat marker, or padding
+
+
 def get_batch(
-    tokens: np.ndarray, starts: np.ndarray, block_size: int, device: str | torch.device = "cpu"
+    tokens: np.ndarray,
+    starts: np.ndarray,
+    block_size: int,
+    device: str | torch.device = "cpu",
+    mask: TokenStream | np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x (len(starts), T) int64 and targets y, x shifted left by one token, on `device`.
+    """Inputs x (len(starts), T) int64 and targets y, x shifted left by one token, on `device`; with a loss
+    `mask` (`load_mask`), targets whose mask is 0 are IGNORE_INDEX.
 
     Both are views of one (B, T + 1) tensor: one host-to-device copy per batch, not two. On CUDA it is copied
     from pinned memory without blocking, so the host can prepare the next batch while the GPU computes.
@@ -279,6 +308,15 @@ def get_batch(
         window = tokens.windows(starts, block_size + 1)  # (B, T + 1)
     else:
         window = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)])
+    if mask is not None:
+        if isinstance(mask, TokenStream):
+            trained = mask.windows(starts, block_size + 1)
+        else:
+            trained = np.asarray(mask[starts[:, None] + np.arange(block_size + 1)])
+        # the targets, with the untrained ones ignored, follow the window: x = [:, :T], y = [:, T + 1:]
+        targets = window[:, 1:].astype(np.int64)
+        targets[trained[:, 1:] == 0] = IGNORE_INDEX
+        window = np.concatenate([window.astype(np.int64), targets], axis=1)  # (B, 2T + 1)
     device = torch.device(device)
     if device.type == "cuda":  # widened to int64 straight into pinned memory: one host copy
         batch = torch.empty(window.shape, dtype=torch.int64, pin_memory=True)
@@ -286,4 +324,6 @@ def get_batch(
         batch = batch.to(device, non_blocking=True)
     else:
         batch = torch.from_numpy(window.astype(np.int64))
+    if mask is not None:
+        return batch[:, :block_size], batch[:, block_size + 1 :]
     return batch[:, :-1], batch[:, 1:]

@@ -29,6 +29,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, chunk_rows: int, softcap: float | None) -> torch.Tensor:
         # x is in the compute dtype; weight in its own (float32 under autocast, bfloat16 under FSDP mixed
         # precision): cast once here. Its gradient is summed in float32 either way and cast back in backward.
+        # targets < 0 (IGNORE_INDEX) are skipped: no loss, no gradient, not counted in the mean
+        trained = targets >= 0
+        count = trained.sum().float().clamp_(min=1)
+        targets = targets.clamp(min=0)
         N = x.size(0)
         with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         low_precision = x.dtype != torch.float32
@@ -42,13 +46,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, N, chunk_rows):
             xs, ts = x[start : start + chunk_rows], targets[start : start + chunk_rows]
+            keep = trained[start : start + chunk_rows, None]
             n = xs.size(0)
             logits = torch.mm(xs, w.t(), out=logits_buffer[:n]).float()  # a view unless x is low precision
             if softcap is not None:  # logits c * tanh(z / c); their derivative in z is 1 - tanh^2
                 tanh = logits.div_(softcap).tanh_()
                 logits = tanh * softcap
             lse = torch.logsumexp(logits, dim=1)
-            total += (lse - logits.gather(1, ts[:, None]).squeeze(1)).sum()
+            total += ((lse - logits.gather(1, ts[:, None]).squeeze(1)) * keep[:, 0]).sum()
             if not with_grad:
                 continue
             grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
@@ -58,15 +63,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if low_precision:
                 # in [-1, 1], so held fine in the compute dtype: written into the logits buffer (free again)
                 grad_logits = logits_buffer[:n].copy_(grad_logits)
-            torch.mm(grad_logits, w, out=grad_x[start : start + n])
+            # a skipped row's gradient is zeroed through x's rows (n x C), not the logits' (n x vocab)
+            torch.mm(grad_logits, w, out=grad_x[start : start + n]).mul_(keep)
             if low_precision:
-                grad_w.add_(torch.mm(grad_logits.t(), xs, out=grad_w_chunk))
+                grad_w.add_(torch.mm(grad_logits.t(), xs * keep, out=grad_w_chunk))
             else:
-                grad_w.addmm_(grad_logits.t(), xs)
+                grad_w.addmm_(grad_logits.t(), xs * keep)
         if with_grad:
-            ctx.save_for_backward(grad_x, grad_w)
-            ctx.N, ctx.weight_dtype = N, weight.dtype
-        return total / N
+            ctx.save_for_backward(grad_x, grad_w, count)
+            ctx.weight_dtype = weight.dtype
+        return total / count
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -75,9 +81,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if getattr(ctx, "used", False):
             raise RuntimeError("linear_cross_entropy: backward ran twice through one forward (retain_graph=True)")
         ctx.used = True
-        grad_x, grad_w = ctx.saved_tensors
+        grad_x, grad_w, count = ctx.saved_tensors
         # 1 / N and the loss scale together, in float32: either alone may under- or overflow float16
-        scale = grad_loss.float() / ctx.N
+        scale = grad_loss.float() / count
         grad_x = grad_x.float().mul_(scale).to(grad_x.dtype)
         grad_w = grad_w.mul_(scale).to(ctx.weight_dtype)
         return grad_x, grad_w, None, None, None
@@ -91,8 +97,9 @@ def linear_cross_entropy(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `x @ weight.T` (x: (N, C), weight: (vocab, C)) against `targets` (N,),
-    equal to `F.cross_entropy(x @ weight.T, targets)` without holding all N rows of logits. Every target must be a
-    class index (there is no `ignore_index`: language-model batches have none). With `softcap` c the logits are
+    equal to `F.cross_entropy(x @ weight.T, targets, ignore_index=-1)` without holding all N rows of logits: a
+    negative target (`gptlab.data.IGNORE_INDEX`) is skipped, and the mean is over the others (0 when there are
+    none). With `softcap` c the logits are
     first capped, c * tanh(logits / c), as the model's forward does.
 
     Under autocast the matmuls run in the autocast dtype, as they would for an `nn.Linear`; the softmax, the sum

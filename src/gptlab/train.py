@@ -25,20 +25,24 @@ from torch.profiler import record_function
 
 from gptlab.checkpoint import load_checkpoint, run_lock, write_checkpoint
 from gptlab.config import JobConfig, TrainConfig
+from gptlab.convert import grow_vocab
 from gptlab.data import (
     TokenStream,
     batch_starts,
     data_fingerprint,
     document_starts,
     get_batch,
+    load_mask,
     load_meta,
     load_tokens,
+    row_starts,
     shard_starts,
+    tokenizer_from_meta,
 )
 from gptlab.device import autocast, eval_mode, resolve_dtype
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import write_text_atomically
-from gptlab.hf import load_config, load_pretrained, read_config
+from gptlab.hf import load_config, load_pretrained, read_config, resolve_checkpoint_dir
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import configure_optimizer, lr_at, set_learning_rates
 from gptlab.parallel import (
@@ -56,6 +60,11 @@ from gptlab.rundir import METRICS_FILE, latest_checkpoint, remove_stale_tmp
 
 class NonFiniteLossError(GptlabError):
     """The loss became NaN or infinite; nothing from that step was saved."""
+
+
+# A vocabulary grown for new tokens is rounded up to a multiple of 64 (as nanoGPT pads GPT-2's 50257 to 50304),
+# for the matmul kernels' sake
+VOCAB_MULTIPLE = 64
 
 
 @dataclass
@@ -82,9 +91,13 @@ class Run:
     scaler: torch.amp.GradScaler
     train_tokens: TokenStream
     val_tokens: TokenStream
-    # data.align = "bos": the offsets sequences may start at (`document_starts`); None: anywhere.
+    # data.align = "bos": the offsets sequences may start at (`document_starts`), or the rows of prepared
+    # conversations (`row_starts`); None: anywhere.
     train_starts: np.ndarray | None
     val_starts: np.ndarray | None
+    # prepared conversations: which targets are trained (`gptlab.data.load_mask`); None: all
+    train_mask: TokenStream | None
+    val_mask: TokenStream | None
     tokenizer: dict[str, Any]  # the data's tokenizer, saved beside every checkpoint
     micro_batch_size: int  # sequences per forward on each rank
     accum_steps: int  # micro-batches per optimizer step on each rank
@@ -183,7 +196,7 @@ def setup_run(job: JobConfig, world: World) -> Run:
     if resume_from is not None:
         check_resume_matches(resume_from, job, config)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = initial_model(job, config, resumed=resume_from is not None)
+    model = initial_model(job, config, resumed=resume_from is not None, new_tokens=new_token_ids(job, meta))
     forward = parallelize(model, job.parallel, world, compile=cfg.compile)
     # From here on (dropout) each rank draws from a stream of its own; a resume restores each rank's stream
     torch.manual_seed(cfg.seed + world.rank)
@@ -198,6 +211,8 @@ def setup_run(job: JobConfig, world: World) -> Run:
         val_tokens=val_tokens,
         train_starts=aligned_starts(job, train_tokens, meta, config.block_size),
         val_starts=aligned_starts(job, val_tokens, meta, config.block_size),
+        train_mask=load_mask(data_dir, "train"),
+        val_mask=load_mask(data_dir, "val"),
         tokenizer=meta["tokenizer"],
         micro_batch_size=micro,
         accum_steps=accum,
@@ -212,7 +227,10 @@ def setup_run(job: JobConfig, world: World) -> Run:
 
 
 def aligned_starts(job: JobConfig, tokens: TokenStream, meta: dict[str, Any], block_size: int) -> np.ndarray | None:
-    """The offsets `data.align` lets sequences start at: every document start (bos), or anywhere (None)."""
+    """The offsets sequences start at: the rows of prepared conversations; else, as `data.align` says, every
+    document start (bos) or anywhere (None)."""
+    if "row_tokens" in meta:
+        return row_starts(len(tokens), meta["row_tokens"], block_size)
     if job.data.align == "none":
         return None
     starts = document_starts(tokens, meta["eot_token"], block_size)
@@ -240,10 +258,24 @@ def expected_model_config(job: JobConfig, vocab_size: int) -> GPTConfig:
     explicit fields on top."""
     if job.train.init_from == "scratch":
         return job.model.build(vocab_size)
-    return load_config(job.train.init_from).replace(**job.model.overrides())
+    config = load_config(job.train.init_from).replace(**job.model.overrides())
+    if vocab_size > config.vocab_size:  # the data's tokenizer has tokens the model lacks (chat markers): grow it
+        config = config.replace(vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+    return config
 
 
-def initial_model(job: JobConfig, config: GPTConfig, resumed: bool) -> GPT:
+def new_token_ids(job: JobConfig, meta: dict[str, Any]) -> list[int]:
+    """Ids of the data's chat markers when the model to fine-tune was not trained with them: their embedding
+    rows start afresh (`gptlab.convert.grow_vocab`)."""
+    markers = sorted(tokenizer_from_meta(meta).special_ids.values())
+    if job.train.init_from == "scratch" or not markers:
+        return []
+    spec = resolve_checkpoint_dir(job.train.init_from, weights=False) / "tokenizer.json"
+    trained_with_markers = spec.is_file() and json.loads(spec.read_text()).get("chat", False)
+    return [] if trained_with_markers else markers
+
+
+def initial_model(job: JobConfig, config: GPTConfig, resumed: bool, new_tokens: list[int] = ()) -> GPT:
     """The model before parallelization: pretrained weights, or a fresh initialisation that is the same on
     every rank (same seed); when resuming, any initialisation (the checkpoint overwrites it). With
     parallel.meta_init (fsdp, from scratch) it is built on the meta device, without memory, and `parallelize`
@@ -254,7 +286,10 @@ def initial_model(job: JobConfig, config: GPTConfig, resumed: bool) -> GPT:
             return GPT(config)
     if scratch or resumed:
         return GPT(config)
-    return load_pretrained(job.train.init_from, **job.model.overrides()).train()
+    model = load_pretrained(job.train.init_from, **job.model.overrides())
+    if model.config.vocab_size != config.vocab_size or new_tokens:
+        grow_vocab(model, config.vocab_size, list(new_tokens))
+    return model.train()
 
 
 def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) -> None:
@@ -380,7 +415,7 @@ def step_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]
     shards = (
         shard_starts(starts, world.rank, world.world_size, run.micro_batch_size, m) for m in range(run.accum_steps)
     )
-    return [get_batch(run.train_tokens, shard, run.block_size, world.device) for shard in shards]
+    return [get_batch(run.train_tokens, shard, run.block_size, world.device, run.train_mask) for shard in shards]
 
 
 def clip_gradients(run: Run) -> torch.Tensor:
@@ -409,23 +444,31 @@ def skip_step(run: Run, step: int, loss_value: float) -> None:
 
 def evaluate_run(run: Run) -> float:
     args = run.val_tokens, run.block_size, run.cfg, run.micro_batch_size, run.world.device, run.autocast()
-    return evaluate(run.model, *args, candidates=run.val_starts)
+    return evaluate(run.model, *args, candidates=run.val_starts, mask=run.val_mask)
 
 
 @torch.no_grad()
 def evaluate(
-    model, tokens, block_size: int, cfg: TrainConfig, micro_batch_size: int, device, autocast, candidates=None
+    model,
+    tokens,
+    block_size: int,
+    cfg: TrainConfig,
+    micro_batch_size: int,
+    device,
+    autocast,
+    candidates=None,
+    mask=None,
 ) -> float:
     """Mean loss over `eval_steps` fixed validation batches (the same ones at every evaluation), starting at
-    `candidates` when given (data.align). Every rank evaluates all of them: FSDP needs all ranks in each
-    forward, and all ranks then agree on the result."""
+    `candidates` when given (data.align), over the targets `mask` trains when given. Every rank evaluates all of
+    them: FSDP needs all ranks in each forward, and all ranks then agree on the result."""
     total = torch.zeros((), device=device)
     with eval_mode(model):
         for i in range(cfg.eval_steps):
             starts = batch_starts(
                 len(tokens), block_size, micro_batch_size, cfg.seed, i, stream=1, candidates=candidates
             )
-            x, y = get_batch(tokens, starts, block_size, device)
+            x, y = get_batch(tokens, starts, block_size, device, mask)
             with autocast:
                 total += model(x, targets=y).float()
     return total.item() / cfg.eval_steps  # one wait for the device, after every batch is queued

@@ -14,6 +14,7 @@ TASK_OPTIONS = {
     "hellaswag": {"file", "prompt", "limit"},
     "positions": {"data", "split", "block_size", "windows"},
     "retrieval": {"data", "split", "distances", "trials"},
+    "chat": {"limit"},
 }
 
 
@@ -25,7 +26,9 @@ DESCRIPTION = (
     "four-way multiple choice; acc (summed log-likelihood of the ending), acc_norm (per character, "
     "lm-evaluation-harness's) and acc_token (per token, build-nanogpt's and llm.c's). --task positions: the loss "
     "at each position of the window; --task retrieval: a planted key's value recalled against the distance back "
-    "to it."
+    "to it. --task chat: exact-match accuracy on the held-out questions of the embedded chat task set (gptlab "
+    "prepare chat-tasks), answered greedily through the chat template; a model without the chat markers is scored "
+    "as chat fine-tuning starts from it (markers added, their embeddings the mean one)."
 )
 
 
@@ -37,9 +40,10 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--task",
         default="loss",
-        choices=["loss", "hellaswag", "positions", "retrieval"],
+        choices=["loss", "hellaswag", "positions", "retrieval", "chat"],
         help="loss; hellaswag; positions: loss by position in the window (--block_size past a RoPE model's context "
-        "shows extrapolation); retrieval: a planted key's value recalled against distance (default: %(default)s)",
+        "shows extrapolation); retrieval: a planted key's value recalled against distance; chat: exact match on the "
+        "chat task set's held-out questions (default: %(default)s)",
     )
     p.add_argument("--data", help="loss, positions, retrieval: a directory written by gptlab prepare")
     p.add_argument(
@@ -51,7 +55,7 @@ def add_parser(subparsers) -> None:
         choices=["raw", "harness"],
         help="hellaswag: ctx and endings as written (build-nanogpt, llm.c), or lm-evaluation-harness's preprocessing",
     )
-    p.add_argument("--limit", type=int, default=None, help="hellaswag: the first N examples only")
+    p.add_argument("--limit", type=int, default=None, help="hellaswag, chat: the first N examples only")
     p.add_argument("--windows", type=int, default=64, help="positions: windows averaged (default: %(default)s)")
     p.add_argument(
         "--distances",
@@ -135,6 +139,8 @@ def run(args: argparse.Namespace) -> None:
     check_task_options(args)
     if args.task == "hellaswag":
         return run_hellaswag(args)
+    if args.task == "chat":
+        return run_chat(args)
     if args.task in ("positions", "retrieval"):
         return run_probe(args)
     meta, tokens, directory, model = load_eval_inputs(args)
@@ -235,3 +241,40 @@ def run_hellaswag(args: argparse.Namespace) -> None:
     print(f"  acc_norm   {result.acc_norm:.4f}  (per character: lm-evaluation-harness's acc_norm)")
     print(f"  acc_token  {result.acc_token:.4f}  (per token: build-nanogpt's and llm.c's)")
     print(f"  {result.seconds:.1f} s, {result.n / result.seconds:,.1f} examples/s")
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    """gptlab eval --task chat."""
+    import json
+
+    from gptlab.convert import grow_vocab
+    from gptlab.device import autocast, resolve_device
+    from gptlab.evals.chat import chat_accuracy
+    from gptlab.hf import load_pretrained, resolve_checkpoint_dir
+    from gptlab.tasks import task_examples
+    from gptlab.tokenizer import load_tokenizer
+
+    if args.limit is not None and args.limit < 1:
+        raise GptlabError(f"--limit must be >= 1, got {args.limit}")
+    device = resolve_device(args.device, key="--device")
+    directory = resolve_checkpoint_dir(args.model)
+    model = load_pretrained(directory).to(device)
+    tokenizer = load_run_tokenizer(directory, None)
+    if not tokenizer.special_ids:  # not fine-tuned on conversations yet: as fine-tuning starts from it
+        tokenizer = load_tokenizer(**{**tokenizer.to_dict(), "chat": True})
+        markers = sorted(tokenizer.special_ids.values())
+        grow_vocab(model, max(model.config.vocab_size, tokenizer.vocab_size), markers)
+    examples = task_examples("val")[: args.limit]
+    with autocast(device, args.dtype, key="--dtype"):
+        result = chat_accuracy(model, tokenizer, examples)
+    if args.json:
+        record = {"model": args.model, "checkpoint": str(directory), "task": "chat"}
+        print(json.dumps({**record, "dtype": args.dtype, **result.to_dict()}))
+        return
+    print(f"{args.model}: exact match on {result.n} held-out chat task questions ({directory})")
+    print(f"  all      {result.accuracy:.3f}")
+    for task, accuracy in result.by_task.items():
+        print(f"  {task:<8} {accuracy:.3f}")
+    for sample in result.samples:
+        print(f"  {sample['question']!r} -> {sample['answer']!r} (expected {sample['expected']!r})")
+    print(f"  {result.seconds:.1f} s")
