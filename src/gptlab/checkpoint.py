@@ -41,11 +41,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptlab.errors import CheckpointError, GptlabError
-from gptlab.hf import read_config, save_pretrained
+from gptlab.hf import read_config, save_pretrained, save_tokenizer
 from gptlab.hf_config import config_to_hf
 from gptlab.model import GPT
 from gptlab.parallel import World, barrier, broadcast_object
 from gptlab.rundir import LOCK_FILE, TMP_PREFIX, checkpoint_dir, latest_checkpoint, run_checkpoints
+from gptlab.tokenizer import load_tokenizer
 
 SHARDS, STATE = "train", "state.json"
 
@@ -173,7 +174,8 @@ def load_checkpoint(checkpoint_dir: Path, model: GPT, optimizer: torch.optim.Opt
 
 
 def export_checkpoint(run_or_checkpoint: Path, destination: Path) -> str:
-    """Gather a (possibly sharded) training checkpoint into one `save_pretrained` directory; returns its format."""
+    """Gather a (possibly sharded) training checkpoint into one `save_pretrained` directory, with its tokenizer's
+    files where transformers has a class for it (`gptlab.hf.save_tokenizer`); returns its format."""
     checkpoint = run_or_checkpoint
     if not (checkpoint / STATE).exists():
         checkpoint = latest_checkpoint(run_or_checkpoint)
@@ -184,7 +186,11 @@ def export_checkpoint(run_or_checkpoint: Path, destination: Path) -> str:
     loaded = {"model": get_model_state_dict(model)}
     _dcp_load(loaded, checkpoint, World())
     set_model_state_dict(model, loaded["model"])
-    return save_pretrained(model, destination)
+    fmt = save_pretrained(model, destination)
+    spec = checkpoint / "tokenizer.json"
+    if spec.is_file():  # the run's tokenizer, as transformers reads it (GPT-2's BPE; chat markers and template)
+        save_tokenizer(load_tokenizer(**json.loads(spec.read_text())), destination)
+    return fmt
 
 
 def _dcp_load(state: dict[str, Any], checkpoint_dir: Path, world: World) -> None:

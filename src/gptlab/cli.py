@@ -78,14 +78,20 @@ def add_sample_parser(subparsers) -> None:
 
 
 def load_run_tokenizer(directory: Path, name: str | None):
-    """The tokenizer a checkpoint was trained with (its tokenizer.json), else `name`, else GPT-2's BPE."""
+    """The tokenizer a checkpoint was trained with (its tokenizer.json; in an export, the chat markers among
+    tokenizer_config.json's special tokens), else `name`, else GPT-2's BPE."""
     import json
 
-    from gptlab.tokenizer import load_tokenizer
+    from gptlab.tokenizer import CHAT_TOKENS, load_tokenizer
 
-    spec = directory / "tokenizer.json"
+    spec, hf_spec = directory / "tokenizer.json", directory / "tokenizer_config.json"
     if name is None and spec.is_file():
         return load_tokenizer(**json.loads(spec.read_text()))
+    if name is None and hf_spec.is_file():
+        added = {
+            entry.get("content") for entry in json.loads(hf_spec.read_text()).get("added_tokens_decoder", {}).values()
+        }
+        return load_tokenizer("gpt2", chat=set(CHAT_TOKENS) <= added)
     return load_tokenizer(name or "gpt2")
 
 
@@ -404,6 +410,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # The tools' subcommands live with the tools; their heavy imports wait until a command runs.
+    from gptlab import chat
     from gptlab.bench import cli as bench_cli
     from gptlab.evals import cli as evals_cli
     from gptlab.serve import cli as serve_cli
@@ -415,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(subparsers)
     add_train_parser(subparsers)
     add_sample_parser(subparsers)
+    chat.add_parser(subparsers)
     evals_cli.add_parser(subparsers)
     add_convert_parser(subparsers)
     add_export_parser(subparsers)

@@ -38,6 +38,7 @@ from gptlab.files import write_atomically, write_text_atomically
 from gptlab.hf_config import config_from_hf, config_to_hf, export_format
 from gptlab.model import GPT, GPTConfig
 from gptlab.rundir import latest_checkpoint
+from gptlab.tokenizer import Tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _MASK_BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
@@ -336,3 +337,44 @@ def save_pretrained(model: GPT, directory: str | Path) -> str:
     write_atomically(directory / SAFETENSORS_FILE, lambda path: save_file(state, path, metadata={"format": "pt"}))
     write_text_atomically(directory / "config.json", config_text)
     return fmt
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> bool:
+    """Write GPT-2's BPE as transformers loads it (`vocab.json`, `merges.txt`, `tokenizer_config.json`), with
+    the chat markers as special tokens and the chat template as Jinja when it has them, so that
+    `AutoTokenizer.from_pretrained(directory).apply_chat_template(messages)` gives gptlab's ids. Returns
+    False, writing nothing, for a char tokenizer, which transformers has no class for."""
+    from gptlab.conversation import ChatTemplate
+    from gptlab.tokenizer import ENDOFTEXT, gpt2_bpe_files
+
+    if tokenizer.name != "gpt2":
+        return False
+    directory = Path(directory)
+    files = gpt2_bpe_files()
+    write_text_atomically(directory / "vocab.json", files["encoder.json"].read_text(encoding="utf-8"))
+    write_text_atomically(directory / "merges.txt", files["vocab.bpe"].read_text(encoding="utf-8"))
+    special = {ENDOFTEXT: tokenizer.eot_token, **tokenizer.special_ids}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_prefix_space": False,
+        "bos_token": ENDOFTEXT,
+        "eos_token": ENDOFTEXT,
+        "unk_token": ENDOFTEXT,
+        "model_max_length": 1024,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": token,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+                "special": True,
+            }
+            for token, i in special.items()
+        },
+    }
+    if tokenizer.special_ids:
+        config["chat_template"] = ChatTemplate(tokenizer).jinja()
+        config["eos_token"] = "<|end|>"  # where an answer ends, for transformers' generate
+    write_text_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    return True

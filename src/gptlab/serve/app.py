@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from gptlab.conversation import ChatTemplate
 from gptlab.errors import GptlabError
 from gptlab.serve import protocol
 from gptlab.serve.engine import Delta, Engine, QueueFull, SamplingParams
@@ -69,6 +70,8 @@ class Server:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Limits):
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
+        # the checkpoint's chat template when it was fine-tuned on conversations, else the plain one
+        self.template = ChatTemplate(tokenizer) if tokenizer.special_ids else None
         self.http_requests: Counter[tuple[str, int]] = Counter()
         self._inbox: Inbox | None = None
 
@@ -87,6 +90,14 @@ class Server:
             return self.tokenizer.encode(text)
         except GptlabError as error:  # a character tokenizer meets a character outside its alphabet
             raise APIError(400, str(error), param) from None
+
+    def render_chat(self, messages: list[protocol.ChatMessage]) -> tuple[list[int], tuple[str, ...]]:
+        """The prompt of a conversation, and the stop strings its template adds (the plain one stops at the
+        next user turn; the checkpoint's at its end-of-turn token, a stop token of every request)."""
+        if self.template is None:
+            return self.encode(protocol.render_plain_chat(messages), "messages"), (protocol.PLAIN_TEMPLATE_STOP,)
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+        return self.template.prompt(turns), ()
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, "", self.model_name):
@@ -132,13 +143,16 @@ class Server:
         if body.n > n_limit:
             raise APIError(400, f"n={body.n} is above this server's limit of {n_limit}", "n")
         eot = self.tokenizer.eot_token
+        stop_ids = () if eot is None else (eot,)
+        if self.template is not None:
+            stop_ids += (self.template.end_id,)
         return SamplingParams(
             max_tokens=min(limit, self.engine.context_len - prompt_len) if max_tokens is None else max_tokens,
             temperature=body.temperature,
             top_k=body.top_k,
             top_p=body.top_p if body.top_p < 1 else None,
             seed=body.seed,
-            stop_token_ids=() if body.ignore_eos or eot is None else (eot,),
+            stop_token_ids=() if body.ignore_eos else stop_ids,
             **extra,
         )
 
@@ -318,14 +332,15 @@ def create_app(
         body = await parse(http, ChatRequest)
         server.check_model(body.model)
         check_messages(body, server.limits)
-        prompt = server.check_prompt(server.encode(protocol.render_plain_chat(body.messages), "messages"), "messages")
+        prompt, template_stops = server.render_chat(body.messages)
+        prompt = server.check_prompt(prompt, "messages")
         top = body.top_logprobs if body.logprobs else None
         if top is not None and top > server.limits.max_logprobs:
             raise APIError(
                 400, f"top_logprobs={top} is above the limit of {server.limits.max_logprobs}", "top_logprobs"
             )
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        stops = body.stop_strings() + (protocol.PLAIN_TEMPLATE_STOP,)
+        stops = body.stop_strings() + template_stops
         params = server.sampling(
             body, max_tokens, len(prompt), stop=stops, logprobs=(top or 0) if body.logprobs else None
         )
@@ -344,7 +359,7 @@ def create_app(
             "eos_token": eos,
             "bos_token": eos,
             "pad_token": None,
-            "chat_template": None,
+            "chat_template": None if server.template is None else server.template.jinja(),
             "model_max_length": engine.context_len,
             "vocab_size": tokenizer.vocab_size,
         }
@@ -357,8 +372,7 @@ def create_app(
             raise APIError(400, "give one of prompt or messages", "prompt")
         if body.messages is not None:
             check_messages(body, server.limits)
-        text = body.prompt if body.messages is None else protocol.render_plain_chat(body.messages)
-        tokens = server.encode(text)
+        tokens = server.encode(body.prompt) if body.messages is None else server.render_chat(body.messages)[0]
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_len}
 
     @app.post("/detokenize")
