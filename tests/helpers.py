@@ -181,3 +181,18 @@ def metrics(out: Path) -> list[dict]:
 def train_losses(out: Path) -> list[tuple[int, float]]:
     """(step, loss) of every training step a run logged."""
     return [(r["step"], r["loss"]) for r in metrics(out) if "loss" in r]
+
+
+def interrupt_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """Make `train` stop, as if killed, right after writing the checkpoint of `at_step`."""
+    import gptlab.train as train_module
+
+    write = train_module.save_checkpoint
+
+    def save_then_stop(run, step):
+        path = write(run, step)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)

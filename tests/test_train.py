@@ -21,7 +21,7 @@ from gptlab.device import resolve_dtype
 from gptlab.rundir import run_checkpoints
 from gptlab.tokenizer import CharTokenizer
 from gptlab.train import NonFiniteLossError, train
-from helpers import job_args, metrics, train_losses
+from helpers import interrupt_after_checkpoint, job_args, metrics, train_losses
 
 
 def test_loss_falls_and_the_run_is_loadable(char_data, tmp_path):
@@ -287,21 +287,6 @@ def test_truncated_data_file_is_named(char_data, tmp_path):
     process = gptlab_train(job_args(data, tmp_path / "run", "--train.max_steps=3"))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2 and "train_000000.bin" in stderr and "Traceback" not in stderr
-
-
-def interrupt_after_checkpoint(monkeypatch, at_step: int) -> None:
-    """Make `train` stop, as if killed, right after writing the checkpoint of `at_step`."""
-    import gptlab.train as train_module
-
-    write = train_module.save_checkpoint
-
-    def save_then_stop(run, step):
-        path = write(run, step)
-        if step == at_step:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
 
 
 def test_muon_resumes_with_its_momentum_exactly(char_data, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ class ChatResult:
     n: int
     seconds: float
     samples: list[dict[str, str]]  # the first question of each task: question, expected, answer
+    answers: list[str]  # to every question, in order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +59,7 @@ def chat_accuracy(
         correct.setdefault(task, []).append(answer == expected)
     by_task = {task: sum(hits) / len(hits) for task, hits in correct.items()}
     overall = sum(sum(hits) for hits in correct.values()) / len(examples)
-    return ChatResult(overall, by_task, len(examples), time.perf_counter() - started, samples)
+    return ChatResult(overall, by_task, len(examples), time.perf_counter() - started, samples, answers)
 
 
 def _ask(question: str) -> list[dict[str, str]]:
