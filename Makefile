@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test demo clean
+.PHONY: test demo chat clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -24,3 +24,13 @@ demo: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# Chat fine-tuning of the demo's model on the embedded chat task set (runs `make demo` first if needed): exact
+# match on the held-out questions before and after, then one answer.
+chat: $(INSTALLED)
+	test -f out/shakespeare-char/metrics.jsonl || $(MAKE) demo
+	test -f data/chat-tasks/meta.json || $(VENV)/bin/gptlab prepare chat-tasks --out data/chat-tasks --block_size 128
+	$(VENV)/bin/gptlab eval out/shakespeare-char --task chat
+	$(VENV)/bin/gptlab train --config chat_tasks
+	$(VENV)/bin/gptlab eval out/chat-tasks --task chat
+	$(VENV)/bin/gptlab chat out/chat-tasks -p "Reverse castle." --temperature 0

@@ -57,7 +57,15 @@ def test_values_are_toml_literals_and_text_is_taken_as_written():
     assert job.model.overrides() == {"window": (4, None), "pos_emb": "rope"}
 
 
-SHIPPED = ["gpt2_fineweb_edu", "gpt2_openwebtext", "nanogpt_cpu", "shakespeare_char", "shakespeare_char_gpt2"]
+SHIPPED = [
+    "chat_tasks",
+    "gpt2_fineweb_edu",
+    "gpt2_openwebtext",
+    "gpt2_smoltalk",
+    "nanogpt_cpu",
+    "shakespeare_char",
+    "shakespeare_char_gpt2",
+]
 
 
 def test_shipped_configs_are_found_by_name_and_a_path_is_a_path(tmp_path, monkeypatch):
@@ -66,7 +74,7 @@ def test_shipped_configs_are_found_by_name_and_a_path_is_a_path(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shakespeare_char").write_text("[train]\nlr = 0.5\n")  # a file of that name here wins
     assert load_job_config("shakespeare_char").train.lr == 0.5
-    with pytest.raises(ConfigError, match=r"config file no_such does not exist \(shipped configs: gpt2_fineweb_edu"):
+    with pytest.raises(ConfigError, match=r"config file no_such does not exist \(shipped configs: chat_tasks"):
         load_job_config("no_such")
 
 
