@@ -416,3 +416,39 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 children.append(int(entry.name))
     return sorted(children)
+
+
+LORA = [
+    "--train.lora_rank=4",
+    "--train.optimizer=adamw",
+    "--train.max_steps=10",
+    '--train.lora_targets=["attn","mlp","head"]',
+]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(reference_runs, char_data, tmp_path_factory):
+    """LoRA on the single run's step-20 checkpoint, by one process, by DDP on 2 and by FSDP on 2."""
+    root = tmp_path_factory.mktemp("lora")
+    lora = [*LORA, f"--train.init_from={reference_runs / 'single' / 'ckpt-0000020'}"]
+    ddp = torchrun(*job_args(char_data, root / "ddp", *lora, "--parallel.mode=ddp"))
+    fsdp = torchrun(*job_args(char_data, root / "fsdp", *lora, "--parallel.mode=fsdp"))
+    train(load_job_config(None, job_args(char_data, root / "single", *lora)), progress=False)
+    finish(ddp)
+    finish(fsdp)
+    return root
+
+
+def test_lora_under_ddp_and_fsdp_takes_the_same_steps_as_one_process(lora_runs, tmp_path):
+    from gptlab.checkpoint import export_checkpoint
+    from gptlab.hf import load_pretrained
+
+    single = losses(lora_runs / "single")
+    assert len(single) == 10
+    for mode in ("ddp", "fsdp"):
+        assert losses(lora_runs / mode) == pytest.approx(single, abs=1e-4), mode
+    # the sharded adapters gather into the base: the same merged model as one process's
+    export_checkpoint(lora_runs / "fsdp", tmp_path / "export")
+    merged, reference = load_pretrained(tmp_path / "export"), load_pretrained(lora_runs / "single")
+    for (name, a), (_, b) in zip(merged.state_dict().items(), reference.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)

@@ -34,6 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -43,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from gptlab.errors import CheckpointError, GptlabError
 from gptlab.hf import read_config, save_pretrained, save_tokenizer
 from gptlab.hf_config import config_to_hf
+from gptlab.lora import ADAPTER_CONFIG, adapted_model, merge_lora, save_adapter
 from gptlab.model import GPT
 from gptlab.parallel import World, barrier, broadcast_object
 from gptlab.rundir import LOCK_FILE, TMP_PREFIX, checkpoint_dir, latest_checkpoint, run_checkpoints
@@ -63,9 +65,12 @@ def write_checkpoint(
     tokenizer: dict[str, Any],
     keep: int,
     extra_state: dict[str, Any] | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` (optimizer steps completed) and keep the newest `keep`; a collective call
-    when distributed. `mode` is parallel.mode, `job` the job config, `extra_state` goes into state.json."""
+    when distributed. `mode` is parallel.mode, `job` the job config, `extra_state` goes into state.json. A LoRA
+    run (`adapter`: how its model is built, `gptlab.lora.save_adapter`) saves its adapters and not the frozen
+    weights, which its base model holds."""
     final = checkpoint_dir(out_dir, step)
     tmp = None
     if world.is_main:
@@ -73,18 +78,22 @@ def write_checkpoint(
         tmp = tempfile.mkdtemp(dir=out_dir, prefix=f"{TMP_PREFIX}{final.name}-")
     tmp = Path(broadcast_object(tmp, world))
     try:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = _training_state(model, optimizer)
         with _single_process_is_intended():
             shards = {"model": model_state, "optim": optimizer_state}
             dcp.save(shards, checkpoint_id=tmp / SHARDS, no_dist=not world.distributed)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(world.device), tmp / "rng" / f"rank-{world.rank}.pt")
         if world.is_main:
-            if mode == "fsdp":  # the config alone; the weights stay sharded until `gptlab export`
-                config = config_to_hf(model.config, model.lm_head.weight.dtype)
+            if mode == "fsdp" or adapter is not None:  # the config; the weights: `gptlab export`, the adapter
+                config = config_to_hf(model.config, next(model.parameters()).dtype)
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             else:
                 save_pretrained(model, tmp)
+            if adapter is not None and mode != "fsdp":
+                save_adapter(model, tmp, adapter)
+            elif adapter is not None:  # the factors stay sharded too
+                (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
             state = {"step": step, "world_size": world.world_size, "mode": mode, **(extra_state or {})}
             (tmp / STATE).write_text(json.dumps(state) + "\n")
             (tmp / "job.json").write_text(json.dumps(job, indent=2) + "\n")
@@ -160,10 +169,16 @@ def load_checkpoint(checkpoint_dir: Path, model: GPT, optimizer: torch.optim.Opt
     state = read_state(checkpoint_dir)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{checkpoint_dir / STATE}: no step recorded; the checkpoint is damaged")
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = _training_state(model, optimizer)
     loaded = {"model": model_state, "optim": optimizer_state}
     _dcp_load(loaded, checkpoint_dir, world)
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optim"],
+        options=_state_options(model),
+    )
     if state.get("world_size") == world.world_size:
         rng = checkpoint_dir / "rng" / f"rank-{world.rank}.pt"
         try:
@@ -174,7 +189,8 @@ def load_checkpoint(checkpoint_dir: Path, model: GPT, optimizer: torch.optim.Opt
 
 
 def export_checkpoint(run_or_checkpoint: Path, destination: Path) -> str:
-    """Gather a (possibly sharded) training checkpoint into one `save_pretrained` directory, with its tokenizer's
+    """Gather a (possibly sharded) training checkpoint into one `save_pretrained` directory (a LoRA run's adapters
+    merged into its base), with its tokenizer's
     files where transformers has a class for it (`gptlab.hf.save_tokenizer`); returns its format."""
     checkpoint = run_or_checkpoint
     if not (checkpoint / STATE).exists():
@@ -182,15 +198,37 @@ def export_checkpoint(run_or_checkpoint: Path, destination: Path) -> str:
         if checkpoint is None:
             raise CheckpointError(f"{run_or_checkpoint} holds no training checkpoint (ckpt-NNNNNNN/state.json)")
     config, _ = read_config(checkpoint)
-    model = GPT(config)
-    loaded = {"model": get_model_state_dict(model)}
+    adapter = checkpoint / ADAPTER_CONFIG
+    model = adapted_model(json.loads(adapter.read_text())) if adapter.is_file() else GPT(config)
+    options = _state_options(model)
+    loaded = {"model": _without_frozen(model, get_model_state_dict(model, options=options))}
     _dcp_load(loaded, checkpoint, World())
-    set_model_state_dict(model, loaded["model"])
-    fmt = save_pretrained(model, destination)
+    set_model_state_dict(model, loaded["model"], options=options)
+    fmt = save_pretrained(merge_lora(model), destination)
     spec = checkpoint / "tokenizer.json"
     if spec.is_file():  # the run's tokenizer, as transformers reads it (GPT-2's BPE; chat markers and template)
         save_tokenizer(load_tokenizer(**json.loads(spec.read_text())), destination)
     return fmt
+
+
+def _state_options(model: torch.nn.Module) -> StateDictOptions:
+    """What a checkpoint holds of the model: every parameter, or, when some are frozen (LoRA), the trained ones."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
+def _training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and optimizer's state dicts as a checkpoint holds them: without frozen parameters (LoRA's base
+    weights), under every name they have (a tied head that is adapted lists the frozen embedding twice)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options(model))
+    return _without_frozen(model, model_state), optimizer_state
+
+
+def _without_frozen(model: torch.nn.Module, model_state: dict) -> dict:
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad:
+            model_state.pop(name, None)
+    return model_state
 
 
 def _dcp_load(state: dict[str, Any], checkpoint_dir: Path, world: World) -> None:

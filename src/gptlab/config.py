@@ -176,6 +176,17 @@ class TrainConfig(BaseModel):
         "false: full float32",
     )
     wandb_project: str | None = Field(None, description="Weights & Biases project to log to; unset: no wandb")
+    lora_rank: int | None = Field(
+        None,
+        gt=0,
+        description="fine-tune low-rank adapters of this rank on frozen weights (LoRA, needs init_from and "
+        "optimizer=adamw); unset: train every weight",
+    )
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA: the update is scaled by alpha / rank; unset: rank")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA: dropout on the adapters' input")
+    lora_targets: list[Literal["attn", "mlp", "head"]] = Field(
+        ["attn", "mlp"], min_length=1, description="LoRA: the matrices adapted: attn, mlp, head"
+    )
 
 
 class ParallelConfig(BaseModel):

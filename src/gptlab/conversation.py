@@ -237,7 +237,7 @@ def prepare_conversations(
     shard_tokens: int = 100_000_000,
 ) -> dict[str, Any]:
     """Render the conversations of `source` (see `conversation_splits`) with the chat template of `tokenizer`
-    (`"gpt2"` or `"char"`; char's alphabet is every character of the conversations), pack them into rows of
+    (see `chat_tokenizer`; default: char for the embedded task set, else gpt2), pack them into rows of
     `block_size + 1` tokens (`pack_rows`), and write token and mask shards and meta.json into `out_dir`; return
     the meta. A bad conversation fails the run naming its file and line; nothing is left behind then."""
     from gptlab.prepare import _check_destination, _move_into_place, _sha256, _token_dtype
@@ -249,7 +249,7 @@ def prepare_conversations(
     out_dir = Path(out_dir).resolve()
     _check_destination(out_dir)
     conversations = [
-        (split_name, check_conversation(messages, where))
+        (split_name, where, check_conversation(messages, where))
         for split_name, where, messages in conversation_splits(source, val_fraction, field, name, split)
     ]
     vocab = chat_tokenizer(tokenizer or EMBEDDED_CONVERSATIONS.get(source, "gpt2"), source, conversations)
@@ -264,9 +264,12 @@ def prepare_conversations(
         shards = {}
         for split_name in SPLITS:
             rendered = []
-            for s, messages in conversations:
+            for s, where, messages in conversations:
                 if s == split_name:
-                    ids, mask = template.render(messages)
+                    try:
+                        ids, mask = template.render(messages)
+                    except GptlabError as error:  # a character outside a char tokenizer's alphabet
+                        raise GptlabError(f"{where}: {error}") from None
                     counts["conversations"][s] += 1
                     counts["truncated"][s] += len(ids) > row_tokens
                     rendered.append((ids[:row_tokens], mask[:row_tokens]))
@@ -306,7 +309,7 @@ def prepare_conversations(
     return meta
 
 
-def chat_tokenizer(name: str, source: str, conversations: list[tuple[str, list[dict[str, str]]]]) -> Tokenizer:
+def chat_tokenizer(name: str, source: str, conversations: list[tuple[str, str, list[dict[str, str]]]]) -> Tokenizer:
     """The tokenizer `name` with the chat markers: `gpt2`; `char`, over the alphabet of the `shakespeare-char`
     corpus for the embedded task set (so that `make demo`'s model reads it) and of the conversations otherwise;
     or a run or checkpoint folder, whose own tokenizer (tokenizer.json) is kept."""
@@ -321,7 +324,7 @@ def chat_tokenizer(name: str, source: str, conversations: list[tuple[str, list[d
         chars = _make_tokenizer("char", lambda: iter(load_shakespeare()), "shakespeare-char").chars
         return load_tokenizer("char", chars=chars, chat=True)
     if name == "char":
-        alphabet = {c for _, messages in conversations for message in messages for c in message["content"]}
+        alphabet = {c for *_, messages in conversations for message in messages for c in message["content"]}
         return load_tokenizer("char", chars="".join(sorted(alphabet)), chat=True)
     if name != "gpt2":
         raise ConfigError(f"tokenizer={name!r}: give gpt2, char, or a run folder holding tokenizer.json")

@@ -36,6 +36,7 @@ from gptlab.convert import convert_state_dict
 from gptlab.errors import CheckpointError
 from gptlab.files import write_atomically, write_text_atomically
 from gptlab.hf_config import config_from_hf, config_to_hf, export_format
+from gptlab.lora import ADAPTER_CONFIG, load_adapted
 from gptlab.model import GPT, GPTConfig
 from gptlab.rundir import latest_checkpoint
 from gptlab.tokenizer import Tokenizer
@@ -277,13 +278,18 @@ def load_pretrained(
     cache_dir: str | None = None,
     **overrides: Any,
 ) -> GPT:
-    """A `GPT` in eval mode with the weights of a checkpoint (hub id or local directory).
+    """A `GPT` in eval mode with the weights of a checkpoint (hub id or local directory); for a LoRA run's
+    checkpoint, its base model with the adapters merged (`gptlab.lora.load_adapted`).
 
     `overrides` change config fields. Those that change no tensor (`dropout`, `window`, `rope_theta`) apply as
     they are; `pos_emb="rope"` and a smaller `n_kv_head` convert the weights (`gptlab.convert`); any other
     shape change fails with an error naming the tensor.
     """
     directory = resolve_checkpoint_dir(name_or_path, revision, cache_dir)
+    if (directory / ADAPTER_CONFIG).is_file():  # a LoRA run's checkpoint: its base with the adapters merged
+        if overrides:
+            raise CheckpointError(f"{directory} holds LoRA adapters: export it (gptlab export) to convert it")
+        return load_adapted(directory, dtype)
     source, fmt = read_config(directory)
     target = source.replace(**overrides)
     state = to_gptlab_names(read_state_dict(directory), fmt, source, str(directory))

@@ -43,6 +43,7 @@ from gptlab.device import autocast, eval_mode, resolve_dtype
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import write_text_atomically
 from gptlab.hf import load_config, load_pretrained, read_config, resolve_checkpoint_dir
+from gptlab.lora import apply_lora
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import configure_optimizer, lr_at, set_learning_rates
 from gptlab.parallel import (
@@ -99,6 +100,8 @@ class Run:
     train_mask: TokenStream | None
     val_mask: TokenStream | None
     tokenizer: dict[str, Any]  # the data's tokenizer, saved beside every checkpoint
+    # train.lora_rank: how the adapted model is built from its base (`gptlab.lora.save_adapter`); None: full training
+    adapter: dict[str, Any] | None
     micro_batch_size: int  # sequences per forward on each rank
     accum_steps: int  # micro-batches per optimizer step on each rank
     start_step: int  # optimizer steps already taken (from the checkpoint resumed)
@@ -196,7 +199,9 @@ def setup_run(job: JobConfig, world: World) -> Run:
     if resume_from is not None:
         check_resume_matches(resume_from, job, config)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = initial_model(job, config, resumed=resume_from is not None, new_tokens=new_token_ids(job, meta))
+    new_tokens = new_token_ids(job, meta)
+    model = initial_model(job, config, resumed=resume_from is not None, new_tokens=new_tokens)
+    adapter = add_adapters(model, job, config, new_tokens) if cfg.lora_rank is not None else None
     forward = parallelize(model, job.parallel, world, compile=cfg.compile)
     # From here on (dropout) each rank draws from a stream of its own; a resume restores each rank's stream
     torch.manual_seed(cfg.seed + world.rank)
@@ -214,6 +219,7 @@ def setup_run(job: JobConfig, world: World) -> Run:
         train_mask=load_mask(data_dir, "train"),
         val_mask=load_mask(data_dir, "val"),
         tokenizer=meta["tokenizer"],
+        adapter=adapter,
         micro_batch_size=micro,
         accum_steps=accum,
         start_step=0,
@@ -284,12 +290,37 @@ def initial_model(job: JobConfig, config: GPTConfig, resumed: bool, new_tokens: 
     if job.parallel.meta_init and job.parallel.mode == "fsdp" and scratch and not resumed:
         with torch.device("meta"):
             return GPT(config)
-    if scratch or resumed:
+    if scratch or (resumed and job.train.lora_rank is None):  # a LoRA checkpoint holds no base weights
         return GPT(config)
     model = load_pretrained(job.train.init_from, **job.model.overrides())
     if model.config.vocab_size != config.vocab_size or new_tokens:
         grow_vocab(model, config.vocab_size, list(new_tokens))
     return model.train()
+
+
+def add_adapters(model: GPT, job: JobConfig, config: GPTConfig, new_tokens: list[int]) -> dict[str, Any]:
+    """Freeze `model` and add LoRA adapters (`gptlab.lora.apply_lora`) as train.lora_* say, the embedding rows of
+    `new_tokens` trained whole; returns what rebuilds the model from its base (adapter.json)."""
+    cfg = job.train
+    if cfg.init_from == "scratch":
+        raise ConfigError(
+            "train.lora_rank adapts a pretrained model: set train.init_from (a run, checkpoint or hub id)"
+        )
+    if cfg.optimizer != "adamw":
+        raise ConfigError('train.lora_rank trains its adapters with AdamW: set train.optimizer="adamw"')
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
+    apply_lora(model, cfg.lora_rank, alpha, cfg.lora_dropout, cfg.lora_targets, new_tokens)
+    base = Path(cfg.init_from).expanduser()
+    return {
+        # a local base by its checkpoint directory, so that a run which goes on training does not move it
+        "init_from": str(resolve_checkpoint_dir(base).resolve()) if base.is_dir() else cfg.init_from,
+        "vocab_size": config.vocab_size,
+        "new_tokens": new_tokens,
+        "rank": cfg.lora_rank,
+        "alpha": alpha,
+        "dropout": cfg.lora_dropout,
+        "targets": list(cfg.lora_targets),
+    }
 
 
 def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) -> None:
@@ -303,8 +334,9 @@ def check_resume_matches(checkpoint: Path, job: JobConfig, config: GPTConfig) ->
             )
     saved = json.loads((checkpoint / "job.json").read_text())
     keys = ("data", "dir"), ("data", "align"), ("train", "seed"), ("train", "batch_size"), ("train", "optimizer")
+    keys += (("train", "lora_rank"),) + ((("train", "lora_targets"),) if job.train.lora_rank is not None else ())
     for section, key in keys:
-        value = saved[section][key]
+        value = saved[section].get(key)
         if value != getattr(getattr(job, section), key):
             raise ConfigError(
                 f"{checkpoint.parent} holds a run with {section}.{key}={value!r}, but this command "
@@ -489,6 +521,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
         tokenizer=run.tokenizer,
         keep=run.cfg.keep_checkpoints,
         extra_state={"scaler": run.scaler.state_dict(), "nonfinite_skips": run.nonfinite_skips},
+        adapter=run.adapter,
     )
 
 
