@@ -207,3 +207,16 @@ def test_profile_cuts_the_real_training_step_into_its_phases(char_data, tmp_path
     assert not (tmp_path / "out").exists()
     report = "\n".join(format_profile_lines(result))
     assert all(name in report for name in phases) and "top ops by own time" in report
+
+
+def test_lora_suite_trains_the_adapters_alone_and_reports_both_steps():
+    from gptlab.bench.lora import LORA_RANK, format_lora_lines, lora_suite
+
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    full, lora = lora_suite(config, batch_size=2, seq_len=8, repeats=1, device=torch.device("cpu"))
+    # per block: c_attn 32 -> 96, attn.c_proj 32 -> 32, c_fc 32 -> 128, mlp.c_proj 128 -> 32
+    adapters = LORA_RANK * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)) * config.n_layer
+    assert lora["trained_params"] == adapters and lora["optimizer_bytes"] == 8 * adapters
+    assert full["trained_params"] == sum(p.numel() for p in bench.models.gptlab_model(config, "cpu").parameters())
+    assert full["seconds"] > 0 and lora["seconds"] > 0
+    assert "LoRA's step takes" in format_lora_lines([full, lora], "tiny", 2, 8)[-1]

@@ -35,13 +35,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets = targets.clamp(min=0)
         N = x.size(0)
         with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # a frozen head (LoRA) needs no weight gradient: one of the three matmuls goes
+        weight_grad = ctx.needs_input_grad[1]
         low_precision = x.dtype != torch.float32
         w = weight.to(x.dtype)
         if with_grad:
             grad_x = torch.empty_like(x)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+            grad_w = torch.zeros(weight.shape if weight_grad else (), dtype=torch.float32, device=x.device)
             # one chunk's (vocab, C) term in the compute dtype, added to grad_w in float32
-            grad_w_chunk = torch.empty_like(w) if low_precision else None
+            grad_w_chunk = torch.empty_like(w) if low_precision and weight_grad else None
         logits_buffer = x.new_empty(min(chunk_rows, N), weight.size(0))
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, N, chunk_rows):
@@ -65,9 +67,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = logits_buffer[:n].copy_(grad_logits)
             # a skipped row's gradient is zeroed through x's rows (n x C), not the logits' (n x vocab)
             torch.mm(grad_logits, w, out=grad_x[start : start + n]).mul_(keep)
-            if low_precision:
+            if weight_grad and low_precision:
                 grad_w.add_(torch.mm(grad_logits.t(), xs * keep, out=grad_w_chunk))
-            else:
+            elif weight_grad:
                 grad_w.addmm_(grad_logits.t(), xs * keep)
         if with_grad:
             ctx.save_for_backward(grad_x, grad_w, count)
@@ -85,7 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # 1 / N and the loss scale together, in float32: either alone may under- or overflow float16
         scale = grad_loss.float() / count
         grad_x = grad_x.float().mul_(scale).to(grad_x.dtype)
-        grad_w = grad_w.mul_(scale).to(ctx.weight_dtype)
+        grad_w = grad_w.mul_(scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None, None
 
 

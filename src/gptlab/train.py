@@ -371,6 +371,10 @@ def train_loop(run: Run, progress: bool) -> TrainResult:
     """Step, log, maybe evaluate, maybe checkpoint, from the run's start step to `max_steps`."""
     cfg = run.cfg
     logger = MetricsLogger(run, progress)
+    if run.adapter is not None:
+        trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in run.model.parameters())
+        logger.write(f"LoRA: {trained:,} of {total:,} parameters trained ({trained / total:.1%})")
     started, val_loss = time.perf_counter(), None
     try:
         for step in range(run.start_step, cfg.max_steps):

@@ -6,6 +6,7 @@ from gptlab import gemv
 from gptlab.bench.data import format_data_lines
 from gptlab.bench.kernels import format_kernels_lines
 from gptlab.bench.levers import format_levers_lines
+from gptlab.bench.lora import format_lora_lines
 from gptlab.bench.profile import format_profile_lines
 from gptlab.bench.serve import format_serve_lines
 
@@ -40,6 +41,9 @@ def format_report(result: dict) -> str:
         lines += format_profile_lines(result["profile"])
     if "serve" in result:
         lines += format_serve_lines(result["serve"], result["options"]["preset"])
+    if "lora" in result:
+        options = result["options"]
+        lines += format_lora_lines(result["lora"], options["preset"], options["batch_size"], options["seq_len"])
     if any(row["suite"] == "train" for row in result["rows"]):
         lines.append("")
         lines.append("MFU: model FLOPs (6 per matmul parameter and token, + attention) / the dtype's matmul peak")

@@ -37,6 +37,7 @@ from gptlab.attention import causal_attention
 from gptlab.bench.data import DataBenchOptions, data_suite
 from gptlab.bench.kernels import kernels_suite
 from gptlab.bench.levers import levers_suite
+from gptlab.bench.lora import lora_suite
 from gptlab.bench.machine import matmul_peak, matvec_bandwidth, published_peak
 from gptlab.bench.models import gptlab_model, greedy_decoding, hf_model, training_step
 from gptlab.bench.profile import profile_job
@@ -47,7 +48,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.sizes import flops_per_token
 
-SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels", "profile", "serve")
+SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels", "profile", "serve", "lora")
 # run by name only: data writes and tokenizes hundreds of MB, levers takes minutes at GPT-2's size, kernels is a
 # check of which attention kernel runs rather than a speed, profile trains a job of its own, serve starts a server
 DEFAULT_SUITES = SUITES[:5]
@@ -269,6 +270,8 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
             result["profile"] = profile_job(*args, device=str(device))
         elif suite == "serve":
             result["serve"] = serve_suite(config, opts.serve, device)
+        elif suite == "lora":
+            result["lora"] = lora_suite(config, opts.batch_size, opts.seq_len, opts.repeats, device)
         elif suite == "window":
             result["window"] = window_benchmark(opts.window_seq_len, opts.window, repeats=opts.repeats, device=device)
         else:
