@@ -270,3 +270,15 @@ def test_chat_eval_and_chat_command_answer_as_one_at_a_time_greedy_decoding(tmp_
         timeout=120,
     )
     assert session.returncode == 0 and "(conversation cleared)" in session.stdout
+
+
+def test_a_saved_dataset_gives_the_shards_of_the_same_conversations_in_jsonl(chat_jsonl, chat_data, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in chat_jsonl.read_text().splitlines()]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "out"
+    meta = prepare_conversations(str(tmp_path / "saved"), out, block_size=32, tokenizer="char", val_fraction=0.2)
+    assert meta["conversations"] == load_meta(chat_data)["conversations"]
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(load_tokens(out, split)), np.asarray(load_tokens(chat_data, split)))
+        assert np.array_equal(np.asarray(load_mask(out, split)), np.asarray(load_mask(chat_data, split)))

@@ -327,3 +327,27 @@ def test_a_character_model_is_served_and_refuses_characters_outside_its_alphabet
         code, answer = http(url, "/v1/completions", {"prompt": "xyz", "max_tokens": 5})
         assert code == 400 and "'x'" in answer["error"]["message"] and answer["error"]["param"] == "prompt"
         assert http(url, "/tokenizer_info")[1]["eos_token"] is None
+
+
+def test_a_chat_checkpoint_is_prompted_with_its_own_template_and_stops_at_its_end_token():
+    from gptlab.conversation import ChatTemplate
+    from gptlab.serve.server import serving
+    from helpers_serve import TINY_SERVED
+
+    tokenizer = load_tokenizer("gpt2", chat=True)
+    template = ChatTemplate(tokenizer)
+    model = tiny_served_model(TINY_SERVED.replace(vocab_size=50304, tie_embeddings=False))
+    with torch.no_grad():  # every position's final features are e0, and only <|end|>'s head row reads it
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[template.end_id, 0] = 10.0
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
+    with serving(model, tokenizer, MODEL_NAME, {"max_batch": 2}) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0)
+        assert reply.usage.prompt_tokens == len(template.prompt(messages))
+        assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content == ""
+        assert http(url, "/tokenize", {"messages": messages})[1]["tokens"] == template.prompt(messages)
+        assert http(url, "/tokenizer_info")[1]["chat_template"] == template.jinja()
