@@ -282,3 +282,15 @@ def test_a_saved_dataset_gives_the_shards_of_the_same_conversations_in_jsonl(cha
     for split in ("train", "val"):
         assert np.array_equal(np.asarray(load_tokens(out, split)), np.asarray(load_tokens(chat_data, split)))
         assert np.array_equal(np.asarray(load_mask(out, split)), np.asarray(load_mask(chat_data, split)))
+
+
+def test_a_source_that_holds_no_conversations_is_named(tmp_path):
+    (tmp_path / "folder").mkdir()
+    cases = {
+        str(tmp_path / "folder"): "is not a dataset saved by datasets' save_to_disk",
+        str(tmp_path / "missing.jsonl"): "no such file",
+        "./missing_folder": "no such file or folder",
+    }
+    for source, message in cases.items():
+        with pytest.raises(GptlabError, match=message):
+            prepare_conversations(source, tmp_path / "out", block_size=16)

@@ -138,16 +138,20 @@ def read_conversations(path: Path, field: str = "messages") -> Iterator[tuple[st
 
 
 def _dataset_conversations(source: str, field: str, name: str | None, split: str) -> Iterator[tuple[str, Any]]:
-    from gptlab.sources import _import_optional
+    from gptlab.sources import _import_optional, _is_saved_dataset, _looks_like_path
 
     datasets = _import_optional("datasets", f"reading the conversations of {source!r}")
     path = Path(source).expanduser()
     if path.is_dir():
+        if not _is_saved_dataset(path):
+            raise GptlabError(f"{path} is not a dataset saved by datasets' save_to_disk")
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise GptlabError(f"{path} has no split {split!r} (splits: {', '.join(dataset)})")
             dataset = dataset[split]
+    elif _looks_like_path(source):
+        raise GptlabError(f"no such file or folder: {path}")
     else:
         try:
             dataset = datasets.load_dataset(source, name=name, split=split, streaming=True)

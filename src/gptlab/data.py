@@ -298,8 +298,9 @@ def get_batch(
     """Inputs x (len(starts), T) int64 and targets y, x shifted left by one token, on `device`; with a loss
     `mask` (`load_mask`), targets whose mask is 0 are IGNORE_INDEX.
 
-    Both are views of one (B, T + 1) tensor: one host-to-device copy per batch, not two. On CUDA it is copied
-    from pinned memory without blocking, so the host can prepare the next batch while the GPU computes.
+    Both are views of one (B, T + 1) tensor ((B, 2T + 1) with a mask): one host-to-device copy per batch, not
+    two. On CUDA it is copied from pinned memory without blocking, so the host can prepare the next batch while
+    the GPU computes.
     """
     starts = np.asarray(starts, dtype=np.int64)
     if len(starts) and (starts.min() < 0 or starts.max() + block_size + 1 > len(tokens)):

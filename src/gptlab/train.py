@@ -43,7 +43,7 @@ from gptlab.device import autocast, eval_mode, resolve_dtype
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import write_text_atomically
 from gptlab.hf import load_config, load_pretrained, read_config, resolve_checkpoint_dir
-from gptlab.lora import apply_lora
+from gptlab.lora import ADAPTER_CONFIG, apply_lora
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import configure_optimizer, lr_at, set_learning_rates
 from gptlab.parallel import (
@@ -200,8 +200,11 @@ def setup_run(job: JobConfig, world: World) -> Run:
         check_resume_matches(resume_from, job, config)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     new_tokens = new_token_ids(job, meta)
-    model = initial_model(job, config, resumed=resume_from is not None, new_tokens=new_tokens)
-    adapter = add_adapters(model, job, config, new_tokens) if cfg.lora_rank is not None else None
+    base = cfg.init_from
+    if resume_from is not None and cfg.lora_rank is not None:  # the base the adapters were trained on, as recorded
+        base = json.loads((resume_from / ADAPTER_CONFIG).read_text())["init_from"]
+    model = initial_model(job, config, resumed=resume_from is not None, new_tokens=new_tokens, base=base)
+    adapter = add_adapters(model, job, config, new_tokens, base) if cfg.lora_rank is not None else None
     forward = parallelize(model, job.parallel, world, compile=cfg.compile)
     # From here on (dropout) each rank draws from a stream of its own; a resume restores each rank's stream
     torch.manual_seed(cfg.seed + world.rank)
@@ -281,9 +284,12 @@ def new_token_ids(job: JobConfig, meta: dict[str, Any]) -> list[int]:
     return [] if trained_with_markers else markers
 
 
-def initial_model(job: JobConfig, config: GPTConfig, resumed: bool, new_tokens: list[int] = ()) -> GPT:
+def initial_model(
+    job: JobConfig, config: GPTConfig, resumed: bool, new_tokens: list[int] = (), base: str | None = None
+) -> GPT:
     """The model before parallelization: pretrained weights, or a fresh initialisation that is the same on
-    every rank (same seed); when resuming, any initialisation (the checkpoint overwrites it). With
+    every rank (same seed); when resuming, any initialisation (the checkpoint overwrites it), but for LoRA the
+    pretrained `base` (default train.init_from), whose weights the checkpoint does not hold. With
     parallel.meta_init (fsdp, from scratch) it is built on the meta device, without memory, and `parallelize`
     initialises each rank's shards in place."""
     scratch = job.train.init_from == "scratch"
@@ -292,15 +298,15 @@ def initial_model(job: JobConfig, config: GPTConfig, resumed: bool, new_tokens: 
             return GPT(config)
     if scratch or (resumed and job.train.lora_rank is None):  # a LoRA checkpoint holds no base weights
         return GPT(config)
-    model = load_pretrained(job.train.init_from, **job.model.overrides())
+    model = load_pretrained(base or job.train.init_from, **job.model.overrides())
     if model.config.vocab_size != config.vocab_size or new_tokens:
         grow_vocab(model, config.vocab_size, list(new_tokens))
     return model.train()
 
 
-def add_adapters(model: GPT, job: JobConfig, config: GPTConfig, new_tokens: list[int]) -> dict[str, Any]:
+def add_adapters(model: GPT, job: JobConfig, config: GPTConfig, new_tokens: list[int], base: str) -> dict[str, Any]:
     """Freeze `model` and add LoRA adapters (`gptlab.lora.apply_lora`) as train.lora_* say, the embedding rows of
-    `new_tokens` trained whole; returns what rebuilds the model from its base (adapter.json)."""
+    `new_tokens` trained whole; returns what rebuilds the model from its `base` (adapter.json)."""
     cfg = job.train
     if cfg.init_from == "scratch":
         raise ConfigError(
@@ -310,10 +316,10 @@ def add_adapters(model: GPT, job: JobConfig, config: GPTConfig, new_tokens: list
         raise ConfigError('train.lora_rank trains its adapters with AdamW: set train.optimizer="adamw"')
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
     apply_lora(model, cfg.lora_rank, alpha, cfg.lora_dropout, cfg.lora_targets, new_tokens)
-    base = Path(cfg.init_from).expanduser()
+    local = Path(base).expanduser()
     return {
         # a local base by its checkpoint directory, so that a run which goes on training does not move it
-        "init_from": str(resolve_checkpoint_dir(base).resolve()) if base.is_dir() else cfg.init_from,
+        "init_from": str(resolve_checkpoint_dir(local).resolve()) if local.is_dir() else base,
         "vocab_size": config.vocab_size,
         "new_tokens": new_tokens,
         "rank": cfg.lora_rank,
