@@ -230,7 +230,9 @@ def test_prepare_and_export_errors_exit_2(tmp_path, args, culprit):
 
 
 def _as_typed(value) -> str:
-    """A default as `--help` must show it: TOML spelling for booleans, "unset" for None."""
+    """A default as `--help` must show it: TOML spelling for booleans and lists of text, "unset" for None."""
+    if isinstance(value, list):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
     return "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -190,8 +190,8 @@ def load_checkpoint(checkpoint_dir: Path, model: GPT, optimizer: torch.optim.Opt
 
 def export_checkpoint(run_or_checkpoint: Path, destination: Path) -> str:
     """Gather a (possibly sharded) training checkpoint into one `save_pretrained` directory (a LoRA run's adapters
-    merged into its base), with its tokenizer's
-    files where transformers has a class for it (`gptlab.hf.save_tokenizer`); returns its format."""
+    merged into its base), with its tokenizer's files where transformers has a class for it
+    (`gptlab.hf.save_tokenizer`); returns its format."""
     checkpoint = run_or_checkpoint
     if not (checkpoint / STATE).exists():
         checkpoint = latest_checkpoint(run_or_checkpoint)
@@ -225,6 +225,7 @@ def _training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def _without_frozen(model: torch.nn.Module, model_state: dict) -> dict:
+    """`model_state` without the frozen parameters, under any of their names."""
     for name, param in model.named_parameters(remove_duplicate=False):
         if not param.requires_grad:
             model_state.pop(name, None)

@@ -378,5 +378,9 @@ def _as_literal(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple | list):
-        return "[" + ", ".join('"none"' if v is None else _as_literal(v) for v in value) + "]"
+        return (
+            "["
+            + ", ".join('"none"' if v is None else f'"{v}"' if isinstance(v, str) else _as_literal(v) for v in value)
+            + "]"
+        )
     return str(value)
