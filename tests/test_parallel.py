@@ -431,11 +431,10 @@ def lora_runs(reference_runs, char_data, tmp_path_factory):
     """LoRA on the single run's step-20 checkpoint, by one process, by DDP on 2 and by FSDP on 2."""
     root = tmp_path_factory.mktemp("lora")
     lora = [*LORA, f"--train.init_from={reference_runs / 'single' / 'ckpt-0000020'}"]
-    ddp = torchrun(*job_args(char_data, root / "ddp", *lora, "--parallel.mode=ddp"))
-    fsdp = torchrun(*job_args(char_data, root / "fsdp", *lora, "--parallel.mode=fsdp"))
     train(load_job_config(None, job_args(char_data, root / "single", *lora)), progress=False)
-    finish(ddp)
-    finish(fsdp)
+    # one launch at a time, with room for torchrun's exit barrier (300 s at most) on a loaded machine
+    for mode in ("ddp", "fsdp"):
+        finish(torchrun(*job_args(char_data, root / mode, *lora, f"--parallel.mode={mode}")), timeout=900)
     return root
 
 
