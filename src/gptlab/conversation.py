@@ -13,9 +13,9 @@ predict the assistant's content and the `<|end|>` that closes it (the loss mask 
 the system or user turns; to answer, it is given the conversation and `<|assistant|>`, and stops at `<|end|>`.
 
 `prepare_conversations` packs rendered conversations into rows of `block_size + 1` tokens, each conversation
-starting a row or following another in it (best fit, as nanochat's SFT loader packs), the rest of a row padding
-that is never trained; a conversation longer than a row is cut at its end and counted. Beside every token shard
-a mask shard (one byte per token) says which tokens are trained.
+starting a row or following another in it (best fit), the rest of a row padding that is never trained; a
+conversation longer than a row is cut at its end and counted. Beside every token shard a mask shard (one byte per
+token) says which tokens are trained.
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ def convert_state_dict(
 def grow_vocab(model: GPT, vocab_size: int, new_ids: list[int]) -> GPT:
     """`model` with `vocab_size` rows of token embedding (and of an untied head), in place: rows past the old
     vocabulary are added, and the rows of `new_ids` (tokens the model never saw, such as chat markers) start
-    as the mean of the old rows, as transformers' `resize_token_embeddings` does: a new token begins as an
-    average token rather than a random one, whose logits could dominate the softmax."""
+    as the mean of the old rows (transformers' `resize_token_embeddings` samples around that mean): a new token
+    begins as an average token rather than a random one, whose logits could dominate the softmax."""
     old = model.config.vocab_size
     if vocab_size < old:
         raise ConfigError(f"vocab_size={vocab_size} is smaller than the model's {old}")
