@@ -25,9 +25,13 @@ a full-size weight gradient in backward (the fused loss computes it, then it flo
 dropout: a parametrization sees the weight, never the head's input. With tied embeddings the token embedding
 keeps reading the original W; only the head is adapted.
 
+Tokens the base never saw (chat markers, `new_tokens`) get their embedding rows (and an untied head's) trained
+whole (`NewRows`): they start as identical mean rows, which no low-rank update of the blocks can tell apart.
+
 `merge_lora` folds every update into its weight and leaves a plain `GPT` (for a tied head, an untied one), so a
 fine-tuned model is exported and served with no trace of LoRA. `lora_parameters` / `load_lora_parameters` save
-and restore the adapter alone, a small fraction of the model's size.
+and restore the adapter alone, a small fraction of the model's size; `save_adapter` writes it beside how to
+rebuild the model from its base (`adapter.json`), and `load_adapted` gives the merged model back.
 """
 
 from __future__ import annotations
