@@ -221,6 +221,9 @@ def test_debug_shows_the_traceback():
         (["prepare", "shakespeare-char", "--out", "OUT", "--val_fraction", "1.5"], "val_fraction"),
         (["prepare", "shakespeare-char", "--out", "OUT", "--name", "sample-10BT"], "name='sample-10BT'"),
         (["export", "./no/such/run", "OUT"], "no/such/run"),
+        (["prepare", "chat-tasks", "--out", "OUT", "--num_proc", "2"], "--num_proc does not apply to conversations"),
+        (["prepare", "./no/chats.jsonl", "--conversations", "--out", "OUT"], "no/chats.jsonl"),
+        (["prepare", "chat-tasks", "--out", "OUT", "--block_size", "0"], "block_size=0"),
     ],
 )
 def test_prepare_and_export_errors_exit_2(tmp_path, args, culprit):

@@ -322,6 +322,9 @@ def run_prepare(args: argparse.Namespace) -> None:
     from gptlab.prepare import SHARD_TOKENS, prepare
 
     if args.conversations or args.source in EMBEDDED_CONVERSATIONS:
+        for flag in ("val_tokens", "num_proc"):
+            if getattr(args, flag) is not None:
+                raise GptlabError(f"--{flag} does not apply to conversations (--conversations, chat-tasks)")
         meta = prepare_conversations(
             args.source,
             args.out,
