@@ -32,6 +32,13 @@ import numpy as np
 from gptlab.data import META_FORMAT, META_VERSION, SPLITS
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import write_json_atomically
+from gptlab.sources import (
+    hub_dataset_records,
+    is_saved_dataset,
+    jsonl_records,
+    looks_like_path,
+    saved_dataset_records,
+)
 from gptlab.tokenizer import CHAT_TOKENS, Tokenizer, load_tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -118,51 +125,6 @@ class ChatTemplate:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def read_conversations(path: Path, field: str = "messages") -> Iterator[tuple[str, Any]]:
-    """(where, messages) of each line of a JSONL file whose `field` holds the messages."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GptlabError(f"{where}: invalid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or field not in record:
-                    raise GptlabError(f"{where}: no field {field!r}")
-                yield where, record[field]
-        except UnicodeDecodeError as e:
-            raise GptlabError(f"{path} is not UTF-8 text ({e.reason})") from None
-
-
-def _dataset_conversations(source: str, field: str, name: str | None, split: str) -> Iterator[tuple[str, Any]]:
-    from gptlab.sources import _import_optional, _is_saved_dataset, _looks_like_path
-
-    datasets = _import_optional("datasets", f"reading the conversations of {source!r}")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not _is_saved_dataset(path):
-            raise GptlabError(f"{path} is not a dataset saved by datasets' save_to_disk")
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise GptlabError(f"{path} has no split {split!r} (splits: {', '.join(dataset)})")
-            dataset = dataset[split]
-    elif _looks_like_path(source):
-        raise GptlabError(f"no such file or folder: {path}")
-    else:
-        try:
-            dataset = datasets.load_dataset(source, name=name, split=split, streaming=True)
-        except (OSError, ValueError) as e:
-            raise GptlabError(f"{source!r}, split {split!r}: not a loadable dataset: {e}") from e
-    for row, record in enumerate(dataset):
-        if field not in record:
-            raise GptlabError(f"{source}, row {row}: no field {field!r} (fields: {', '.join(record)})")
-        yield f"{source}, row {row}", record[field]
-
-
 def conversation_splits(
     source: str, val_fraction: float, field: str = "messages", name: str | None = None, split: str = "train"
 ) -> Iterator[tuple[str, str, Any]]:
@@ -177,12 +139,14 @@ def conversation_splits(
                 yield split_name, f"{source} {split_name} conversation {i}", messages
         return
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise GptlabError(f"no such file: {path}")
-        records = read_conversations(path, field)
+    if path.suffix == ".jsonl" and path.is_file():
+        records = jsonl_records(path, field)
+    elif is_saved_dataset(path):
+        records = saved_dataset_records(path, field, split)
+    elif path.exists() or looks_like_path(source):
+        raise GptlabError(f"{path}: no such .jsonl file or folder saved by datasets' save_to_disk")
     else:
-        records = _dataset_conversations(source, field, name, split)
+        records = hub_dataset_records(source, field, name, split)
     every = max(2, round(1 / val_fraction))
     for i, (where, messages) in enumerate(records):
         yield ("val" if i % every == every - 1 else "train"), where, messages

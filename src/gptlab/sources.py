@@ -49,7 +49,8 @@ def _check_text(value: Any, text_field: str, where: str) -> str:
     return value
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_records(path: Path, field: str) -> Iterator[tuple[str, Any]]:
+    """(where, value) of `field` in each non-blank line of a JSONL file; `where` names the file and line."""
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(_utf8_lines(f, path), start=1):
             if not line.strip():
@@ -59,9 +60,14 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise GptlabError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise GptlabError(f"{where}: no field {text_field!r} (choose another with text_field=...)")
-            yield _check_text(record[text_field], text_field, where)
+            if not isinstance(record, dict) or field not in record:
+                raise GptlabError(f"{where}: no field {field!r} (choose another with text_field=...)")
+            yield where, record[field]
+
+
+def _texts(records: Iterator[tuple[str, Any]], text_field: str) -> Iterator[str]:
+    for where, value in records:
+        yield _check_text(value, text_field, where)
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -79,17 +85,17 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
             row += 1
 
 
-def _dataset_documents(dataset: Any, text_field: str, name: str) -> Iterator[str]:
-    """The `text_field` of each row of a Hugging Face `Dataset` or `IterableDataset`."""
+def dataset_records(dataset: Any, field: str, name: str) -> Iterator[tuple[str, Any]]:
+    """(where, value) of `field` in each row of a Hugging Face `Dataset` or `IterableDataset` called `name`."""
     columns = dataset.column_names  # None for a streamed dataset whose features are not declared
     if columns is not None:
-        if text_field not in columns:
-            raise GptlabError(f"{name} has no column {text_field!r} (columns: {', '.join(columns)})")
-        dataset = dataset.select_columns([text_field])  # the other columns are never decoded
+        if field not in columns:
+            raise GptlabError(f"{name} has no column {field!r} (columns: {', '.join(columns)})")
+        dataset = dataset.select_columns([field])  # the other columns are never decoded
     for row, record in enumerate(dataset):
-        if text_field not in record:
-            raise GptlabError(f"{name}, row {row}: no field {text_field!r} (fields: {', '.join(record)})")
-        yield _check_text(record[text_field], text_field, f"{name}, row {row}")
+        if field not in record:
+            raise GptlabError(f"{name}, row {row}: no field {field!r} (fields: {', '.join(record)})")
+        yield f"{name}, row {row}", record[field]
 
 
 def _import_optional(module: str, needed_for: str) -> Any:
@@ -101,17 +107,19 @@ def _import_optional(module: str, needed_for: str) -> Any:
         ) from None
 
 
-def _saved_dataset(path: Path, text_field: str, split: str) -> Iterator[str]:
+def saved_dataset_records(path: Path, field: str, split: str) -> Iterator[tuple[str, Any]]:
+    """`dataset_records` of a folder written by `save_to_disk` (its `split`, when it holds several)."""
     datasets = _import_optional("datasets", f"reading the saved dataset {path}")
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise GptlabError(f"{path} has no split {split!r} (splits: {', '.join(dataset)}); choose one with split=")
         dataset = dataset[split]
-    return _dataset_documents(dataset, text_field, str(path))
+    return dataset_records(dataset, field, str(path))
 
 
-def _hub_dataset(source: str, text_field: str, name: str | None, split: str) -> Iterator[str]:
+def hub_dataset_records(source: str, field: str, name: str | None, split: str) -> Iterator[tuple[str, Any]]:
+    """`dataset_records` of a Hugging Face Hub dataset's config `name` and `split`, streamed."""
     datasets = _import_optional(
         "datasets", f"{source!r} is no local file or folder; reading it from the Hugging Face Hub"
     )
@@ -122,15 +130,15 @@ def _hub_dataset(source: str, text_field: str, name: str | None, split: str) -> 
         dataset = datasets.load_dataset(source, name=name, split=split, streaming=True)
     except (OSError, ValueError) as e:
         raise GptlabError(f"{label!r}, split {split!r}: not a loadable dataset: {e}") from e
-    return _dataset_documents(dataset, text_field, f"{label}, split {split!r}")
+    return dataset_records(dataset, field, f"{label}, split {split!r}")
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
     """A folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`)."""
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """A source meant as a local path: a Hub dataset id is `name` or `owner/name`, with no file suffix."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(LOCAL_SUFFIXES)
 
@@ -140,8 +148,8 @@ def open_documents(
 ) -> DocumentSource:
     """The documents of `source` (see `prepare`), as a function that yields them afresh on every call."""
     path = Path(source).expanduser()
-    hub = source not in EMBEDDED_SOURCES and not path.exists() and not _looks_like_path(source)
-    saved = path.is_dir() and _is_saved_dataset(path)
+    hub = source not in EMBEDDED_SOURCES and not path.exists() and not looks_like_path(source)
+    saved = path.is_dir() and is_saved_dataset(path)
     if name is not None and not hub:
         raise ConfigError(f"name={name!r} (a dataset config) applies to Hugging Face Hub datasets, not to {source}")
     if split != "train" and not (hub or saved):
@@ -150,17 +158,17 @@ def open_documents(
         return lambda: iter(load_shakespeare())
     if path.is_dir():
         if saved:
-            return lambda: _saved_dataset(path, text_field, split)
+            return lambda: _texts(saved_dataset_records(path, text_field, split), text_field)
         files = sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise GptlabError(f"folder {path} holds no .txt files")
         return lambda: map(_text_file, files)
     if path.is_file():
         if path.suffix == ".jsonl":
-            return lambda: _jsonl_documents(path, text_field)
+            return lambda: _texts(jsonl_records(path, text_field), text_field)
         if path.suffix == ".parquet":
             return lambda: _parquet_documents(path, text_field)
         return lambda: iter([_text_file(path)])
     if not hub:
         raise GptlabError(f"no such file or folder: {path}")
-    return lambda: _hub_dataset(source, text_field, name, split)
+    return lambda: _texts(hub_dataset_records(source, text_field, name, split), text_field)
