@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gptlab.data import META_FORMAT, META_VERSION, SPLITS
+from gptlab.data import SPLITS
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import write_json_atomically
 from gptlab.sources import (
@@ -208,21 +208,21 @@ def prepare_conversations(
     (see `chat_tokenizer`; default: char for the embedded task set, else gpt2), pack them into rows of
     `block_size + 1` tokens (`pack_rows`), and write token and mask shards and meta.json into `out_dir`; return
     the meta. A bad conversation fails the run naming its file and line; nothing is left behind then."""
-    from gptlab.prepare import _check_destination, _move_into_place, _sha256, _token_dtype
+    from gptlab.prepare import check_destination, dataset_meta, file_sha256, move_into_place, token_dtype
 
     if block_size < 1:
         raise ConfigError(f"block_size={block_size} must be at least 1")
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
     out_dir = Path(out_dir).resolve()
-    _check_destination(out_dir)
+    check_destination(out_dir)
     conversations = [
         (split_name, where, check_conversation(messages, where))
         for split_name, where, messages in conversation_splits(source, val_fraction, field, name, split)
     ]
     vocab = chat_tokenizer(tokenizer or EMBEDDED_CONVERSATIONS.get(source, "gpt2"), source, conversations)
     template = ChatTemplate(vocab)
-    row_tokens, dtype = block_size + 1, _token_dtype(vocab.vocab_size)
+    row_tokens, dtype = block_size + 1, token_dtype(vocab.vocab_size)
     pad_id = vocab.eot_token if vocab.eot_token is not None else template.end_id
     counts = {"conversations": {s: 0 for s in SPLITS}, "truncated": {s: 0 for s in SPLITS}}
     staging = out_dir.parent / f".{out_dir.name}.partial"
@@ -248,30 +248,24 @@ def prepare_conversations(
             )
         for entries in shards.values():
             for entry in entries:
-                entry["sha256"] = _sha256(staging / entry["file"])
-        meta = {
-            "format": META_FORMAT,
-            "version": META_VERSION,
-            "source": source,
-            "name": name,
-            "split": split,
-            "text_field": field,
-            "tokenizer": vocab.to_dict(),
-            "vocab_size": vocab.vocab_size,
-            "eot_token": vocab.eot_token,
-            "dtype": dtype.name,
-            "row_tokens": row_tokens,
+                entry["sha256"] = file_sha256(staging / entry["file"])
+        meta = dataset_meta(
+            vocab,
+            dtype,
+            shards,
+            source=source,
+            name=name,
+            split=split,
+            text_field=field,
+            row_tokens=row_tokens,
             **counts,
-            "train_tokens": sum(e["tokens"] for e in shards["train"]),
-            "val_tokens": sum(e["tokens"] for e in shards["val"]),
-            "trained_tokens": {
+            trained_tokens={
                 s: int(sum(np.fromfile(staging / e["mask"], dtype=np.uint8).sum() for e in shards[s])) for s in SPLITS
             },
-            "shards": shards,
-        }
+        )
         write_json_atomically(staging / "meta.json", meta)
         files = [name for entries in shards.values() for e in entries for name in (e["file"], e["mask"])]
-        _move_into_place(staging, out_dir, files)
+        move_into_place(staging, out_dir, files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
@@ -286,10 +280,10 @@ def chat_tokenizer(name: str, source: str, conversations: list[tuple[str, str, l
         spec = json.loads(spec_file.read_text(encoding="utf-8"))
         return load_tokenizer(**{**spec, "chat": True})
     if name == "char" and source in EMBEDDED_CONVERSATIONS:
-        from gptlab.prepare import _make_tokenizer
+        from gptlab.prepare import make_tokenizer
         from gptlab.sources import load_shakespeare
 
-        chars = _make_tokenizer("char", lambda: iter(load_shakespeare()), "shakespeare-char").chars
+        chars = make_tokenizer("char", lambda: iter(load_shakespeare()), "shakespeare-char").chars
         return load_tokenizer("char", chars=chars, chat=True)
     if name == "char":
         alphabet = {c for *_, messages in conversations for message in messages for c in message["content"]}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gptlab.data import LLMC_FORMATS, LLMC_HEADER_BYTES, META_FORMAT, META_VERSION, read_shard_header
+from gptlab.data import LLMC_FORMATS, LLMC_HEADER_BYTES, META_FORMAT, META_VERSION, SPLITS, read_shard_header
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import write_json_atomically
 from gptlab.sources import EMBEDDED_SOURCES, DocumentSource, open_documents
@@ -42,7 +42,7 @@ PARALLEL_MIN_CHARS = 32 * 2**20
 SHARD_SPLIT_WORDS = {"train": {"train"}, "val": {"val", "valid", "validation"}}
 
 
-def _token_dtype(vocab_size: int) -> np.dtype:
+def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every token id fits in 16 bits (GPT-2's 50,257 do), else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
@@ -52,7 +52,7 @@ class _DocumentEncoder:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.dtype = _token_dtype(tokenizer.vocab_size)
+        self.dtype = token_dtype(tokenizer.vocab_size)
         self.end = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
 
     def __call__(self, text: str) -> np.ndarray:
@@ -117,7 +117,7 @@ def _collect(texts: list[str], result: Any, progress: tqdm) -> Iterator[tuple[in
         yield len(text), ids
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(2**24):
@@ -144,7 +144,7 @@ class _ShardWriter:
         """Close the open file; the stream resumes at token `offset` of document `document`'s tokens."""
         self.file.close()
         path = Path(self.file.name)
-        self.state["shards"].append({"file": path.name, "tokens": self.filled, "sha256": _sha256(path)})
+        self.state["shards"].append({"file": path.name, "tokens": self.filled, "sha256": file_sha256(path)})
         self.state.update(document=document, offset=offset, characters=self.characters)
         write_json_atomically(self.staging / PROGRESS_FILE, self.state)
         self.file = None
@@ -202,7 +202,7 @@ def _write_stream(
     return n_documents
 
 
-def _check_destination(out_dir: Path) -> None:
+def check_destination(out_dir: Path) -> None:
     """`out_dir` may receive shards: it holds neither a dataset nor any .bin file."""
     _check_destination_meta(out_dir)
     taken = sorted(p.name for p in out_dir.glob("*.bin")) if out_dir.is_dir() else []
@@ -210,7 +210,7 @@ def _check_destination(out_dir: Path) -> None:
         raise GptlabError(f"{out_dir} already holds {taken[0]}; refusing to overwrite it")
 
 
-def _make_tokenizer(name: str, documents: DocumentSource, source: str) -> Tokenizer:
+def make_tokenizer(name: str, documents: DocumentSource, source: str) -> Tokenizer:
     """The named tokenizer; for `char`, over the alphabet of the whole token stream (a first pass over it)."""
     if name != "char":
         return load_tokenizer(name)
@@ -292,8 +292,8 @@ def _split_stream(staging: Path, shards: list[dict[str, Any]], n_val: int, dtype
                 stream.seek(head * dtype.itemsize)
                 shutil.copyfileobj(stream, val, 2**24)
                 stream.truncate(head * dtype.itemsize)
-            splits["val"].append({"file": val_path.name, "tokens": end - boundary, "sha256": _sha256(val_path)})
-            shard, split = {**shard, "tokens": head, "sha256": _sha256(path)}, "train"
+            splits["val"].append({"file": val_path.name, "tokens": end - boundary, "sha256": file_sha256(val_path)})
+            shard, split = {**shard, "tokens": head, "sha256": file_sha256(path)}, "train"
         else:
             split = "train" if end <= boundary else "val"
         name = f"{split}_{len(splits[split]):06d}.bin"
@@ -349,9 +349,9 @@ def prepare(
         if tokenizer not in (None, "gpt2") or name is not None or split != "train":
             raise ConfigError(f"{source} holds token shards: tokenizer, name and split do not apply")
         return index_shards(source, out_dir, progress=progress)
-    _check_destination(out_dir)
+    check_destination(out_dir)
     documents = open_documents(source, text_field, name, split)
-    tokenizer = _make_tokenizer(tokenizer or EMBEDDED_SOURCES.get(source, "gpt2"), documents, source)
+    tokenizer = make_tokenizer(tokenizer or EMBEDDED_SOURCES.get(source, "gpt2"), documents, source)
     # What an interrupted run must have been to resume it: the same stream, cut into the same shards.
     job = {
         "source": source,
@@ -377,7 +377,7 @@ def _tokenize(
 ) -> dict[str, Any]:
     """`prepare`'s work once its inputs are checked: the shards (resumed after those an interrupted run finished),
     the validation split cut off the stream's end, meta.json, and everything moved into `out_dir`."""
-    dtype = _token_dtype(tokenizer.vocab_size)
+    dtype = token_dtype(tokenizer.vocab_size)
     with _staging(out_dir, job) as (staging, state):
         if not state.get("complete"):
             writer = _ShardWriter(staging, job["shard_tokens"], dtype, state)
@@ -387,23 +387,34 @@ def _tokenize(
             raise GptlabError(f"{job['source']} holds no text")
         n_val = _validation_tokens(job["source"], n_tokens, val_fraction, val_tokens)
         shards = _split_stream(staging, state["shards"], n_val, dtype)
-        meta = {
-            "format": META_FORMAT,
-            "version": META_VERSION,
-            **{key: job[key] for key in ("source", "name", "split", "text_field", "tokenizer")},
-            "vocab_size": tokenizer.vocab_size,
-            "eot_token": tokenizer.eot_token,
-            "dtype": dtype.name,
-            "documents": state["document"],
-            "characters": state["characters"],
-            "val_fraction": val_fraction if val_tokens is None else None,
-            "train_tokens": n_tokens - n_val,
-            "val_tokens": n_val,
-            "shards": shards,
-        }
+        meta = dataset_meta(
+            tokenizer,
+            dtype,
+            shards,
+            **{key: job[key] for key in ("source", "name", "split", "text_field")},
+            documents=state["document"],
+            characters=state["characters"],
+            val_fraction=val_fraction if val_tokens is None else None,
+        )
         write_json_atomically(staging / "meta.json", meta)
-        _move_into_place(staging, out_dir, [s["file"] for split_shards in shards.values() for s in split_shards])
+        move_into_place(staging, out_dir, [s["file"] for split_shards in shards.values() for s in split_shards])
     return meta
+
+
+def dataset_meta(tokenizer: Tokenizer, dtype: np.dtype, shards: dict[str, list], **fields: Any) -> dict[str, Any]:
+    """A prepared folder's meta.json: the format, the tokenizer, the token dtype, each split's shards and token
+    count (`gptlab.data.load_meta` reads them), and `fields` describing where the tokens came from."""
+    return {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        **fields,
+        "tokenizer": tokenizer.to_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_token": tokenizer.eot_token,
+        "dtype": dtype.name,
+        **{f"{split}_tokens": sum(shard["tokens"] for shard in shards[split]) for split in SPLITS},
+        "shards": shards,
+    }
 
 
 def _check_sizes(val_fraction: float, **counts: int | None) -> None:
@@ -426,10 +437,10 @@ def _validation_tokens(source: str, n_tokens: int, val_fraction: float, val_toke
     return n_val
 
 
-def _move_into_place(staging: Path, out_dir: Path, files: list[str]) -> None:
+def move_into_place(staging: Path, out_dir: Path, files: list[str]) -> None:
     """Move the shards and then meta.json from `staging` into `out_dir`: a folder with a meta.json is complete."""
     out_dir.mkdir(exist_ok=True)
-    _check_destination(out_dir)  # again: another run may have finished in the meantime
+    check_destination(out_dir)  # again: another run may have finished in the meantime
     for name in [*files, "meta.json"]:
         (staging / name).rename(out_dir / name)
 
@@ -490,20 +501,7 @@ def index_shards(shard_dir: str | Path, out_dir: str | Path, progress: bool = Fa
     for split, entries in shards.items():
         if not entries:
             raise GptlabError(f"{shard_dir} holds no {split} shard (a .bin file with {split!r} in its name)")
-    meta = {
-        "format": META_FORMAT,
-        "version": META_VERSION,
-        "source": str(shard_dir),
-        "shard_format": "llm.c",
-        "tokenizer": vocab.to_dict(),
-        "vocab_size": vocab.vocab_size,
-        "eot_token": vocab.eot_token,
-        "dtype": dtype.name,
-        "documents": documents,
-        "train_tokens": sum(s["tokens"] for s in shards["train"]),
-        "val_tokens": sum(s["tokens"] for s in shards["val"]),
-        "shards": shards,
-    }
+    meta = dataset_meta(vocab, dtype, shards, source=str(shard_dir), shard_format="llm.c", documents=documents)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out_dir / "meta.json", meta)
     return meta
