@@ -161,18 +161,16 @@ def pack_rows(
     """Rows (ids, mask) of `row_tokens` tokens holding whole conversations: each row is filled by taking, again
     and again, the longest waiting conversation that fits what is left of it (best fit among up to `buffer`
     waiting), then padded with `pad_id` (mask 0). Conversations must be at most `row_tokens` long."""
-    waiting: list[tuple[int, int]] = []  # (length, arrival), sorted
-    pending: dict[int, tuple[list[int], list[int]]] = {}
+    waiting: list[tuple[int, int, list[int], list[int]]] = []  # (length, arrival, ids, mask), sorted
 
     def fill_row() -> tuple[np.ndarray, np.ndarray]:
         ids, mask = [], []
         while waiting:
-            space = row_tokens - len(ids)
-            k = bisect.bisect_right(waiting, (space, len(pending) + 2**62)) - 1  # the longest that fits
+            # the longest that fits what is left (of equal ones, the latest)
+            k = bisect.bisect_right(waiting, row_tokens - len(ids), key=lambda c: c[0]) - 1
             if k < 0:
                 break
-            _, arrival = waiting.pop(k)
-            conversation_ids, conversation_mask = pending.pop(arrival)
+            *_, conversation_ids, conversation_mask = waiting.pop(k)
             ids += conversation_ids
             mask += conversation_mask
         padding = row_tokens - len(ids)
@@ -181,8 +179,7 @@ def pack_rows(
     for arrival, (ids, mask) in enumerate(conversations):
         if len(ids) > row_tokens:
             raise ValueError(f"a conversation of {len(ids)} tokens does not fit a row of {row_tokens}")
-        bisect.insort(waiting, (len(ids), arrival))
-        pending[arrival] = ids, mask
+        bisect.insort(waiting, (len(ids), arrival, ids, mask), key=lambda c: c[:2])
         if len(waiting) >= buffer:
             yield fill_row()
     while waiting:
