@@ -196,3 +196,26 @@ def interrupt_after_checkpoint(monkeypatch, at_step: int) -> None:
         return path
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+
+
+def train_whole_and_resumed(args: list[str], root, at_step: int, monkeypatch) -> tuple:
+    """Run the training job `args` uninterrupted into root/whole, and into root/resumed stopped right after the
+    checkpoint of `at_step` and started again; returns the two run directories."""
+    import pytest
+
+    from gptlab.config import load_job_config
+    from gptlab.train import train
+
+    whole, resumed = root / "whole", root / "resumed"
+    train(load_job_config(None, [*args, f"--train.out_dir={whole}"]), progress=False)
+    interrupt_after_checkpoint(monkeypatch, at_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_job_config(None, [*args, f"--train.out_dir={resumed}"]), progress=False)
+    monkeypatch.undo()
+    train(load_job_config(None, [*args, f"--train.out_dir={resumed}"]), progress=False)
+    return whole, resumed
+
+
+def step_losses(out) -> list[tuple]:
+    """(step, training loss, validation loss) of every record a run logged."""
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(out)]

@@ -18,7 +18,7 @@ from gptlab.data import IGNORE_INDEX, get_batch, load_mask, load_meta, load_toke
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import load_tokenizer
-from helpers import interrupt_after_checkpoint, job_args, metrics
+from helpers import job_args, step_losses, train_whole_and_resumed
 
 ALPHABET = " !.?abcdefghijklmnopqrstuvwxyz"
 
@@ -225,18 +225,8 @@ def test_masked_fine_tuning_resumes_exactly_and_grows_the_vocabulary(char_data, 
     args = [f"--data.dir={chat}", f"--train.init_from={base}", "--train.batch_size=8", "--train.eval_interval=2"]
     args += ["--train.eval_steps=2", "--train.warmup_steps=1", "--train.max_steps=6", "--train.checkpoint_interval=3"]
     args += ["--model.dropout=0.1"]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train(load_job_config(None, [*args, f"--train.out_dir={whole}"]), progress=False)
-    interrupt_after_checkpoint(monkeypatch, at_step=3)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_job_config(None, [*args, f"--train.out_dir={resumed}"]), progress=False)
-    monkeypatch.undo()
-    train(load_job_config(None, [*args, f"--train.out_dir={resumed}"]), progress=False)
-
-    def losses(run):  # every training and validation loss, step by step
-        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]
-
-    assert losses(resumed) == losses(whole) and len(losses(whole)) == 9
+    whole, resumed = train_whole_and_resumed(args, tmp_path, 3, monkeypatch)
+    assert step_losses(resumed) == step_losses(whole) and len(step_losses(whole)) == 9
     assert load_pretrained(whole).config.vocab_size == -(-(base_vocab + 4) // 64) * 64  # a multiple of 64
 
 

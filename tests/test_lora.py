@@ -296,7 +296,7 @@ def test_lora_fine_tuning_keeps_adapters_only_resumes_exactly_and_exports_merged
     from gptlab.hf import load_pretrained
     from gptlab.prepare import prepare
     from gptlab.train import train
-    from helpers import interrupt_after_checkpoint, job_args, metrics
+    from helpers import job_args, step_losses, train_whole_and_resumed
 
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat. a dog ran to the log! " * 200)
@@ -312,18 +312,8 @@ def test_lora_fine_tuning_keeps_adapters_only_resumes_exactly_and_exports_merged
     args += ["--train.lora_rank=2", '--train.lora_targets=["attn"]', "--train.lora_dropout=0.1"]
     args += ["--train.batch_size=4", "--train.max_steps=6", "--train.checkpoint_interval=3", "--train.eval_steps=2"]
     args += ["--train.eval_interval=3", "--train.warmup_steps=1", "--train.lr=1e-2"]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train(load_job_config(None, [*args, f"--train.out_dir={whole}"]), progress=False)
-    interrupt_after_checkpoint(monkeypatch, at_step=3)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_job_config(None, [*args, f"--train.out_dir={resumed}"]), progress=False)
-    monkeypatch.undo()
-    train(load_job_config(None, [*args, f"--train.out_dir={resumed}"]), progress=False)
-
-    def losses(run):
-        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]
-
-    assert losses(resumed) == losses(whole) and len(losses(whole)) == 8
+    whole, resumed = train_whole_and_resumed(args, tmp_path, 3, monkeypatch)
+    assert step_losses(resumed) == step_losses(whole) and len(step_losses(whole)) == 8
     checkpoint = whole / "ckpt-0000006"
     assert (checkpoint / "adapter.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     saved = dcp.FileSystemReader(str(checkpoint / "train")).read_metadata().state_dict_metadata
