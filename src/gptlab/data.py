@@ -317,14 +317,14 @@ def get_batch(
         # the targets, with the untrained ones ignored, follow the window: x = [:, :T], y = [:, T + 1:]
         targets = window[:, 1:].astype(np.int64)
         targets[trained[:, 1:] == 0] = IGNORE_INDEX
-        window = np.concatenate([window.astype(np.int64), targets], axis=1)  # (B, 2T + 1)
+        window = np.concatenate([window, targets], axis=1)  # (B, 2T + 1)
     device = torch.device(device)
     if device.type == "cuda":  # widened to int64 straight into pinned memory: one host copy
         batch = torch.empty(window.shape, dtype=torch.int64, pin_memory=True)
         batch.numpy()[:] = window
         batch = batch.to(device, non_blocking=True)
     else:
-        batch = torch.from_numpy(window.astype(np.int64))
+        batch = torch.from_numpy(window.astype(np.int64, copy=False))
     if mask is not None:
         return batch[:, :block_size], batch[:, block_size + 1 :]
     return batch[:, :-1], batch[:, 1:]
