@@ -17,6 +17,9 @@ from helpers import LONG_T, TINY_HF, llmc_documents, make_hf_gpt2, write_llmc_sh
 # Tests never touch the network: the hub client must answer from local files only.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# torch.compile compiles in the process that asks (this one, and the torchrun workers, which inherit it): Inductor's
+# pool of compile processes gains nothing on 2 cores and can take minutes to shut down on a loaded machine.
+os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
 
 
 @pytest.fixture

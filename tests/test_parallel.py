@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import pytest
@@ -53,14 +53,27 @@ def job_args(data: Path, out: Path, *extra: str, device: str = "cpu") -> list[st
 def torchrun(*args: str, nproc: int = 2, extra_torchrun: tuple[str, ...] = ()) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra_torchrun]
     command += ["-m", "gptlab", "train", "--no_progress", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a process that `finish` aborts prints every thread's stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
 
 
 def finish(process: subprocess.Popen, timeout: int = 300) -> str:
-    output, _ = process.communicate(timeout=timeout)
+    """Wait for a torchrun job; one still running after `timeout` s fails the test with the Python stacks of
+    torchrun and of every process under it (SIGABRT makes faulthandler print them), and is killed."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pids = [process.pid, *_descendants(process.pid)]
+        for pid in reversed(pids):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(5)
+        kill_all(process, pids)
+        output, _ = process.communicate()
+        pytest.fail(f"torchrun was still running after {timeout} s; its processes' stacks:\n{output[-12000:]}")
     assert process.returncode == 0, output[-3000:]
     return output
 
@@ -387,11 +400,12 @@ def test_fsdp_cpu_offload_keeps_the_shards_in_host_memory(monkeypatch):
         close_world()
 
 
-def kill_all(process: subprocess.Popen) -> None:
+def kill_all(process: subprocess.Popen, pids: list[int] | None = None) -> None:
     """SIGKILL torchrun and its workers (which run in sessions of their own), and wait until they are gone."""
-    pids = [process.pid, *_children(process.pid)]
+    pids = pids or [process.pid, *_children(process.pid)]
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
     while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids[1:]):
         time.sleep(0.01)
@@ -402,6 +416,14 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def _descendants(pid: int) -> list[int]:
+    """The workers under torchrun and whatever they started, parents first."""
+    found = _children(pid)
+    for child in list(found):
+        found += _descendants(child)
+    return found
 
 
 def _children(pid: int) -> list[int]:
