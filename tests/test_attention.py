@@ -1,5 +1,6 @@
 """Attention kernels: the band mask against its rule written out, and the FlexAttention and blockwise
-sliding-window paths against SDPA under the dense band mask, for multi-head, grouped-query and multi-query K/V."""
+sliding-window paths against SDPA under the dense band mask, for multi-head, grouped-query and multi-query K/V,
+and bf16 attention on a CPU (narrow heads computed in float32) against float32."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab.attention import band_mask, flex_window_attention, sliding_window_attention
+from gptlab.attention import band_mask, causal_attention, flex_window_attention, sliding_window_attention
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -40,3 +41,22 @@ def test_band_mask_is_causal_and_reaches_window_minus_one_back(window):
             assert mask[a, b].item() == (j <= i and (window is None or i - j < window)), (i, j)
     batched = band_mask(q_pos.expand(3, -1), k_pos.expand(3, -1), window)
     assert torch.equal(batched, mask.expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_bf16_attention_under_autocast_is_the_float32_attention_to_bf16_rounding(head_dim):
+    """bf16 q, k, v under CPU autocast, on both sides of the head width below which the kernel runs in float32:
+    output and gradients are bf16 and equal float32 attention on the same values to bf16's rounding."""
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = (torch.randn(2, 4, 40, head_dim, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    grad = torch.randn(2, 4, 40, head_dim, generator=gen).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = causal_attention(q, k, v, window=None)
+    y.backward(grad)
+    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    reference = F.scaled_dot_product_attention(*exact, is_causal=True)
+    reference.backward(grad.float())
+    assert y.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    torch.testing.assert_close(y.float(), reference, rtol=0.02, atol=0.02)
+    for ours, theirs in zip((q, k, v), exact, strict=True):
+        torch.testing.assert_close(ours.grad.float(), theirs.grad, rtol=0.02, atol=0.05)

@@ -194,7 +194,7 @@ def test_profile_cuts_the_real_training_step_into_its_phases(char_data, tmp_path
 
     monkeypatch.chdir(tmp_path)  # the job's own out_dir is relative: nothing may be written there
     overrides = [f"--data.dir={char_data}", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2"]
-    overrides += ["--train.batch_size=4"]
+    overrides += ["--train.batch_size=4", "--train.compile=false"]
     result = profile_job("shakespeare_char", overrides, steps=3, warmup=1, device="cpu")
     phases = result["phases_s"]
     assert list(phases) == [*STEP_PHASES, "other"] and all(seconds >= 0 for seconds in phases.values())
@@ -207,6 +207,31 @@ def test_profile_cuts_the_real_training_step_into_its_phases(char_data, tmp_path
     assert not (tmp_path / "out").exists()
     report = "\n".join(format_profile_lines(result))
     assert all(name in report for name in phases) and "top ops by own time" in report
+
+
+def test_step_suite_times_the_jobs_step_each_way_and_its_kernels(char_data, tmp_path, monkeypatch):
+    from gptlab.bench.levers import format_levers_lines
+    from gptlab.bench.step import STEP_CASES, step_suite
+
+    monkeypatch.chdir(tmp_path)  # the job's own out_dir is relative: nothing may be written there
+    overrides = [f"--data.dir={char_data}", "--model.n_layer=1", "--model.n_embd=64", "--model.n_head=4"]
+    rows = step_suite("shakespeare_char", [*overrides, "--train.batch_size=4"], repeats=1, device="cpu")
+    by_lever = {lever: [row for row in rows if row["lever"] == lever] for lever in ("step", "attention", "muon")}
+    assert sum(map(len, by_lever.values())) == len(rows) and all(row["seconds"] > 0 for row in rows)
+    assert len(by_lever["step"]) == len(STEP_CASES) and len({row["case"] for row in rows}) == len(rows)
+    # the job's heads of 16 and heads of 64 on the same channels, each kernel both ways; muon's 6 matrices 3 ways
+    assert [row["case"].split(")")[0] + ")" for row in by_lever["attention"]] == [
+        *["attention (4, 1, 128, 64)"] * 2,
+        *["attention (4, 4, 128, 16)"] * 2,
+    ]
+    assert len(by_lever["muon"]) == 3 and "6 matrices" in by_lever["muon"][0]["case"]
+    for lever in ("step", "muon"):
+        assert {row["baseline"] for row in by_lever[lever]} == {by_lever[lever][0]["case"]}
+    for row in by_lever["attention"]:  # each shape's bf16 flash kernel is its baseline
+        assert row["baseline"] == row["case"].split(")")[0] + "), bf16 flash kernel"
+    assert not (tmp_path / "out").exists()
+    text = "\n".join(format_levers_lines(rows, title="step of shakespeare_char"))
+    assert text.splitlines()[1].startswith("step of shakespeare_char") and all(row["case"] in text for row in rows)
 
 
 def test_lora_suite_trains_the_adapters_alone_and_reports_both_steps():

@@ -1,4 +1,5 @@
-"""The optimizers: our Muon equals torch.optim.Muon, c_attn's q/k/v are orthogonalised apart, every parameter
+"""The optimizers: our Muon equals torch.optim.Muon, c_attn's q/k/v are orthogonalised apart, the matrices of one
+shape orthogonalised as a batch equal each alone, every parameter
 goes to the group its name says, the AdamW groups are torch's AdamW, the schedule warms up then decays to
 min_lr, and it scales every group."""
 
@@ -13,6 +14,8 @@ from gptlab.optim import (
     MuonWithAdamW,
     configure_optimizer,
     lr_at,
+    orthogonalised_update,
+    orthogonalised_updates,
     route_parameters,
     set_learning_rates,
     zeropower_via_newtonschulz,
@@ -76,6 +79,20 @@ def test_c_attn_orthogonalises_q_k_v_each_on_its_own():
     whole = torch.nn.Parameter(start.clone())
     take_steps(MuonWithAdamW([muon_group([whole])], ns_dtype=torch.bfloat16), [whole], grads)
     assert (whole - c_attn).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matrices_orthogonalised_as_a_batch_equal_each_alone(dtype):
+    # wide and tall matrices of one shape share a batch; c_attn's parts join the batch of their own shape
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(16, 48), (48, 16), (16, 16), (48, 16), (24, 40), (48, 16)]
+    rows = [None, None, None, (16, 16, 16), None, None]
+    updates = [torch.randn(shape, generator=generator) for shape in shapes]
+    batched = orthogonalised_updates(updates, rows, dtype)
+    for update, part_rows, result in zip(updates, rows, batched, strict=True):
+        assert result.shape == update.shape and result.dtype == update.dtype
+        alone = orthogonalised_update(update, part_rows, dtype)
+        torch.testing.assert_close(result, alone, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_newton_schulz_in_float32_is_the_bfloat16_iteration():

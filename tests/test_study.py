@@ -209,7 +209,7 @@ def test_every_variant_trains_with_the_same_recipe(char_data, tmp_path):
     }
     base = jobs[BASELINE].train.model_dump(exclude={"out_dir"})
     assert base["optimizer"] == "muon" and jobs[BASELINE].train.seed == 3
-    assert base["max_steps"] == scale.max_steps and base["dtype"] == "float32"
+    assert base["max_steps"] == scale.max_steps and base["dtype"] == load_job_config(DEMO_CONFIG).train.dtype
     for variant in VARIANTS:
         # the baseline's recipe but for the variant's own training fields
         recipe = jobs[variant.name].train.model_dump(exclude={"out_dir"})

@@ -1,7 +1,7 @@
 """Causal self-attention kernels over a whole sequence: full, and within a sliding window.
 
 `causal_attention` is what every attention layer calls without a KV cache. It picks the kernel:
-- full attention: SDPA's `is_causal` (the flash kernel on CUDA);
+- full attention: SDPA's `is_causal` (the flash kernel on CUDA; on a CPU, bf16 heads narrower than 64 in float32);
 - a window on CUDA: FlexAttention (Dong et al. 2024), which skips the key blocks outside the band;
 - a window on CPU or with dropout: `sliding_window_attention`, blockwise SDPA under a band mask, O(T * window).
 `band_mask` is the rule all of them implement, and what the KV-cached decoding step masks with.
@@ -39,12 +39,31 @@ def causal_attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> tor
     it is the blockwise `sliding_window_attention`.
     """
     if window is None or window >= q.size(2):
+        if _float32_on_cpu(q):
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(
+                    q.float(),
+                    k.float(),
+                    v.float(),
+                    is_causal=True,
+                    dropout_p=dropout_p,
+                    enable_gqa=q.size(1) != k.size(1),
+                )
+            return y.to(q.dtype)
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.size(1) != k.size(1)
         )
     if q.device.type == "cuda" and dropout_p == 0.0:
         return flex_window_attention(q, k, v, window)
     return sliding_window_attention(q, k, v, window, dropout_p)
+
+
+def _float32_on_cpu(q: torch.Tensor) -> bool:
+    """Whether bf16 attention runs in float32 instead: on a CPU with heads narrower than 64, where PyTorch's bf16
+    flash-attention backward is slower than float32's: at the demo's 4 heads of 32 on 16 x 128 tokens, forward and
+    backward take 2.7x as long in bf16 as in float32 with the casts, and at heads of 64 the two are even, so wider
+    heads stay in bf16 (`gptlab bench step`, docs/benchmarks.md)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(-1) < 64
 
 
 def flex_window_attention(q, k, v, window: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ benchmarks and the study."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from collections.abc import Callable
@@ -117,14 +118,15 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux), e.g. `avx512_bf16` and `amx_bf16`, the units bfloat16 matmuls need to run
     faster than float32 on a CPU; empty where /proc/cpuinfo does not exist."""
     with contextlib.suppress(OSError):
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

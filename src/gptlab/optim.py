@@ -9,7 +9,8 @@ learning rate (`route_parameters`).
 
 - `configure_optimizer(model, cfg, device)`: the optimizer of a training run, torch's AdamW or `MuonWithAdamW`.
 - `set_learning_rates(optimizer, lr, cfg)`: one step of the schedule applied to every group, scaled to its peak.
-- `zeropower_via_newtonschulz`, `orthogonalised_update`: the update of one matrix (or of matrices stacked in one).
+- `zeropower_via_newtonschulz`, `orthogonalised_updates`: the update of matrices (batched by shape; c_attn's q, k, v
+  each on its own).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch.optim.adamw import adamw
 
 from gptlab.config import TrainConfig
+from gptlab.device import native_bf16
 from gptlab.errors import ConfigError
 
 # Keller Jordan's quintic Newton-Schulz coefficients, chosen to maximise the slope at zero: 5 steps take every
@@ -135,19 +137,24 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, lr: float, cfg: TrainCo
 
 def zeropower_via_newtonschulz(G: torch.Tensor, dtype: torch.dtype, steps: int = NS_STEPS) -> torch.Tensor:
     """An approximately semi-orthogonal matrix with G's singular vectors: U S' V^T with S' ~ 1 (Jordan et al.
-    2024; the same arithmetic as torch.optim.Muon's `_zeropower_via_newtonschulz`, in `dtype`). G: (A, B)."""
+    2024; the same arithmetic as torch.optim.Muon's `_zeropower_via_newtonschulz`, in `dtype`). G: (A, B), or a
+    stack (N, A, B) of matrices of one shape, each orthogonalised on its own (batched matmuls, as modded-nanogpt)."""
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype)
-    tall = G.size(0) > G.size(1)
+    if X.ndim == 2:
+        X = X.unsqueeze(0)
+    tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix X X^T is then the smaller, min(A, B) square
         X = X.mT
     # Frobenius norm >= spectral norm: every singular value starts in [0, 1], where the iteration converges.
-    X = X / X.norm().clamp(min=NS_EPS)
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=NS_EPS)
     for _ in range(steps):
         gram = X @ X.mT
         # X <- a X + (b A + c A^2) X, A = X X^T: the quintic a s + b s^3 + c s^5 on each singular value s
-        X = torch.addmm(X, torch.addmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
-    return X.mT if tall else X
+        X = torch.baddbmm(X, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
+    if tall:
+        X = X.mT
+    return X.reshape(G.shape)
 
 
 def lr_shape_scale(rows: int, cols: int) -> float:
@@ -157,19 +164,41 @@ def lr_shape_scale(rows: int, cols: int) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-def orthogonalised_update(update: torch.Tensor, rows: tuple[int, ...] | None, dtype: torch.dtype) -> torch.Tensor:
-    """The Muon step direction of one whole matrix (A, B), in its own dtype, times its shape's lr scale.
+def orthogonalised_updates(
+    updates: list[torch.Tensor], rows: list[tuple[int, ...] | None], dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """The Muon step directions of whole matrices (A, B), each in its own dtype, times its shape's lr scale.
 
-    `rows` splits a parameter that stacks independent linear maps on dim 0 (c_attn: q, k, v) into its parts, each
-    orthogonalised and scaled on its own: q, k and v are three maps with their own singular values, and
+    `rows[i]` splits `updates[i]` when it stacks independent linear maps on dim 0 (c_attn: q, k, v) into its parts,
+    each orthogonalised and scaled on its own: q, k and v are three maps with their own singular values, and
     orthogonalising the stack would couple them: the (fewer) key/value rows would share one spectrum with the
     query rows and get their update's size dictated by the queries' gradient. modded-nanogpt's Muon treats them
     apart too: its q, k, v (and o) weights are separate matrices of one batched parameter.
+
+    The parts of one shape (a tall one counted in its wide orientation) run through one batched Newton-Schulz
+    iteration: a model's matrices come in a few shapes, so a step makes a few dozen matmul calls, not hundreds.
     """
-    parts = update.split(list(rows), dim=0) if rows is not None else (update,)
-    return torch.cat(
-        [zeropower_via_newtonschulz(part, dtype).to(update.dtype) * lr_shape_scale(*part.shape) for part in parts]
-    )
+    parts = [list(u.split(list(r), dim=0)) if r is not None else [u] for u, r in zip(updates, rows, strict=True)]
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, matrix_parts in enumerate(parts):
+        for j, part in enumerate(matrix_parts):
+            by_shape.setdefault(tuple(sorted(part.shape)), []).append((i, j))
+    for members in by_shape.values():
+        stack = torch.stack([_wide(parts[i][j]) for i, j in members])
+        for (i, j), result in zip(members, zeropower_via_newtonschulz(stack, dtype).unbind(0), strict=True):
+            part = parts[i][j]
+            result = result.mT if part.size(0) > part.size(1) else result
+            parts[i][j] = result.to(part.dtype) * lr_shape_scale(*part.shape)
+    return [torch.cat(matrix_parts) if len(matrix_parts) > 1 else matrix_parts[0] for matrix_parts in parts]
+
+
+def orthogonalised_update(update: torch.Tensor, rows: tuple[int, ...] | None, dtype: torch.dtype) -> torch.Tensor:
+    """`orthogonalised_updates` of one matrix."""
+    return orthogonalised_updates([update], [rows], dtype)[0]
+
+
+def _wide(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix.mT if matrix.size(0) > matrix.size(1) else matrix
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -177,7 +206,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     `MuonWithAuxAdam`), so that the training loop, the gradient scaler and DCP checkpoints see a single one.
 
     Muon group keys: lr, momentum, nesterov, weight_decay (decoupled: p <- p (1 - lr wd), as torch.optim.Muon),
-    rows (None, or the row counts of stacked matrices: `orthogonalised_update`). The momentum buffer is
+    rows (None, or the row counts of stacked matrices: `orthogonalised_updates`). The momentum buffer is
     `state[p]["momentum_buffer"]`, shaped (and under FSDP sharded) like p. AdamW group keys: lr, betas, eps,
     weight_decay; their state and arithmetic are torch's AdamW's (its functional form, `torch.optim.adamw.adamw`).
 
@@ -186,9 +215,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
     its own rows. Every rank thus computes every matrix's iteration; torchtitan and nanochat spread the matrices
     over the ranks instead, which saves compute at the price of a scatter per matrix.
 
-    `ns_dtype` is the Newton-Schulz dtype; None: bfloat16 on CUDA (Jordan et al.), float32 elsewhere (a CPU
-    without native bf16 emulates it: 5 steps on a 1152 x 384 matrix took 2.4 s in bf16, 73 ms in float32, on one
-    thread of an AMD EPYC without AVX512).
+    `ns_dtype` is the Newton-Schulz dtype; None: bfloat16 where it is native (`native_bf16`: a GPU, a CPU with
+    AVX512-BF16 or AMX), as Jordan et al. iterate, and float32 elsewhere (a CPU without native bf16 emulates it:
+    5 steps on a 1152 x 384 matrix took 2.4 s in bf16, 73 ms in float32, on one thread of an AMD EPYC without
+    AVX512).
     """
 
     def __init__(self, param_groups: list[dict[str, Any]], fused: bool = False, ns_dtype: torch.dtype | None = None):
@@ -205,44 +235,54 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._muon_step([group for group in self.param_groups if group["muon"]])
         for group in self.param_groups:
-            if group["muon"]:
-                self._muon_step(group)
-            else:
+            if not group["muon"]:
                 self._adamw_step(group)
         return loss
 
-    def _muon_step(self, group: dict[str, Any]) -> None:
-        """Nesterov momentum, orthogonalised (Jordan et al. 2024, with torch.optim.Muon's EMA form of momentum)."""
-        lr, momentum = group["lr"], group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)  # buf <- momentum buf + (1 - momentum) g
-            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(self._whole_matrix_update(update, group["rows"]), alpha=-lr)
+    def _muon_step(self, groups: list[dict[str, Any]]) -> None:
+        """Nesterov momentum, orthogonalised (Jordan et al. 2024, with torch.optim.Muon's EMA form of momentum),
+        for every Muon group's matrices at once (`orthogonalised_updates` batches those of one shape)."""
+        stepped, updates = [], []
+        for group in groups:
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)  # buf <- momentum buf + (1 - momentum) g
+                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+                stepped.append((p, group))
+        if not stepped:
+            return
+        directions = self._whole_matrix_updates(updates, [group["rows"] for _, group in stepped])
+        for (p, group), direction in zip(stepped, directions, strict=True):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(direction, alpha=-group["lr"])
 
-    def _whole_matrix_update(self, update: torch.Tensor, rows: tuple[int, ...] | None) -> torch.Tensor:
-        """`orthogonalised_update` of the whole matrix; for a DTensor shard, this rank's rows of it (a DTensor)."""
+    def _whole_matrix_updates(self, updates: list[torch.Tensor], rows: list) -> list[torch.Tensor]:
+        """`orthogonalised_updates` of the whole matrices; for DTensor shards, this rank's rows of each (a DTensor)."""
         from torch.distributed.tensor import DTensor, Replicate
 
-        if not isinstance(update, DTensor):
-            return orthogonalised_update(update, rows, self._ns_dtype(update))
-        mesh, home = update.device_mesh, update.to_local().device
+        dtype = self._ns_dtype(updates[0])
+        if not isinstance(updates[0], DTensor):
+            return orthogonalised_updates(updates, rows, dtype)
+        mesh, home = updates[0].device_mesh, updates[0].to_local().device
         # FSDP's CPU offload keeps the shards in CPU memory, but NCCL gathers device memory only: gather there.
-        whole = update.to(mesh.device_type).full_tensor()  # an all-gather; then every rank computes alike
-        whole = orthogonalised_update(whole, rows, self._ns_dtype(whole)).to(home)
-        replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
-        # Replicate -> Shard(0) is a local slice (no communication), cut as FSDP cut the parameter, uneven or not.
-        return replicated.redistribute(mesh, update.placements)
+        wholes = [u.to(mesh.device_type).full_tensor() for u in updates]  # all-gathers; then every rank computes alike
+        directions = []
+        for update, whole in zip(updates, orthogonalised_updates(wholes, rows, dtype), strict=True):
+            replicated = DTensor.from_local(whole.to(home), mesh, [Replicate()] * mesh.ndim, run_check=False)
+            # Replicate -> Shard(0) is a local slice (no communication), cut as FSDP cut the parameter, uneven or not.
+            directions.append(replicated.redistribute(mesh, update.placements))
+        return directions
 
     def _ns_dtype(self, update: torch.Tensor) -> torch.dtype:
-        return self.ns_dtype or (torch.bfloat16 if update.is_cuda else torch.float32)
+        return self.ns_dtype or (torch.bfloat16 if native_bf16(update.device) else torch.float32)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         """torch's AdamW update and state (step, exp_avg, exp_avg_sq) for this group's parameters."""

@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
     d = BenchOptions()
     p = subparsers.add_parser(
         "bench",
-        help="benchmarks: training, decoding, prefill, sliding window, MFU, levers, attention kernels, profile; vs HF",
+        help="benchmarks: training, decoding, prefill, sliding window, MFU, levers, kernels, profile, step; vs HF",
         description="Cases that are compared run interleaved in one process; the table gives medians and ratios.",
     )
     p.add_argument(
@@ -78,7 +78,7 @@ def add_serve_flags(p: argparse.ArgumentParser, d) -> None:
 
 
 def add_profile_flags(p: argparse.ArgumentParser, d) -> None:
-    group = p.add_argument_group("profile: where a training step's time goes")
+    group = p.add_argument_group("profile and step: where a job's training step spends its time, and its levers")
     group.add_argument("--profile_config", default=d.profile_config, help="a shipped config or TOML (%(default)s)")
     group.add_argument(
         "--set",

@@ -272,10 +272,11 @@ def _glibc_malloc_setting() -> Callable[[bool], None] | str:
     return set_malloc
 
 
-def format_levers_lines(rows: list[dict]) -> list[str]:
-    """The levers suite's report: one line per case, its time and its speed-up over its baseline."""
+def format_levers_lines(rows: list[dict], title: str = "levers") -> list[str]:
+    """The levers suite's report (and the step suite's): one line per case, its time and its speed-up over its
+    baseline."""
     times = {row["case"]: row["seconds"] for row in rows if "seconds" in row}
-    lines = ["", "levers (cases of a lever take turns; speed-up over the first case of its group):"]
+    lines = ["", f"{title} (cases of a lever take turns; speed-up over the first case of its group):"]
     for row in rows:
         if "skipped" in row:
             lines.append(f"  {row['lever']:<9} skipped: {row['skipped']}")

@@ -41,7 +41,7 @@ def profile_job(config: str, overrides: list[str], steps: int, warmup: int = 3, 
         raise GptlabError(f"--profile_steps must be >= 1 (got {steps}) and the warmup >= 0 (got {warmup})")
     asked = load_job_config(config, [*([f"--train.device={device}"] if device else []), *overrides])
     with tempfile.TemporaryDirectory(prefix="gptlab-profile-") as work:
-        job = _profile_job(asked, Path(work), warmup + 2 * steps)
+        job = temporary_job(asked, Path(work), warmup + 2 * steps)
         world = init_world(job.parallel, job.train.device, job.train.tf32)
         try:
             if world.world_size > 1:
@@ -81,9 +81,9 @@ def profile_job(config: str, overrides: list[str], steps: int, warmup: int = 3, 
     }
 
 
-def _profile_job(job: JobConfig, work: Path, max_steps: int) -> JobConfig:
-    """The job in a temporary run directory, with its data (prepared there from the embedded corpus when the
-    job's own is not), for `max_steps` steps and no evaluation or checkpoint inside them."""
+def temporary_job(job: JobConfig, work: Path, max_steps: int) -> JobConfig:
+    """The job from scratch in the run directory `work` (a temporary one), with its data (prepared there from the
+    embedded corpus when the job's own is not), for `max_steps` steps and no evaluation or checkpoint inside them."""
     data = Path(job.data.dir)
     if not (data / "meta.json").is_file():
         data = work / "data"

@@ -39,6 +39,10 @@ def format_report(result: dict) -> str:
         lines += format_kernels_lines(result["kernels"])
     if "profile" in result:
         lines += format_profile_lines(result["profile"])
+    if "step" in result:
+        options = result["options"]
+        job = " ".join([options["profile_config"], *options["profile_overrides"]])
+        lines += format_levers_lines(result["step"], title=f"step of {job}")
     if "serve" in result:
         lines += format_serve_lines(result["serve"], result["options"]["preset"])
     if "lora" in result:

@@ -17,6 +17,8 @@ Suites (`gptlab bench [suite ...]`):
   output against SDPA under the dense band mask (`gptlab.bench.kernels`);
 - profile (only when named): where the real training step of a job spends its time, phase by phase and op by op,
   under `torch.profiler` (`gptlab.bench.profile`);
+- step (only when named): a job's whole training step in float32 and bf16, eager and compiled, and the attention
+  and Newton-Schulz kernels each way (`gptlab.bench.step`);
 - serve (only when named): gptlab's server under 1 to 64 concurrent streaming clients, against the same prompts
   decoded one at a time by gptlab and by transformers (`gptlab.bench.serve`).
 With `compare_hf`, train, decode and prefill also run Hugging Face transformers' GPT2LMHeadModel on
@@ -42,13 +44,15 @@ from gptlab.bench.machine import matmul_peak, matvec_bandwidth, published_peak
 from gptlab.bench.models import gptlab_model, greedy_decoding, hf_model, training_step
 from gptlab.bench.profile import profile_job
 from gptlab.bench.serve import ServeBenchOptions, serve_suite
+from gptlab.bench.step import step_suite
 from gptlab.bench.timing import interleaved_medians, peak_memory
 from gptlab.device import machine_info, resolve_device, synced, use_device
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.sizes import flops_per_token
 
-SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels", "profile", "serve", "lora")
+SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels", "profile", "step", "serve")
+SUITES += ("lora",)
 # run by name only: data writes and tokenizes hundreds of MB, levers takes minutes at GPT-2's size, kernels is a
 # check of which attention kernel runs rather than a speed, profile trains a job of its own, serve starts a server
 DEFAULT_SUITES = SUITES[:5]
@@ -268,6 +272,9 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
         elif suite == "profile":
             args = opts.profile_config, list(opts.profile_overrides), opts.profile_steps
             result["profile"] = profile_job(*args, device=str(device))
+        elif suite == "step":
+            args = opts.profile_config, list(opts.profile_overrides), opts.repeats
+            result["step"] = step_suite(*args, device=str(device))
         elif suite == "serve":
             result["serve"] = serve_suite(config, opts.serve, device)
         elif suite == "lora":

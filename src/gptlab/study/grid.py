@@ -34,8 +34,11 @@ DEMO_CONFIG = "shakespeare_char"
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 # ... and the run's batch, length and schedule.
 SCHEDULE_KEYS = ("batch_size", "max_steps", "lr", "min_lr", "warmup_steps", "eval_steps")
-# What every study run sets for itself: where it writes, how often it evaluates and saves, its seed and device.
+# What every study run sets for itself: where it writes, how often it evaluates and saves, its seed and device, and
+# eager execution: the study's controls hold a converted model's loss, evaluated eagerly, equal to the loss its
+# source recorded in training, which compiled kernels (their float arithmetic reordered) would not reproduce.
 RUN_KEYS = ("out_dir", "init_from", "eval_interval", "checkpoint_interval", "keep_checkpoints", "seed", "device")
+RUN_KEYS += ("compile",)
 # AdamW for every parameter at train.lr, as GPT-2 and nanoGPT train
 ADAMW = {"optimizer": "adamw", "embedding_lr": None, "head_lr": None, "scalar_lr": None}
 
@@ -331,6 +334,7 @@ def training_job(
                 "keep_checkpoints": 1,
                 "seed": seed,
                 "device": device,
+                "compile": False,
             },
         }
     )

@@ -24,7 +24,7 @@ from gptlab.bench.timing import interleaved_medians
 from gptlab.config import JobConfig, TrainConfig
 from gptlab.convert import convert_state_dict
 from gptlab.data import load_meta, load_tokens, tokenizer_from_meta
-from gptlab.device import autocast, machine_info, resolve_device, synced
+from gptlab.device import autocast, machine_info, resolve_device, resolve_dtype, synced
 from gptlab.errors import GptlabError
 from gptlab.evals.probes import associative_recall, loss_by_position
 from gptlab.evals.split import evaluate_split
@@ -102,7 +102,7 @@ def validation_loss(model: GPT, job: JobConfig) -> float:
     """`model`'s loss on the validation batches that `job`'s own evaluations use (they depend on its seed)."""
     device = resolve_device(job.train.device, key="train.device")
     tokens = load_tokens(job.data.dir, "val")
-    context = autocast(device, job.train.dtype, key="train.dtype")
+    context = autocast(device, resolve_dtype(job.train.dtype, device), key="train.dtype")
     return evaluate(model.to(device), tokens, model.config.block_size, job.train, job.train.batch_size, device, context)
 
 
