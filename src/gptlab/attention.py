@@ -61,7 +61,7 @@ def causal_attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> tor
 def _float32_on_cpu(q: torch.Tensor) -> bool:
     """Whether bf16 attention runs in float32 instead: on a CPU with heads narrower than 64, where PyTorch's bf16
     flash-attention backward is slower than float32's: at the demo's 4 heads of 32 on 16 x 128 tokens, forward and
-    backward take 2.7x as long in bf16 as in float32 with the casts, and at heads of 64 the two are even, so wider
+    backward take 2.5x as long in bf16 as in float32 with the casts, and at heads of 64 the two are even, so wider
     heads stay in bf16 (`gptlab bench step`, docs/benchmarks.md)."""
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(-1) < 64
 
