@@ -1,14 +1,25 @@
-"""Devices: which GPU each process takes, TF32 (GPU checks skip without CUDA), and the machine description every
-measurement records."""
+"""Devices: which GPU each process takes, TF32 (GPU checks skip without CUDA), the machine description every
+measurement records, and freed memory kept for reuse on a CPU."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import gptlab.device as device_module
 from gptlab import ConfigError
-from gptlab.device import cpu_flags, describe_machine, machine_info, resolve_device, resolve_dtype, use_device
+from gptlab.device import (
+    cpu_flags,
+    describe_machine,
+    machine_info,
+    resolve_device,
+    resolve_dtype,
+    use_device,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,3 +80,33 @@ def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_bf16_units(monkeypatch, flags
     monkeypatch.setattr(device_module, "cpu_flags", lambda: flags | {"avx2", "fma"})
     assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("float16", torch.device("cpu")) == "float16"  # a name is itself
+
+
+RESIDENT_AFTER_FREE = """
+import os, sys
+from pathlib import Path
+import torch
+from gptlab.device import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def resident():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = resident()
+block = torch.ones(16 << 20)  # 64 MiB, every page touched
+grown = resident() - before
+del block
+print(grown >> 20, (resident() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from Linux's /proc")
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_freed_memory_stays_with_the_process_for_reuse(mode):
+    """In a fresh process, a freed 64 MiB block stays resident for reuse after keep_freed_memory (glibc), where
+    glibc's default hands it back to the kernel."""
+    result = subprocess.run(
+        [sys.executable, "-c", RESIDENT_AFTER_FREE, mode], capture_output=True, text=True, check=True
+    )
+    grown, after_free = map(int, result.stdout.split())
+    assert grown >= 60
+    assert after_free >= 60 if mode == "keep" else after_free < 8

@@ -175,6 +175,11 @@ class TrainConfig(BaseModel):
         description="CUDA: float32 matmuls on TF32 tensor cores (10-bit mantissa, ~7x the float32 rate on H100); "
         "false: full float32",
     )
+    keep_freed_memory: bool = Field(
+        True,
+        description="CPU: glibc keeps memory the run frees for its next allocations (faster steps; the process "
+        "holds it until it ends); false: glibc's default",
+    )
     wandb_project: str | None = Field(None, description="Weights & Biases project to log to; unset: no wandb")
     lora_rank: int | None = Field(
         None,

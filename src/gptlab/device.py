@@ -118,6 +118,23 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep memory a process frees for its next allocations, instead of returning it to the
+    kernel and page-faulting it in again (`MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` at 1 GiB, set
+    with `mallopt`). A training step frees and allocates the same activations every step: on a CPU this made the
+    demo's step 1.18x faster (docs/training.md). The memory stays with the process until it ends. Returns whether
+    it took effect (False without glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux), e.g. `avx512_bf16` and `amx_bf16`, the units bfloat16 matmuls need to run

@@ -39,7 +39,7 @@ from gptlab.data import (
     shard_starts,
     tokenizer_from_meta,
 )
-from gptlab.device import autocast, eval_mode, resolve_dtype
+from gptlab.device import autocast, eval_mode, keep_freed_memory, resolve_dtype
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import write_text_atomically
 from gptlab.hf import load_config, load_pretrained, read_config, resolve_checkpoint_dir
@@ -180,6 +180,8 @@ def setup_run(job: JobConfig, world: World) -> Run:
     job = job.model_copy(update={"train": job.train.model_copy(update={"dtype": dtype})})
     cfg = job.train
     autocast(world.device, cfg.dtype, key="train.dtype")  # refuse a dtype this device cannot train in, now
+    if world.device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()  # every step frees and allocates the same activations: reuse the memory
     micro, accum = batch_split(cfg, world)
     data_dir = Path(job.data.dir)
     meta = load_meta(data_dir)
