@@ -120,19 +120,30 @@ def device_name(device: torch.device) -> str:
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep memory a process frees for its next allocations, instead of returning it to the
-    kernel and page-faulting it in again (`MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` at 1 GiB, set
-    with `mallopt`). A training step frees and allocates the same activations every step: on a CPU this made the
-    demo's step 1.18x faster (docs/training.md). The memory stays with the process until it ends. Returns whether
-    it took effect (False without glibc)."""
+    kernel and page-faulting it in again (`MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` at 1 GiB). A
+    training step frees and allocates the same activations every step: on a CPU this made the demo's step 1.18x
+    faster (docs/training.md). The memory stays with the process until it ends. Returns whether it took effect
+    (False without glibc)."""
+    return set_malloc_thresholds(1 << 30, 1 << 30)
+
+
+def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int, release: bool = False) -> bool:
+    """Set glibc's mmap and trim thresholds with `mallopt` (blocks above `mmap_bytes` are fresh mappings; free
+    memory above `trim_bytes` at the heap's top goes back to the kernel), and with `release` hand free memory back
+    now (`malloc_trim`). Returns whether glibc took them (False without glibc)."""
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    if not (mallopt(M_MMAP_THRESHOLD, mmap_bytes) and mallopt(M_TRIM_THRESHOLD, trim_bytes)):
+        return False
+    if release:
+        malloc_trim(0)
+    return True
 
 
 @functools.cache

@@ -37,7 +37,7 @@ from torch import nn
 from gptlab import gemv
 from gptlab.bench.models import gptlab_model, greedy_decoding, hf_model, training_step
 from gptlab.bench.timing import interleaved_medians
-from gptlab.device import autocast, synced
+from gptlab.device import autocast, keep_freed_memory, set_malloc_thresholds, synced
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 
@@ -245,24 +245,17 @@ def malloc_lever(model: GPT, idx: torch.Tensor, device: torch.device, repeats: i
 
 def _glibc_malloc_setting() -> Callable[[bool], None] | str:
     """A function that sets glibc's thresholds (keep freed memory, or the default's steady state), or why not."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        return "needs glibc's mallopt (Linux)"
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
     def set_malloc(keep: bool) -> None:
         # glibc's default mmap threshold is dynamic: it rises as mmapped blocks are freed, to at most 32 MiB (trim:
         # twice that), and setting it by hand stops that. So the default is modelled by its steady state, 32/64 MiB:
         # blocks up to 32 MiB reuse heap memory, larger ones are fresh mappings.
-        mmap, trim = (1 << 30, 1 << 30) if keep else (32 << 20, 64 << 20)
-        if not (mallopt(M_MMAP_THRESHOLD, mmap) and mallopt(M_TRIM_THRESHOLD, trim)):
-            raise GptlabError(f"glibc refused an mmap threshold of {mmap} bytes")
-        if not keep:
-            malloc_trim(0)
+        if keep:
+            taken = keep_freed_memory()
+        else:
+            taken = set_malloc_thresholds(32 << 20, 64 << 20, release=True)
+        if not taken:
+            raise GptlabError("needs glibc's mallopt (Linux)")
 
     try:
         set_malloc(True)
