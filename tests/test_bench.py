@@ -245,3 +245,18 @@ def test_lora_suite_trains_the_adapters_alone_and_reports_both_steps():
     assert full["trained_params"] == sum(p.numel() for p in bench.models.gptlab_model(config, "cpu").parameters())
     assert full["seconds"] > 0 and lora["seconds"] > 0
     assert "LoRA's step takes" in format_lora_lines([full, lora], "tiny", 2, 8)[-1]
+
+
+def test_decode_suite_reports_each_dtype_against_its_bandwidth_limit():
+    from gptlab.bench.report import format_report
+    from gptlab.sizes import decode_bytes_per_token
+
+    opts = bench.suites.BenchOptions(preset="tiny", decode_batches=(1,), new_tokens=4, repeats=1, compare_hf=True)
+    result = bench.suites.run_suites(["decode"], opts)
+    config = GPTConfig.from_preset("tiny")
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        limit = result["decode_limit"][dtype]
+        assert limit["bytes_per_token"] == decode_bytes_per_token(config, opts.prompt_len + 2, size)
+        assert limit["tokens_per_s"] == pytest.approx(limit["bytes_per_s"] / limit["bytes_per_token"])
+    lines = [line for line in format_report(result).splitlines() if line.startswith("decode batch 1 limit")]
+    assert len(lines) == 2 and all("gptlab" in line and "hf" in line for line in lines)

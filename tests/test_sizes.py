@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptlab import GPT, GPTConfig
-from gptlab.sizes import config_breakdown, flops_per_token, kv_cache_bytes
+from gptlab.sizes import config_breakdown, decode_bytes_per_token, flops_per_token, kv_cache_bytes
 from helpers import VARIANTS, make_variant
 
 
@@ -67,3 +67,19 @@ def test_flops_per_token_counts_every_matmul_weight_once_plus_attention():
     T = 256
     attention = L * 2 * (2 * C * T)  # QK^T and AV, a multiply-add each, per token
     assert flops_per_token(config, T) == 6 * matmul_weights + 3 * attention
+
+
+def test_decode_reads_every_weight_once_and_the_cache_but_not_the_embedding_tables():
+    """GPT-2 124M has 124,439,808 parameters (OpenAI's release, transformers' count), 1024 x 768 of them the
+    position table, of which a step gathers one row; its token embedding is read whole as the tied LM head."""
+    gpt2 = GPTConfig.from_preset("gpt2")
+    cache = 2 * 12 * 768 * 100  # keys and values of 12 layers of 768 over 100 positions
+    assert decode_bytes_per_token(gpt2, 100) == (124_439_808 - 1024 * 768 + cache) * 4
+    assert decode_bytes_per_token(gpt2, 100, bytes_per_element=2) == (124_439_808 - 1024 * 768 + cache) * 2
+    # rotary positions (no table) with an untied head read the same: the head's V x C instead of the tied table
+    assert decode_bytes_per_token(gpt2.replace(pos_emb="rope", tie_embeddings=False), 100) == decode_bytes_per_token(
+        gpt2, 100
+    )
+    # a window of 64 caps the cache each windowed layer reads
+    windowed = gpt2.replace(window=64)
+    assert decode_bytes_per_token(windowed, 100) == decode_bytes_per_token(gpt2, 64)

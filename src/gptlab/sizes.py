@@ -49,6 +49,15 @@ def kv_cache_bytes(config: GPTConfig, seq_len: int, bytes_per_element: int = 4) 
     return total
 
 
+def decode_bytes_per_token(config: GPTConfig, context: int, bytes_per_element: int = 4) -> int:
+    """Bytes one batch-1 decoding step reads: every weight once and the KV cache over `context` positions, what
+    bounds decoding where memory bandwidth is the limit. Of the embedding tables only the gathered rows are read
+    (left out), except a token embedding tied to the LM head, which the head reads whole."""
+    parts = config_breakdown(config)
+    weights = sum(parts.values()) - parts["wpe"] - (0 if config.tie_embeddings else parts["wte"])
+    return weights * bytes_per_element + kv_cache_bytes(config, context, bytes_per_element)
+
+
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4), the LM head included, plus
     attention's scores and weighted sum, 12 * n_layer * n_embd * seq_len (the PaLM paper's count, appendix B;

@@ -111,9 +111,21 @@ def _case_table(result: dict) -> list[str]:
 
 
 def _decode_notes(result: dict) -> list[str]:
-    """Batch-1 decoding: gptlab's bf16 weights against transformers' fp32, and which kernel decoded."""
+    """Batch-1 decoding: each dtype's figures against the memory-bandwidth limit, gptlab's bf16 weights against
+    transformers' fp32, and which kernel decoded."""
     decode = {(r["impl"], r["dtype"]): r for r in result["rows"] if r["suite"] == "decode" and r["batch_size"] == 1}
     lines = []
+    for dtype, limit in result.get("decode_limit", {}).items():
+        shares = [
+            f"{impl} {decode[(impl, dtype)]['tokens_per_s'] / limit['tokens_per_s']:.0%}"
+            for impl in ("gptlab", "hf")
+            if (impl, dtype) in decode
+        ]
+        lines.append(
+            f"decode batch 1 limit, {dtype} weights: {limit['bytes_per_token'] / 1e6:,.0f} MB a token (weights + KV"
+            f" cache) at {limit['bytes_per_s'] / 1e9:,.1f} GB/s = {limit['tokens_per_s']:,.1f} tok/s"
+            + (f"; {', '.join(shares)} of it" if shares else "")
+        )
     if ("gptlab", "bfloat16") in decode and ("hf", "float32") in decode:
         ratio = decode[("gptlab", "bfloat16")]["tokens_per_s"] / decode[("hf", "float32")]["tokens_per_s"]
         lines.append(f"decode batch 1, gptlab bf16 weights vs HF fp32 weights: {ratio:.2f}x")
@@ -137,4 +149,5 @@ def _window_lines(result: dict) -> list[str]:
         f"{w['attention_window_s'] * 1e3:8.1f} ms  {w['attention_speedup']:.2f}x",
         f"  1-layer RoPE model, C=128, step  {w['model_full_s'] * 1e3:8.1f} ms -> "
         f"{w['model_window_s'] * 1e3:8.1f} ms  {w['model_speedup']:.2f}x",
+        f"  (the model step's ceiling, were windowed attention free: {w['model_speedup_ceiling']:.2f}x)",
     ]

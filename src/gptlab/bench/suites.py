@@ -49,7 +49,7 @@ from gptlab.bench.timing import interleaved_medians, peak_memory
 from gptlab.device import machine_info, resolve_device, synced, use_device
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
-from gptlab.sizes import flops_per_token
+from gptlab.sizes import decode_bytes_per_token, flops_per_token
 
 SUITES = ("matmul", "train", "decode", "prefill", "window", "data", "levers", "kernels", "profile", "step", "serve")
 SUITES += ("lora",)
@@ -168,6 +168,19 @@ def decode_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) ->
     return rows
 
 
+def decode_limits(config: GPTConfig, opts: BenchOptions, bandwidth: dict[str, float]) -> dict[str, dict]:
+    """The batch-1 decoding limit of each weight dtype: the bytes a step reads (`decode_bytes_per_token` at the
+    mean context over the decoding) at the matrix-vector rate measured for that dtype (bf16: the faster of
+    PyTorch's kernel and gptlab.gemv)."""
+    context = opts.prompt_len + opts.new_tokens // 2
+    limits = {}
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        rate = max(speed for case, speed in bandwidth.items() if case.startswith(dtype))
+        per_token = decode_bytes_per_token(config, context, size)
+        limits[dtype] = {"bytes_per_token": per_token, "bytes_per_s": rate, "tokens_per_s": rate / per_token}
+    return limits
+
+
 def prefill_suite(config: GPTConfig, opts: BenchOptions, device: torch.device) -> list[dict]:
     """One forward over a `prefill_len`-token prompt (batch 1) that fills the KV cache and returns the last
     position's logits, as generation's first step does (transformers' generate also asks for the last only)."""
@@ -212,7 +225,8 @@ def window_benchmark(
     """Forward + backward time of full causal vs sliding-window attention at one long sequence (batch 1).
 
     Two levels: the attention operation alone (what the window changes), and a whole 1-layer RoPE model's
-    training step (embedding, projections, MLP and LM head included, the same in both).
+    training step (embedding, projections, MLP and LM head included, the same in both). The model step's ceiling
+    is its speed-up were the windowed attention free: the full step over the windowed step's other work.
     """
     device = torch.device(device)
     torch.manual_seed(0)
@@ -246,6 +260,9 @@ def window_benchmark(
     )
     times["attention_speedup"] = times["attention_full_s"] / times["attention_window_s"]
     times["model_speedup"] = times["model_full_s"] / times["model_window_s"]
+    # Amdahl: the window only shortens attention, so the model step can gain at most full / (the step's other work)
+    rest = times["model_window_s"] - times["attention_window_s"]
+    times["model_speedup_ceiling"] = times["model_full_s"] / rest if rest > 0 else float("inf")
     return times
 
 
@@ -279,10 +296,12 @@ def run_suites(suites: list[str], opts: BenchOptions) -> dict:
             result["serve"] = serve_suite(config, opts.serve, device)
         elif suite == "lora":
             result["lora"] = lora_suite(config, opts.batch_size, opts.seq_len, opts.repeats, device)
+        elif suite == "decode":
+            result["rows"] += decode_suite(config, opts, device)
+            bandwidth = result.get("matvec_bytes_per_s") or matvec_bandwidth(device, opts.repeats)
+            result["decode_limit"] = decode_limits(config, opts, bandwidth)
         elif suite == "window":
             result["window"] = window_benchmark(opts.window_seq_len, opts.window, repeats=opts.repeats, device=device)
         else:
-            result["rows"] += {"train": train_suite, "decode": decode_suite, "prefill": prefill_suite}[suite](
-                config, opts, device
-            )
+            result["rows"] += {"train": train_suite, "prefill": prefill_suite}[suite](config, opts, device)
     return result
