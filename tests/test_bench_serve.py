@@ -24,6 +24,7 @@ def test_every_level_serves_every_token_it_asks_for(capsys):
         assert level["ttft_p50_s"] <= level["ttft_p95_s"] and level["itl_p50_s"] <= level["itl_p95_s"]
     assert set(result["baselines"]) == {"gptlab generate", "transformers generate"}
     assert result["bound"]["weight_bytes"] > 0
+    assert set(result["step_alone"]) == {"1", "3"} and all(s > 0 for s in result["step_alone"].values())
 
 
 def test_a_running_server_is_measured_through_its_url(capsys):
@@ -46,3 +47,11 @@ def test_bad_arguments_exit_2_with_one_line(capsys, args, named):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
+
+
+def test_the_engines_step_runs_the_rows_its_sequences_round_up_to():
+    from gptlab.serve.engine import step_rows
+
+    # c sequences in the lowest rows: the highest in use is c - 1
+    assert [step_rows(c - 1, 64) for c in (1, 2, 3, 4, 5, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 32, 64]
+    assert step_rows(15, 12) == 12

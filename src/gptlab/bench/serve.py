@@ -190,10 +190,35 @@ def serve_suite(config: GPTConfig, opts: ServeBenchOptions, device: torch.device
     with serve_subprocess(model, [str(flag) for flag in server_flags]) as url:
         result["levels"] = run_levels(url, prompts, opts)
     result["baselines"] = baselines(model, config, prompts[: opts.baseline_prompts], opts.max_tokens, device)
+    result["step_alone"] = decoding_step_times(model, opts, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = matvec_bandwidth(device, repeats=5)[opts.dtype]
     result["bound"] = {"weight_bytes": weight_bytes, "bytes_per_s": bandwidth, "step_s": weight_bytes / bandwidth}
     return result
+
+
+def decoding_step_times(model, opts: ServeBenchOptions, device: torch.device) -> dict[int, float]:
+    """Seconds of the engine's decoding step alone (`decode_rows` and the greedy pick; no server, no HTTP) at the
+    rows each level runs, every row halfway through its request. With c clients the server can give at most
+    c * step(1) / step(c) times one client's tokens/s: the ceiling the model itself sets."""
+    from gptlab.bench.timing import interleaved_medians
+    from gptlab.serve.engine import cache_span, decode_rows, step_rows
+
+    context, position = opts.prompt_len + opts.max_tokens, opts.prompt_len + opts.max_tokens // 2
+    span, max_batch = cache_span(position, context), max(opts.concurrency)
+    model.setup_kv_cache(max_batch, context)
+
+    def step(rows: int):
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        positions = torch.full((rows,), position, device=device)
+        return lambda: decode_rows(model, tokens, positions, span).max(dim=-1).indices.tolist()
+
+    try:
+        with torch.inference_mode():
+            cases = {c: step(step_rows(c - 1, max_batch)) for c in opts.concurrency}  # c rows in use
+            return interleaved_medians(cases, repeats=20, warmup=3)
+    finally:
+        model.clear_kv_cache()
 
 
 @contextlib.contextmanager
@@ -251,6 +276,12 @@ def format_serve_lines(result: dict, preset: str) -> list[str]:
         )
     for name, rate in base.items():
         lines.append(f"{name}, one prompt at a time: {rate:,.1f} tok/s")
+    steps = {int(c): seconds for c, seconds in result.get("step_alone", {}).items()}  # JSON keys are strings
+    if 1 in steps:
+        lines.append(
+            "the decoding step alone (no server), and the most c clients can get over one, c x step(1) / step(c): "
+            + ", ".join(f"{c} {seconds * 1e3:,.1f} ms {c * steps[1] / seconds:,.1f}x" for c, seconds in steps.items())
+        )
     if "bound" in result:
         bound = result["bound"]
         lines.append(

@@ -168,6 +168,12 @@ def decode_rows(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, span:
     return model(tokens, start_pos=RowPositions(positions, span))[:, -1]
 
 
+def step_rows(highest_row: int, max_batch: int) -> int:
+    """The rows a decoding step runs when `highest_row` is the highest in use: rounded up to a power of two, at
+    most max_batch (few shapes for a compiled step)."""
+    return min(max_batch, 1 << highest_row.bit_length())
+
+
 def cache_span(last_position: int, size: int) -> int:
     """How many cache slots a decoding step attends over when no row is past `last_position`: the next power of
     two from 64, capped at the cache. The attention reads what the rows use rather than the whole context, and a
@@ -381,7 +387,7 @@ class Engine:
     def decode_step(self) -> None:
         """One token for every running sequence, in one forward of the first rows: as many as are in use,
         rounded up to a power of two (so that a compiled step sees few shapes)."""
-        rows = min(self.max_batch, 1 << max(self.rows_in_use()).bit_length())
+        rows = step_rows(max(self.rows_in_use()), self.max_batch)
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long)
         for request in self.filling:  # such a row's next prompt position: the garbage written there is overwritten
