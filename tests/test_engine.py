@@ -73,6 +73,28 @@ def test_batched_greedy_requests_get_the_tokens_generate_gives_each_alone(varian
         assert choice.text == tokenizer.decode(expected.tolist())
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prompts_admitted_together_are_filled_in_one_padded_forward(variant, tokenizer):
+    """Eight requests waiting before the first step: their first chunks run as one batch padded to the longest
+    (in the windowed variant only chunks no wider than its 6-slot ring, so longer prompts run alone), and each
+    request still gets exactly what gptlab.generate gives it alone."""
+    model = tiny(variant)
+    lengths, budgets = [3, 9, 1, 5, 12, 2, 6, 4], [6, 4, 8, 3, 5, 7, 2, 6]
+    engine = Engine(model, tokenizer, max_batch=8, prefill_chunk=64)
+    groups, fill_chunks = [], engine.fill_chunks
+    engine.fill_chunks = lambda group: (groups.append([take for _, take in group]), fill_chunks(group))[1]
+    events: list[list] = [[] for _ in lengths]
+    for i, (prompt, budget) in enumerate(zip(prompts(lengths, seed=4), budgets, strict=True)):
+        engine.submit(prompt, SamplingParams(max_tokens=budget, temperature=0), events[i].append)
+    engine.run(until=lambda: all(e and e[-1].finish_reason for e in events))
+    assert max(len(group) for group in groups) > 1  # a batch did form
+    if variant == "rope-gqa-window":
+        assert all(len(group) == 1 or max(group) <= 6 for group in groups)
+    for prompt, budget, stream in zip(prompts(lengths, seed=4), budgets, events, strict=True):
+        expected = generate(model, torch.tensor([prompt]), budget, temperature=0)[0, len(prompt) :].tolist()
+        assert [token for event in stream for token in event.token_ids] == expected
+
+
 def test_seeded_sampling_is_the_same_batched_as_alone(tokenizer):
     model = tiny("rope-gqa-window")
     params = [

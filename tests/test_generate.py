@@ -204,9 +204,27 @@ def test_a_step_with_a_position_per_row_equals_each_row_decoded_alone(fields):
         alone = [model(seq)[:, -1] for seq in seqs]  # the logits after each whole sequence
         model.setup_kv_cache(3, 48)
         for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
-            with model.kv_cache_row(row):
+            with model.kv_cache_rows(row):
                 model(seq[:, :n], start_pos=0)
         tokens = torch.cat([seq[:, -1:] for seq in seqs])  # (3, 1): each row's last token, at its own position
         together = model(tokens, start_pos=RowPositions(torch.tensor(lengths), span=16))[:, -1]
     model.clear_kv_cache()
     torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=1e-5)
+
+
+def test_rows_padded_to_one_length_give_each_rows_own_last_logits():
+    """A batch of prompts of different lengths padded at the end, with `lengths`: each row's logits are those after
+    its own last token, as the prompt alone gives them; `lengths` without last_only is refused."""
+    config = GPTConfig(block_size=48, vocab_size=101, n_layer=2, n_head=2, n_embd=32, pos_emb="rope")
+    model = random_gpt(config)
+    lengths = [3, 11, 7]
+    seqs = [torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    padded = torch.zeros(3, 11, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        padded[row, : len(seq)] = seq
+    with torch.inference_mode():
+        alone = torch.cat([model(seq[None])[:, -1] for seq in seqs])
+        together = model(padded, last_only=True, lengths=torch.tensor(lengths))[:, 0]
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="last_only"):
+        model(padded, lengths=torch.tensor(lengths))

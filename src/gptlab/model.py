@@ -247,8 +247,8 @@ class KVCache(nn.Module):
     position alone (`slot_positions`), so nothing but the keys and values is stored.
 
     Rows are independent sequences. A decoding step may put each row at its own position (`RowPositions` instead
-    of an int), and `row(b)` is a one-row view that writes into the same memory: how a server keeps many
-    requests of different lengths in one batch and fills one of them while the others wait.
+    of an int), and `rows(first, count)` is a view of some rows that writes into the same memory: how a server
+    keeps many requests of different lengths in one batch and fills some of them while the others wait.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, rolling: bool):
@@ -264,9 +264,9 @@ class KVCache(nn.Module):
             torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), rolling
         )
 
-    def row(self, b: int) -> KVCache:
-        """Row b alone, (1, n_kv_head, size, head_dim), sharing this cache's memory."""
-        return KVCache(self.k[b : b + 1], self.v[b : b + 1], self.rolling)
+    def rows(self, first: int, count: int = 1) -> KVCache:
+        """Rows first .. first + count - 1 alone, (count, n_kv_head, size, head_dim), sharing this cache's memory."""
+        return KVCache(self.k[first : first + count], self.v[first : first + count], self.rolling)
 
     def write(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, n_kv_head, T, head_dim) of positions start_pos ..; a ring keeps the last `size`."""
@@ -450,10 +450,13 @@ class GPT(nn.Module):
         start_pos: int | RowPositions | None = None,
         targets: torch.Tensor | None = None,
         last_only: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); with `targets` (B, T), the mean next-token
         cross-entropy instead, computed without materialising the logits (`gptlab.loss`); with `last_only`,
-        the logits of the last position only, (B, 1, vocab_size), which is all generation needs.
+        the logits of the last position only, (B, 1, vocab_size), which is all generation needs. With
+        `last_only` and `lengths` (B,), rows of different lengths padded at the end to T: the logits at each
+        row's own last token, position lengths[b] - 1 (causal attention keeps the padding out of them).
 
         With `start_pos`, `idx` holds positions start_pos .. start_pos + T - 1 and attention reads and extends
         the KV cache set up by `setup_kv_cache`; without it, the sequence is processed from position 0 alone.
@@ -461,6 +464,8 @@ class GPT(nn.Module):
         sequences of different lengths); the caller keeps those positions inside the cache.
         """
         T = idx.size(1)
+        if lengths is not None and not last_only:
+            raise ValueError("lengths picks each row's last position: it needs last_only=True")
         if isinstance(start_pos, RowPositions):
             pos = start_pos.positions[:, None]  # (B, 1)
         else:
@@ -481,7 +486,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, start_pos)
-        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
+        if lengths is not None:
+            x = x[torch.arange(x.size(0), device=x.device), lengths - 1][:, None]  # (B, 1, C)
+        elif last_only:
+            x = x[:, -1:]
+        x = self.transformer.ln_f(x)
         cap = self.config.logit_softcap
         if targets is not None:
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=cap)
@@ -517,13 +526,13 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
 
     @contextlib.contextmanager
-    def kv_cache_row(self, b: int) -> Iterator[None]:
-        """Within it, the model runs one sequence (batch 1) in row b of the KV cache, the other rows untouched:
-        how one request's prompt is filled in while others are mid-generation."""
+    def kv_cache_rows(self, first: int, count: int = 1) -> Iterator[None]:
+        """Within it, the model runs `count` sequences (batch count) in rows first .. first + count - 1 of the KV
+        cache, the other rows untouched: how requests' prompts are filled in while others are mid-generation."""
         caches = [block.attn.kv_cache for block in self.transformer.h]
         try:
             for block, cache in zip(self.transformer.h, caches, strict=True):
-                block.attn.kv_cache = cache.row(b)
+                block.attn.kv_cache = cache.rows(first, count)
             yield
         finally:
             for block, cache in zip(self.transformer.h, caches, strict=True):

@@ -202,6 +202,10 @@ class Engine:
             raise GptlabError(f"context_len={self.context_len} exceeds the model's block_size={model.max_positions}")
         self.device = model.lm_head.weight.device
         model.setup_kv_cache(max_batch, self.context_len)
+        # the smallest sliding-window ring in the cache (None: no layer's cache is a ring), which bounds the
+        # width of a padded batch of first chunks
+        windows = [model.config.layer_window(layer) for layer in range(model.config.n_layer)]
+        self.ring = min((w for w in windows if w is not None and w < self.context_len), default=None)
         # `compile`: True for Inductor, or a torch.compile backend
         backend = "inductor" if compile is True else compile
         self.decode = torch.compile(decode_rows, fullgraph=True, backend=backend) if compile else decode_rows
@@ -326,28 +330,79 @@ class Engine:
                 self.stats.prompt_tokens += len(request.prompt)
 
     def fill(self) -> None:
-        """Run up to `prefill_chunk` prompt tokens of the admitted requests, oldest first, into their first row."""
-        budget = self.prefill_chunk
-        for request in list(self.filling):
+        """Run up to `prefill_chunk` prompt tokens of the admitted requests, oldest first, into their first row.
+        First chunks in consecutive rows run as one batch (`prefill_groups`): a burst of new requests costs one
+        forward, not one each."""
+        plan, budget = [], self.prefill_chunk
+        for request in self.filling:
             if budget == 0:
                 break
+            take = min(budget, len(request.prompt) - request.filled)
+            plan.append((request, take))
+            budget -= take
+        for group in self.prefill_groups(plan):
             try:
-                take = min(budget, len(request.prompt) - request.filled)
-                logits = self.fill_chunk(request, take)
-                budget -= take
+                last_logits = self.fill_chunks(group)
+            except Exception as error:  # these requests fail; the others go on
+                for request, _ in group:
+                    self.filling.remove(request)
+                    self.fail(request, error)
+                continue
+            for (request, _), logits in zip(group, last_logits, strict=True):
                 if request.filled == len(request.prompt):
                     self.filling.remove(request)
-                    self.start_sequences(request, logits)
-            except Exception as error:  # this request fails; the others go on
-                self.filling.remove(request)
-                self.fail(request, error)
+                    try:
+                        self.start_sequences(request, logits)
+                    except Exception as error:
+                        self.fail(request, error)
+
+    def prefill_groups(self, plan: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+        """The planned chunks, (request, tokens), cut into forwards: a request's first chunk joins the group
+        before it when that group holds first chunks too and ends in the row just below; a chunk that continues a
+        prompt, or whose prompt wants log-probabilities, runs alone. A group is padded to its longest chunk, so
+        no group is wider than the smallest sliding-window ring (its padding would overwrite the row's own
+        positions in the ring)."""
+        groups: list[list[tuple[Request, int]]] = []
+        for request, take in plan:
+            previous = groups[-1] if groups else None
+            if (
+                previous is not None
+                and self.batchable(request)
+                and self.batchable(previous[0][0])
+                and request.sequences[0].row == previous[-1][0].sequences[0].row + 1
+                and (self.ring is None or max(take, *(t for _, t in previous)) <= self.ring)
+            ):
+                previous.append((request, take))
+            else:
+                groups.append([(request, take)])
+        return groups
+
+    @staticmethod
+    def batchable(request: Request) -> bool:
+        return request.filled == 0 and request.prompt_logprobs is None
+
+    def fill_chunks(self, group: list[tuple[Request, int]]) -> list[torch.Tensor]:
+        """Run each request's next `take` prompt tokens into its first row, the group's rows consecutive; the
+        logits (V,) after each request's chunk."""
+        if len(group) == 1:
+            return [self.fill_chunk(*group[0])]
+        width = max(take for _, take in group)
+        chunk = torch.zeros(len(group), width, dtype=torch.long)  # first chunks, padded at the end
+        for i, (request, take) in enumerate(group):
+            chunk[i, :take] = torch.tensor(request.prompt[:take])
+        lengths = torch.tensor([take for _, take in group], device=self.device)
+        with self.model.kv_cache_rows(group[0][0].sequences[0].row, len(group)):
+            logits = self.model(chunk.to(self.device), start_pos=0, last_only=True, lengths=lengths)[:, 0]
+        for request, take in group:
+            request.filled += take
+        return list(logits)
 
     def fill_chunk(self, request: Request, take: int) -> torch.Tensor:
         """Run prompt tokens [filled, filled + take) into the request's first row; the logits of the last one."""
         start, row = request.filled, request.sequences[0].row
         chunk = torch.tensor([request.prompt[start : start + take]], device=self.device)
         want_all = request.prompt_logprobs is not None
-        with self.model.kv_cache_row(row):
+        with self.model.kv_cache_rows(row):
             logits = self.model(chunk, start_pos=start, last_only=not want_all)[0]  # (T or 1, V)
         request.filled += take
         if want_all:
