@@ -54,11 +54,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if softcap is not None:  # logits c * tanh(z / c); their derivative in z is 1 - tanh^2
                 tanh = logits.div_(softcap).tanh_()
                 logits = tanh * softcap
-            lse = torch.logsumexp(logits, dim=1)
-            total += ((lse - logits.gather(1, ts[:, None]).squeeze(1)) * keep[:, 0]).sum()
+            target_logits = logits.gather(1, ts[:, None]).squeeze(1)
+            # the softmax in place, and the log-sum-exp from its sums: two passes fewer over the chunk than
+            # logsumexp (which makes a temporary of the chunk's size) followed by the softmax
+            peak = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            sums = probs.sum(dim=1, keepdim=True)
+            lse = (peak + sums.log()).squeeze(1)
+            total += ((lse - target_logits) * keep[:, 0]).sum()
             if not with_grad:
                 continue
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            grad_logits = probs.div_(sums)
             grad_logits[torch.arange(n, device=x.device), ts] -= 1.0
             if softcap is not None:
                 grad_logits.mul_(tanh.square_().neg_().add_(1.0))
