@@ -86,6 +86,14 @@ def test_low_precision_gradients_under_a_loss_scale_match_float32(dtype, autocas
         assert lost < 1e-4, f"{name}: {lost:.1e} of the entries are zero"
 
 
+def test_no_rows_give_a_zero_loss_and_zero_gradients():
+    """The weight's gradient is written by the first chunk: with no rows there is none, and it is zeros."""
+    x, w, t = _inputs(n=0)
+    loss, (gx, gw) = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=8), x, w, t)
+    assert loss.item() == 0 and gx.shape == (0, 16)
+    assert torch.equal(gw, torch.zeros_like(w))
+
+
 def test_without_grad_only_the_loss_is_computed():
     x, w, t = _inputs()
     with torch.no_grad():

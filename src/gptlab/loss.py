@@ -15,6 +15,12 @@ stored as (softmax - one_hot) / N in x.dtype and scaled in that dtype, a float16
 gradients. So forward stores the undivided gradients, that of `weight` summed over the chunks in
 float32 (a bfloat16 sum, as an FSDP mixed-precision weight had, drops each chunk's low bits), and backward
 multiplies both by grad_loss / N in float32 before casting them to the inputs' dtypes.
+
+The weight's gradient is the largest tensor the loss writes (vocab x C in float32, 154 MB for GPT-2), so it is
+written rather than zeroed and then added to: the first chunk's term is stored into it, later chunks are added.
+In a low-precision step each chunk's term comes out of the matmul in the compute dtype and is added to the
+float32 sum a block of rows at a time: PyTorch adds a bfloat16 tensor to a float32 one by first converting all of
+it to a float32 temporary, one more pass over memory and one more allocation of that size per chunk.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_ROWS = 512  # GPT-2: 512 x 50257 float32 logits = 103 MB at a time, whatever the batch
+# rows of the weight gradient per mixed-dtype add: GPT-2's 2048 x 768 float32 rows (6 MB) and their bfloat16
+# term, so that the conversion's temporary stays in cache
+ADD_ROWS = 2048
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -41,16 +50,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(x.dtype)
         if with_grad:
             grad_x = torch.empty_like(x)
-            grad_w = torch.zeros(weight.shape if weight_grad else (), dtype=torch.float32, device=x.device)
+            # written by the first chunk (zeros only when there is no row to write it)
+            make = torch.empty if weight_grad and N > 0 else torch.zeros
+            grad_w = make(weight.shape if weight_grad else (), dtype=torch.float32, device=x.device)
             # one chunk's (vocab, C) term in the compute dtype, added to grad_w in float32
             grad_w_chunk = torch.empty_like(w) if low_precision and weight_grad else None
         logits_buffer = x.new_empty(min(chunk_rows, N), weight.size(0))
+        # a low-precision chunk's logits in float32, in one buffer for every chunk (not a new tensor each)
+        scores_buffer = torch.empty_like(logits_buffer, dtype=torch.float32) if low_precision else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, N, chunk_rows):
             xs, ts = x[start : start + chunk_rows], targets[start : start + chunk_rows]
             keep = trained[start : start + chunk_rows, None]
             n = xs.size(0)
-            logits = torch.mm(xs, w.t(), out=logits_buffer[:n]).float()  # a view unless x is low precision
+            logits = torch.mm(xs, w.t(), out=logits_buffer[:n])
+            if low_precision:
+                logits = scores_buffer[:n].copy_(logits)
             if softcap is not None:  # logits c * tanh(z / c); their derivative in z is 1 - tanh^2
                 tanh = logits.div_(softcap).tanh_()
                 logits = tanh * softcap
@@ -74,7 +89,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # a skipped row's gradient is zeroed through x's rows (n x C), not the logits' (n x vocab)
             torch.mm(grad_logits, w, out=grad_x[start : start + n]).mul_(keep)
             if weight_grad and low_precision:
-                grad_w.add_(torch.mm(grad_logits.t(), xs * keep, out=grad_w_chunk))
+                _accumulate(grad_w, torch.mm(grad_logits.t(), xs * keep, out=grad_w_chunk), first=start == 0)
+            elif weight_grad and start == 0:
+                torch.mm(grad_logits.t(), xs * keep, out=grad_w)
             elif weight_grad:
                 grad_w.addmm_(grad_logits.t(), xs * keep)
         if with_grad:
@@ -95,6 +112,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = grad_x.float().mul_(scale).to(grad_x.dtype)
         grad_w = grad_w.mul_(scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None, None
+
+
+def _accumulate(total: torch.Tensor, term: torch.Tensor, first: bool) -> None:
+    """total (float32) = term (the compute dtype) on the first chunk, total += term after it, the additions a
+    block of `ADD_ROWS` rows at a time."""
+    if first:
+        total.copy_(term)  # the conversion in one pass, with no temporary
+        return
+    for start in range(0, total.size(0), ADD_ROWS):
+        total[start : start + ADD_ROWS].add_(term[start : start + ADD_ROWS])
 
 
 def linear_cross_entropy(
