@@ -26,8 +26,9 @@ from gptlab.errors import GptlabError
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv_bf16.cpp"
 
-# Up to this many activation rows the kernel beats PyTorch's bfloat16 matmul (which uses AMX tiles) on GPT-2's
-# shapes; at 8 rows it is slower (`gptlab bench levers`, gemv rows).
+# Up to this many activation rows the kernel clearly beats PyTorch's bfloat16 matmul (which uses AMX tiles) on
+# GPT-2's shapes; its lead shrinks as the rows grow, the GEMM spreading its weight reads over them (`gptlab bench
+# levers`, gemv rows).
 MAX_ROWS = 4
 
 
