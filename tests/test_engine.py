@@ -214,21 +214,25 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses(tokenizer):
 
 
 def test_a_failing_request_fails_alone(tokenizer):
-    """A token id past the embedding fails that request inside the engine; the one beside it completes."""
+    """A token id past the embedding fails that request inside the engine; the requests beside it complete with
+    what gptlab.generate gives them alone, also when all three were admitted together into one batched prefill,
+    which the bad one fails as a whole."""
     model = tiny("gpt2")
-    engine = Engine(model, tokenizer, max_batch=2).start()
-    try:
-        bad, good = run_concurrently(
-            engine,
-            [
-                ([VOCAB + 5], SamplingParams(max_tokens=3, temperature=0)),
-                (prompts([5])[0], SamplingParams(max_tokens=3, temperature=0)),
-            ],
-        )
-    finally:
-        engine.stop()
-    assert bad.choices[0].finish_reason == "error" and "IndexError" in bad.choices[0].error
-    assert good.choices[0].finish_reason == "length" and len(good.choices[0].token_ids) == 3
+    engine = Engine(model, tokenizer, max_batch=3)
+    groups, fill_chunks = [], engine.fill_chunks
+    engine.fill_chunks = lambda group: (groups.append(len(group)), fill_chunks(group))[1]
+    good = prompts([5, 3], seed=2)
+    events: list[list] = [[], [], []]
+    for prompt, stream in zip([good[0], [VOCAB + 5], good[1]], events, strict=True):
+        engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0), stream.append)
+    engine.run(until=lambda: all(e and e[-1].finish_reason for e in events))
+    assert groups[0] == 3  # the batch formed, and failed
+    bad = events[1][-1]
+    assert bad.finish_reason == "error" and "IndexError" in bad.error
+    for prompt, stream in zip(good, (events[0], events[2]), strict=True):
+        expected = generate(model, torch.tensor([prompt]), 3, temperature=0)[0, len(prompt) :].tolist()
+        assert stream[-1].finish_reason == "length"
+        assert [token for event in stream for token in event.token_ids] == expected
     assert engine.stats.errors == 1
 
 

@@ -340,13 +340,18 @@ class Engine:
             take = min(budget, len(request.prompt) - request.filled)
             plan.append((request, take))
             budget -= take
-        for group in self.prefill_groups(plan):
+        groups = self.prefill_groups(plan)
+        while groups:
+            group = groups.pop(0)
             try:
                 last_logits = self.fill_chunks(group)
-            except Exception as error:  # these requests fail; the others go on
-                for request, _ in group:
-                    self.filling.remove(request)
-                    self.fail(request, error)
+            except Exception as error:
+                if len(group) > 1:  # one request's input fails its whole batch: each alone, so that only it fails
+                    groups[:0] = [[chunk] for chunk in group]
+                    continue
+                request, _ = group[0]  # this request fails; the others go on
+                self.filling.remove(request)
+                self.fail(request, error)
                 continue
             for (request, _), logits in zip(group, last_logits, strict=True):
                 if request.filled == len(request.prompt):
