@@ -19,8 +19,9 @@ multiplies both by grad_loss / N in float32 before casting them to the inputs' d
 The weight's gradient is the largest tensor the loss writes (vocab x C in float32, 154 MB for GPT-2), so it is
 written rather than zeroed and then added to: the first chunk's term is stored into it, later chunks are added.
 In a low-precision step each chunk's term comes out of the matmul in the compute dtype and is added to the
-float32 sum a block of rows at a time: PyTorch adds a bfloat16 tensor to a float32 one by first converting all of
-it to a float32 temporary, one more pass over memory and one more allocation of that size per chunk.
+float32 sum; on a CPU a block of rows at a time, as PyTorch's CPU kernels add a bfloat16 tensor to a float32 one
+by first converting all of it to a float32 temporary, one more pass over memory and one more allocation of that
+size per chunk (CUDA's convert in the kernel, so there the sum is one call).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_ROWS = 512  # GPT-2: 512 x 50257 float32 logits = 103 MB at a time, whatever the batch
-# rows of the weight gradient per mixed-dtype add: GPT-2's 2048 x 768 float32 rows (6 MB) and their bfloat16
-# term, so that the conversion's temporary stays in cache
+# rows of the weight gradient per mixed-dtype add on a CPU: GPT-2's 2048 x 768 float32 rows (6 MB) and their
+# bfloat16 term, so that the conversion's temporary stays in cache
 ADD_ROWS = 2048
 
 
@@ -115,13 +116,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _accumulate(total: torch.Tensor, term: torch.Tensor, first: bool) -> None:
-    """total (float32) = term (the compute dtype) on the first chunk, total += term after it, the additions a
-    block of `ADD_ROWS` rows at a time."""
+    """total (float32) = term (the compute dtype) on the first chunk, total += term after it: on a CPU a block of
+    `ADD_ROWS` rows at a time."""
     if first:
         total.copy_(term)  # the conversion in one pass, with no temporary
         return
-    for start in range(0, total.size(0), ADD_ROWS):
-        total[start : start + ADD_ROWS].add_(term[start : start + ADD_ROWS])
+    rows = ADD_ROWS if total.device.type == "cpu" else total.size(0)
+    for start in range(0, total.size(0), rows):
+        total[start : start + rows].add_(term[start : start + rows])
 
 
 def linear_cross_entropy(
