@@ -21,7 +21,7 @@ written rather than zeroed and then added to: the first chunk's term is stored i
 In a low-precision step each chunk's term comes out of the matmul in the compute dtype and is added to the
 float32 sum; on a CPU a block of rows at a time, as PyTorch's CPU kernels add a bfloat16 tensor to a float32 one
 by first converting all of it to a float32 temporary, one more pass over memory and one more allocation of that
-size per chunk (CUDA's convert in the kernel, so there the sum is one call).
+size per chunk (CUDA's kernels convert as they go, so there the sum is one call).
 """
 
 from __future__ import annotations
