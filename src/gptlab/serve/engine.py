@@ -204,8 +204,8 @@ class Engine:
         model.setup_kv_cache(max_batch, self.context_len)
         # the smallest sliding-window ring in the cache (None: no layer's cache is a ring), which bounds the
         # width of a padded batch of first chunks
-        windows = [model.config.layer_window(layer) for layer in range(model.config.n_layer)]
-        self.ring = min((w for w in windows if w is not None and w < self.context_len), default=None)
+        caches = [block.attn.kv_cache for block in model.transformer.h]
+        self.ring = min((cache.size for cache in caches if cache.rolling), default=None)
         # `compile`: True for Inductor, or a torch.compile backend
         backend = "inductor" if compile is True else compile
         self.decode = torch.compile(decode_rows, fullgraph=True, backend=backend) if compile else decode_rows
